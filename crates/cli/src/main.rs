@@ -1,0 +1,51 @@
+//! `vidgen`: one binary for generation, serving, planning, benchmarks and component runs.
+//!
+//! Exit codes: 0 success, 2 invalid request (the message names the field), 1 runtime failure.
+
+mod run_component;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "vidgen", version, about = "Self-hosted Wan video generation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one engine component on tensors from a safetensors file.
+    RunComponent(run_component::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    let result = match cli.command {
+        Command::RunComponent(args) => run_component::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => report(&err),
+    }
+}
+
+/// One-line cause on stderr; exit 2 for caller errors, 1 for runtime failures.
+fn report(err: &anyhow::Error) -> ExitCode {
+    let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
+    eprintln!("error: {}", chain.join(": "));
+    if vidgen_engine::error::is_invalid_input(err) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,24 @@
+//! vidgen-engine: runs Wan-family video diffusion models natively (candle), with no HTTP.
+//!
+//! Layout (one module per component, as in diffusers):
+//! - [`weights`]: checkpoint loading (safetensors, sharded indexes, PyTorch `.pth`), strict keys.
+//! - [`dit`]: the Wan diffusion transformer.
+//! - [`scheduler`]: flow-matching schedulers (UniPC, Euler, DPM-Solver++).
+//! - [`denoise`]: the sampling loop (CFG, A14B expert switch).
+//! - [`vae`]: Wan VAE 2.1 / 2.2.
+//! - [`text`]: UMT5 encoder, tokenizer, prompt cleaning.
+//! - [`component`]: the `run-component` contract shared by the CLI and the tests.
+
+pub mod component;
+pub mod denoise;
+pub mod device;
+pub mod dit;
+pub mod error;
+pub mod rng;
+pub mod scheduler;
+pub mod tensor_util;
+pub mod text;
+pub mod vae;
+pub mod weights;
+
+pub use error::InvalidInput;

@@ -1,0 +1,1 @@
+//! Flow-matching schedulers behind one step interface.

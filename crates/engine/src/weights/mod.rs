@@ -1,0 +1,291 @@
+//! Checkpoint loading with strict keys.
+//!
+//! A [`TensorSource`] is a file format (safetensors, sharded safetensors, PyTorch `.pth`, in-memory
+//! tensors). A [`WeightMap`] puts a key normaliser on top (official ↔ diffusers ↔ ComfyUI names all
+//! become one canonical name per model), hands tensors out by canonical name with a shape check,
+//! and remembers which keys were used, so that [`WeightMap::finish`] can reject unexpected tensors.
+//! Every failure names the key.
+
+pub mod pth;
+pub mod safetensors;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+use crate::invalid;
+
+pub use self::safetensors::SafetensorsSource;
+
+/// A set of named tensors in some file format, loaded lazily.
+pub trait TensorSource: Send + Sync {
+    /// All tensor names as stored.
+    fn keys(&self) -> Vec<String>;
+    /// The stored shape of `key`, if present.
+    fn shape(&self, key: &str) -> Option<Vec<usize>>;
+    /// Loads `key` onto `device` in its stored dtype.
+    fn load(&self, key: &str, device: &Device) -> Result<Tensor>;
+    /// A short description for error messages (file names).
+    fn describe(&self) -> String;
+}
+
+/// Tensors already in memory (the demo model, tests, converted formats).
+pub struct MemorySource {
+    tensors: HashMap<String, Tensor>,
+    name: String,
+}
+
+impl MemorySource {
+    pub fn new(name: impl Into<String>, tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            tensors,
+            name: name.into(),
+        }
+    }
+}
+
+impl TensorSource for MemorySource {
+    fn keys(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.tensors.get(key).map(|t| t.dims().to_vec())
+    }
+    fn load(&self, key: &str, device: &Device) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .get(key)
+            .ok_or_else(|| invalid!("{}: no tensor named `{key}`", self.name))?;
+        Ok(t.to_device(device)?)
+    }
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// Canonical-name view of a [`TensorSource`] with strict bookkeeping.
+pub struct WeightMap {
+    source: Box<dyn TensorSource>,
+    /// canonical name -> stored name
+    names: BTreeMap<String, String>,
+    used: Mutex<BTreeSet<String>>,
+    device: Device,
+    dtype: DType,
+}
+
+impl WeightMap {
+    /// `normalize` maps a stored key to its canonical name, or `None` to ignore the key entirely
+    /// (use sparingly: only for keys the reference itself ignores, such as buffers).
+    /// Two stored keys that map to one canonical name are an error.
+    pub fn new(
+        source: Box<dyn TensorSource>,
+        normalize: impl Fn(&str) -> Option<String>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut names = BTreeMap::new();
+        for key in source.keys() {
+            if let Some(canon) = normalize(&key) {
+                if let Some(prev) = names.insert(canon.clone(), key.clone()) {
+                    return Err(invalid!(
+                        "{}: tensors `{prev}` and `{key}` both map to `{canon}`",
+                        source.describe()
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            source,
+            names,
+            used: Mutex::new(BTreeSet::new()),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Identity key mapping.
+    pub fn plain(source: Box<dyn TensorSource>, device: &Device, dtype: DType) -> Result<Self> {
+        Self::new(source, |k| Some(k.to_string()), device, dtype)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn describe(&self) -> String {
+        self.source.describe()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    /// Canonical names present.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.names.keys()
+    }
+
+    /// Stored shape of a canonical name.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.names.get(name).and_then(|k| self.source.shape(k))
+    }
+
+    /// Loads `name`, checks its shape, converts to the map's dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    /// Like [`get`](Self::get) with an explicit dtype (e.g. f32 for norms or modulation tables).
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let stored = self.names.get(name).ok_or_else(|| {
+            invalid!(
+                "{}: missing weight `{name}` (expected shape {shape:?})",
+                self.source.describe()
+            )
+        })?;
+        let found = self.source.shape(stored).unwrap_or_default();
+        if found != shape {
+            return Err(invalid!(
+                "{}: weight `{stored}` has shape {found:?}, expected {shape:?}",
+                self.source.describe()
+            ));
+        }
+        self.used.lock().unwrap().insert(name.to_string());
+        let t = self.source.load(stored, &self.device)?;
+        Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
+    }
+
+    /// Loads `name` with whatever shape it has (for shape inference); still marks it used.
+    pub fn get_unchecked(&self, name: &str) -> Result<Tensor> {
+        let shape = self
+            .shape(name)
+            .ok_or_else(|| invalid!("{}: missing weight `{name}`", self.source.describe()))?;
+        self.get(name, &shape)
+    }
+
+    /// Errors if any tensor in the checkpoint was not used by the model, naming them.
+    pub fn finish(&self) -> Result<()> {
+        let used = self.used.lock().unwrap();
+        let unused: Vec<&String> = self.names.keys().filter(|k| !used.contains(*k)).collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<String> = unused
+            .iter()
+            .take(8)
+            .map(|k| format!("`{}`", self.names[*k]))
+            .collect();
+        Err(invalid!(
+            "{}: {} unexpected weight(s) not used by the model: {}{}",
+            self.source.describe(),
+            unused.len(),
+            shown.join(", "),
+            if unused.len() > 8 { ", ..." } else { "" }
+        ))
+    }
+
+    /// A prefixed view, `wm.pp("blocks.0")` -> names like `blocks.0.attn1.to_q.weight`.
+    pub fn pp(&self, prefix: impl AsRef<str>) -> WeightPath<'_> {
+        WeightPath {
+            map: self,
+            prefix: prefix.as_ref().to_string(),
+        }
+    }
+}
+
+/// A prefix into a [`WeightMap`], in the style of candle's `VarBuilder::pp`.
+#[derive(Clone)]
+pub struct WeightPath<'a> {
+    map: &'a WeightMap,
+    prefix: String,
+}
+
+impl<'a> WeightPath<'a> {
+    pub fn pp(&self, name: impl AsRef<str>) -> WeightPath<'a> {
+        WeightPath {
+            map: self.map,
+            prefix: self.join(name.as_ref()),
+        }
+    }
+    fn join(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.map.get(&self.join(name), shape)
+    }
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.map.get_as(&self.join(name), shape, dtype)
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains(&self.join(name))
+    }
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.map.shape(&self.join(name))
+    }
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub fn map(&self) -> &'a WeightMap {
+        self.map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::is_invalid_input;
+
+    fn source() -> Box<dyn TensorSource> {
+        let mut t = HashMap::new();
+        t.insert(
+            "model.diffusion_model.a.weight".to_string(),
+            Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
+        t.insert(
+            "model.diffusion_model.b".to_string(),
+            Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+        );
+        Box::new(MemorySource::new("test.safetensors", t))
+    }
+
+    fn strip(k: &str) -> Option<String> {
+        Some(k.trim_start_matches("model.diffusion_model.").to_string())
+    }
+
+    #[test]
+    fn strict_keys_and_shapes() {
+        let wm = WeightMap::new(source(), strip, &Device::Cpu, DType::F32).unwrap();
+        let a = wm.pp("a").get("weight", &[2, 3]).unwrap();
+        assert_eq!(a.dims(), &[2, 3]);
+        // unused `b` is reported by its stored name
+        let err = wm.finish().unwrap_err();
+        assert!(is_invalid_input(&err));
+        assert!(err.to_string().contains("model.diffusion_model.b"), "{err}");
+        // wrong shape names the key and both shapes
+        let err = wm.get("b", &[5]).unwrap_err().to_string();
+        assert!(err.contains("`model.diffusion_model.b`") && err.contains("[4]"), "{err}");
+        // missing key
+        let err = wm.get("c", &[1]).unwrap_err().to_string();
+        assert!(err.contains("missing weight `c`"), "{err}");
+        wm.get("b", &[4]).unwrap();
+        wm.finish().unwrap();
+    }
+
+    #[test]
+    fn colliding_names_are_rejected() {
+        let err = WeightMap::new(source(), |_| Some("x".into()), &Device::Cpu, DType::F32)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("both map to `x`"));
+    }
+}

@@ -1,0 +1,1 @@
+//! vidgen-media: video files from decoded frames, and the quality guard.

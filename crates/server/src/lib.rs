@@ -1,0 +1,1 @@
+//! vidgen-server: the HTTP edge. It never touches tensors: jobs run in `vidgen worker` processes.
