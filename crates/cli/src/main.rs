@@ -2,7 +2,13 @@
 //!
 //! Exit codes: 0 success, 2 invalid request (the message names the field), 1 runtime failure.
 
+mod bench;
+mod generate;
+mod plan;
+mod probe;
 mod run_component;
+mod serve;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -17,8 +23,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate a video from a prompt (and optionally an image).
+    Generate(generate::Args),
+    /// Serve the OpenAI-compatible API and the browser portal.
+    Serve(serve::Args),
+    /// Plan memory for a model, size and frame count before running anything.
+    Plan(plan::Args),
+    /// Benchmarks (JSON lines) on the current device.
+    Bench(bench::Args),
     /// Run one engine component on tensors from a safetensors file.
     RunComponent(run_component::Args),
+    /// Inspect a video file: streams, frame count, duration, quality verdict.
+    Probe(probe::Args),
+    /// Internal: run one job for `vidgen serve` in a child process.
+    #[command(hide = true)]
+    Worker(worker::Args),
 }
 
 fn main() -> ExitCode {
@@ -31,7 +50,13 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::RunComponent(args) => run_component::run(args),
+        Command::Probe(args) => probe::run(args),
+        Command::Worker(args) => worker::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,8 @@
+//! `vidgen serve`.
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("vidgen serve: not implemented yet")
+}
