@@ -1,0 +1,1 @@
+//! Per-model defaults from the official Wan configs (steps, shift, guidance, boundary, fps, frames, sizes).
