@@ -1,12 +1,106 @@
 //! `vidgen generate`: prompt (+ image) -> video file.
+//!
+//! Everything the user got wrong is found before a weight is loaded: the model folder is detected
+//! (file names and config files only), the request is validated by the model's [`ModelInfo`] (the
+//! same rules as the server), the output extension and the image header are checked. Then the
+//! pipeline runs with progress bars (or JSON lines with `--json`).
 
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use vidgen_engine::pipeline::{GenerateRequest, ProgressSink};
+use vidgen_engine::invalid;
+use vidgen_engine::pipeline::image::{probe_image, read_image_file, ImageLimits};
+use vidgen_engine::pipeline::layout::{self, ComponentPaths, ModelLayout};
+use vidgen_engine::pipeline::{
+    GenerateRequest, ModelInfo, ProgressEvent, ProgressSink, ResolvedRequest, Stage, Task,
+};
+use vidgen_media::{Format, GuardPolicy};
 
-#[derive(clap::Args)]
-pub struct Args {}
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Defaults (size, frames, fps, steps, guidance, shift, scheduler, negative prompt) \
+come from the model. Try the pipeline without weights: vidgen generate --model demo --prompt \"a cat\"")]
+pub struct Args {
+    /// Model folder (an official Wan2.x release or a -Diffusers repo), or `demo` (random weights).
+    #[arg(long, value_name = "DIR|demo")]
+    pub model: Option<String>,
+    /// DiT file or folder (ComfyUI single files; high-noise expert for A14B). Overrides the folder's.
+    #[arg(long, value_name = "FILE")]
+    pub dit: Option<PathBuf>,
+    /// Low-noise expert DiT (A14B).
+    #[arg(long = "dit-2", value_name = "FILE")]
+    pub dit_2: Option<PathBuf>,
+    /// VAE file (e.g. wan2.2_vae.safetensors, Wan2.1_VAE.pth).
+    #[arg(long, value_name = "FILE")]
+    pub vae: Option<PathBuf>,
+    /// UMT5 text encoder file.
+    #[arg(long, value_name = "FILE")]
+    pub text_encoder: Option<PathBuf>,
+    /// Tokenizer folder or tokenizer.json.
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<PathBuf>,
+
+    /// What to show.
+    #[arg(long, short = 'p')]
+    pub prompt: String,
+    /// Conditioning image (JPEG, PNG, WebP): the first frame for TI2V/I2V models.
+    #[arg(long, short = 'i', value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// What to avoid (default: the model's own negative prompt).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Video size, width x height (e.g. 1280x704).
+    #[arg(long, value_name = "WxH")]
+    pub size: Option<String>,
+    /// Frame count (4k+1, e.g. 81, 121).
+    #[arg(long)]
+    pub frames: Option<u32>,
+    /// Duration in seconds (converted to the nearest valid frame count).
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Frames per second of the output.
+    #[arg(long)]
+    pub fps: Option<u32>,
+    /// Round an invalid --frames to the nearest valid count instead of refusing it.
+    #[arg(long)]
+    pub align_frames: bool,
+    /// Denoising steps.
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Guidance scale (the high-noise expert's for A14B).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Guidance scale of the low-noise expert (A14B only).
+    #[arg(long = "guidance-2")]
+    pub guidance_2: Option<f64>,
+    /// Flow shift of the noise schedule.
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// Sampler: unipc, euler or dpm++.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Random seed (printed when not given, so a video can be made again).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Output file: .mp4 (H.264) or .webm (VP9). Default: vidgen-<seed>.mp4.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// cpu or cuda[:N] (default: cuda when built with CUDA, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Broken output (flat, noise-like, checkerboard frames): fail, warn or off.
+    #[arg(long, value_name = "fail|warn|off")]
+    pub quality_guard: Option<String>,
+    /// One JSON object per line on stdout (progress events, then `done`) instead of progress bars.
+    #[arg(long)]
+    pub json: bool,
+    /// Validate and print the resolved request without loading the model.
+    #[arg(long)]
+    pub dry_run: bool,
+}
 
 /// What a finished generation made (reported by `generate --json`, the worker and the server).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -22,18 +116,508 @@ pub struct GenerateSummary {
     pub warnings: Vec<String>,
 }
 
+/// A model to run: the built-in demo, or a detected folder / explicit component files.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    Demo,
+    Layout(ModelLayout),
+}
+
+impl ModelSource {
+    /// `model` is "demo" or a folder; `components` are explicit paths (ComfyUI single files) that
+    /// override the folder's, or stand alone without `model`. Reads no weights.
+    pub fn resolve(model: Option<&str>, components: &ComponentPaths) -> anyhow::Result<Self> {
+        match model {
+            Some("demo") => {
+                if !components.is_empty() {
+                    return Err(invalid!(
+                        "model: `demo` has built-in weights; --dit/--dit-2/--vae/--text-encoder/--tokenizer do not apply"
+                    ));
+                }
+                Ok(ModelSource::Demo)
+            }
+            Some(dir) => Ok(ModelSource::Layout(layout::detect_with_overrides(
+                Some(Path::new(dir)),
+                components,
+            )?)),
+            None if components.is_empty() => Err(invalid!(
+                "model: give --model DIR (a Wan model folder) or --model demo, or the component files --dit/--vae/--text-encoder/--tokenizer"
+            )),
+            None => Ok(ModelSource::Layout(layout::from_components(components)?)),
+        }
+    }
+
+    pub fn info(&self) -> anyhow::Result<ModelInfo> {
+        match self {
+            ModelSource::Demo => Ok(demo_model_info()),
+            ModelSource::Layout(layout) => layout.model_info(),
+        }
+    }
+}
+
+/// The built-in demo model: a tiny Wan-shaped DiT with random weights, for trying the pipeline.
+pub fn demo_model_info() -> ModelInfo {
+    ModelInfo {
+        name: "demo".into(),
+        task: Task::Ti2v,
+        sizes: vec![(256, 256)],
+        free_size: true,
+        size_multiple: 16,
+        max_pixels: 512 * 512,
+        fps: 16,
+        default_frames: 17,
+        min_frames: 1,
+        max_frames: 81,
+        frame_step: 4,
+        default_steps: 8,
+        max_steps: 100,
+        default_guidance: 5.0,
+        default_guidance_2: None,
+        default_shift: 5.0,
+        default_scheduler: "unipc".into(),
+        default_negative_prompt: String::new(),
+        max_prompt_chars: 2000,
+    }
+}
+
+/// What `model` ("demo" or a model folder) can make; used by `vidgen serve` for its model list.
+pub fn model_info(model: &str) -> anyhow::Result<ModelInfo> {
+    ModelSource::resolve(Some(model), &ComponentPaths::default())?.info()
+}
+
+/// How to run, beside the request itself.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub device: candle_core::Device,
+    pub quality_guard: GuardPolicy,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            device: candle_core::Device::Cpu,
+            quality_guard: GuardPolicy::default(),
+        }
+    }
+}
+
 /// Runs one request on `model` ("demo", a model folder, or a configured model name resolved by the
 /// caller to a folder) and writes the video to `output` (.mp4 or .webm). Shared by `generate`, the
 /// worker and tests. Errors: `InvalidInput` for the request, anything else is a runtime failure.
 pub fn run_request(
-    _model: &str,
+    model: &str,
+    request: &GenerateRequest,
+    output: &Path,
+    sink: &mut dyn ProgressSink,
+) -> anyhow::Result<GenerateSummary> {
+    let source = ModelSource::resolve(Some(model), &ComponentPaths::default())?;
+    run_source(&source, request, &RunOptions::default(), output, sink)
+}
+
+/// [`run_request`] for an already detected model, with device and quality-guard options.
+pub fn run_source(
+    _source: &ModelSource,
     _request: &GenerateRequest,
+    _options: &RunOptions,
     _output: &Path,
     _sink: &mut dyn ProgressSink,
 ) -> anyhow::Result<GenerateSummary> {
     anyhow::bail!("the generation pipeline is not wired yet")
 }
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("vidgen generate: not implemented yet")
+/// `WxH` (also `W*H`, the official spelling) -> (width, height).
+pub fn parse_size(text: &str) -> anyhow::Result<(u32, u32)> {
+    let bad = || invalid!("size: `{text}` is not WIDTHxHEIGHT (e.g. 1280x704)");
+    let (w, h) = text
+        .trim()
+        .split_once(['x', 'X', '*', '×'])
+        .ok_or_else(bad)?;
+    let w: u32 = w.trim().parse().map_err(|_| bad())?;
+    let h: u32 = h.trim().parse().map_err(|_| bad())?;
+    Ok((w, h))
+}
+
+fn default_device() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+/// `vidgen-<seed>.mp4` in `dir`, numbered so an earlier video is never overwritten.
+fn default_output(dir: &Path, seed: u64) -> PathBuf {
+    let first = dir.join(format!("vidgen-{seed}.mp4"));
+    if !first.exists() {
+        return first;
+    }
+    (2..)
+        .map(|n| dir.join(format!("vidgen-{seed}-{n}.mp4")))
+        .find(|p| !p.exists())
+        .expect("an unused name exists")
+}
+
+fn check_output(path: &Path) -> anyhow::Result<()> {
+    Format::from_path(path)?;
+    if path.is_dir() {
+        return Err(invalid!("output: {} is a directory; give a file name such as out.mp4", path.display()));
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent {
+        if !dir.is_dir() {
+            return Err(invalid!("output: directory {} does not exist", dir.display()));
+        }
+    }
+    Ok(())
+}
+
+/// The image checks that need no model: the file exists, is an accepted format within the
+/// limits (header only).
+fn check_image(path: &Path) -> anyhow::Result<()> {
+    if !path.exists() {
+        return Err(invalid!("image: {} does not exist", path.display()));
+    }
+    let limits = ImageLimits::default();
+    let bytes = read_image_file(path, &limits)?;
+    probe_image(&bytes, &limits).with_context(|| format!("image {}", path.display()))?;
+    Ok(())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (width, height) = match &args.size {
+        Some(s) => {
+            let (w, h) = parse_size(s)?;
+            (Some(w), Some(h))
+        }
+        None => (None, None),
+    };
+    let mut request = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        image: args.image.clone(),
+        width,
+        height,
+        frames: args.frames,
+        seconds: args.seconds,
+        fps: args.fps,
+        align_frames: args.align_frames,
+        steps: args.steps,
+        guidance: args.guidance,
+        guidance_2: args.guidance_2,
+        shift: args.shift,
+        scheduler: args.scheduler.clone(),
+        seed: args.seed,
+    };
+    if let Some(out) = &args.output {
+        check_output(out)?;
+    }
+    let quality_guard: GuardPolicy = match &args.quality_guard {
+        Some(text) => text.parse()?,
+        None => GuardPolicy::default(),
+    };
+    let components = ComponentPaths {
+        dit: args.dit.clone(),
+        dit_2: args.dit_2.clone(),
+        vae: args.vae.clone(),
+        text_encoder: args.text_encoder.clone(),
+        tokenizer: args.tokenizer.clone(),
+    };
+    let source = ModelSource::resolve(args.model.as_deref(), &components)?;
+    let info = source.info()?;
+    let resolved = info.resolve(&request)?;
+    if let Some(image) = &resolved.image {
+        check_image(image)?;
+    }
+    let device = vidgen_engine::device::parse_device(args.device.as_deref().unwrap_or(default_device()))?;
+    // The pipeline resolves the request again: pin the seed so both agree (and it is reported).
+    request.seed = Some(resolved.seed);
+    let output = args.output.clone().unwrap_or_else(|| default_output(Path::new(""), resolved.seed));
+
+    let mut messages: Vec<String> = Vec::new();
+    if matches!(source, ModelSource::Demo) {
+        messages.push(
+            "model `demo` has random weights: it exercises the whole pipeline, but the video is noise, not your prompt. \
+             For real videos download a Wan model (e.g. Wan-AI/Wan2.2-TI2V-5B or its -Diffusers repo) and pass --model /path/to/folder"
+                .to_string(),
+        );
+    }
+    messages.extend(resolved.notes.iter().cloned());
+
+    if args.json {
+        run_json(&args, &source, &request, &resolved, &messages, RunOptions { device, quality_guard }, &output, started)
+    } else {
+        run_human(&args, &source, &info, &request, &resolved, &messages, RunOptions { device, quality_guard }, &output, started)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_json(
+    args: &Args,
+    source: &ModelSource,
+    request: &GenerateRequest,
+    resolved: &ResolvedRequest,
+    messages: &[String],
+    options: RunOptions,
+    output: &Path,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let mut sink = JsonProgress::default();
+    for message in messages {
+        sink.event(ProgressEvent::Warning { message: message.clone() })?;
+    }
+    if args.dry_run {
+        let mut line = serde_json::to_value(resolved)?;
+        line["event"] = "resolved".into();
+        line["output"] = serde_json::to_value(output)?;
+        return sink.line(&line);
+    }
+    let summary = run_source(source, request, &options, output, &mut sink)?;
+    let mut line = serde_json::to_value(&summary)?;
+    line["event"] = "done".into();
+    line["elapsed_s"] = started.elapsed().as_secs_f64().into();
+    sink.line(&line)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_human(
+    args: &Args,
+    source: &ModelSource,
+    info: &ModelInfo,
+    request: &GenerateRequest,
+    resolved: &ResolvedRequest,
+    messages: &[String],
+    options: RunOptions,
+    output: &Path,
+    started: Instant,
+) -> anyhow::Result<()> {
+    for message in messages {
+        eprintln!("note: {message}");
+    }
+    let plan = describe(info, resolved, output);
+    if args.dry_run {
+        println!("{plan}");
+        println!("dry run: nothing was loaded or written");
+        return Ok(());
+    }
+    eprintln!("{plan}");
+    let mut sink = BarProgress::new();
+    let summary = run_source(source, request, &options, output, &mut sink);
+    sink.finish();
+    let summary = summary?;
+    for warning in &summary.warnings {
+        eprintln!("warning: {warning}");
+    }
+    println!(
+        "wrote {}: {}x{}, {} frames at {} fps ({:.2} s), seed {}, in {}",
+        summary.output.display(),
+        summary.width,
+        summary.height,
+        summary.frames,
+        summary.fps,
+        summary.seconds,
+        summary.seed,
+        human_duration(started.elapsed())
+    );
+    Ok(())
+}
+
+fn describe(info: &ModelInfo, r: &ResolvedRequest, output: &Path) -> String {
+    let guidance = match r.guidance_2 {
+        Some(g2) => format!("{} (high noise) / {g2} (low noise)", r.guidance),
+        None => r.guidance.to_string(),
+    };
+    format!(
+        "{}: {}x{}, {} frames at {} fps ({:.2} s), {} steps ({}, shift {}), guidance {}, seed {}{} -> {}",
+        info.name,
+        r.width,
+        r.height,
+        r.frames,
+        r.fps,
+        f64::from(r.frames) / f64::from(r.fps),
+        r.steps,
+        r.scheduler,
+        r.shift,
+        guidance,
+        r.seed,
+        r.image
+            .as_ref()
+            .map(|p| format!(", image {}", p.display()))
+            .unwrap_or_default(),
+        output.display()
+    )
+}
+
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+    }
+}
+
+/// `--json`: every progress event as one line on stdout, as the engine serialises it.
+#[derive(Default)]
+pub struct JsonProgress;
+
+impl JsonProgress {
+    fn line(&mut self, value: &impl Serialize) -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer(&mut out, value)?;
+        out.write_all(b"\n")?;
+        // A closed pipe stops the run at the next step instead of computing for nobody.
+        out.flush().context("writing progress to stdout")
+    }
+}
+
+impl ProgressSink for JsonProgress {
+    fn event(&mut self, event: ProgressEvent) -> anyhow::Result<()> {
+        self.line(&event)
+    }
+}
+
+fn stage_label(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Validate => "validating",
+        Stage::TextEncode => "encoding the prompt",
+        Stage::ImageEncode => "encoding the image",
+        Stage::Denoise => "denoising",
+        Stage::VaeDecode => "decoding frames",
+        Stage::Encode => "writing the video",
+    }
+}
+
+/// Progress bars on stderr: a spinner per stage, a bar with ETA for stages that report steps.
+/// Without a terminal (logs, CI) it prints one line per stage and per step instead.
+pub struct BarProgress {
+    bar: Option<ProgressBar>,
+    stage: Option<Stage>,
+    stage_started: Instant,
+    terminal: bool,
+}
+
+impl Default for BarProgress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BarProgress {
+    pub fn new() -> Self {
+        Self {
+            bar: None,
+            stage: None,
+            stage_started: Instant::now(),
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Ends the current stage's bar, leaving a line with its duration.
+    pub fn finish(&mut self) {
+        if let (Some(bar), Some(stage)) = (self.bar.take(), self.stage) {
+            bar.finish_with_message(format!(
+                "{} done in {}",
+                stage_label(stage),
+                human_duration(self.stage_started.elapsed())
+            ));
+        }
+    }
+
+    fn print(&self, line: &str) {
+        match &self.bar {
+            Some(bar) if self.terminal => bar.suspend(|| eprintln!("{line}")),
+            _ => eprintln!("{line}"),
+        }
+    }
+}
+
+impl ProgressSink for BarProgress {
+    fn event(&mut self, event: ProgressEvent) -> anyhow::Result<()> {
+        match event {
+            ProgressEvent::Stage { stage, .. } => {
+                self.finish();
+                self.stage = Some(stage);
+                self.stage_started = Instant::now();
+                if self.terminal {
+                    let bar = ProgressBar::new_spinner().with_message(stage_label(stage));
+                    bar.set_style(
+                        ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                            .expect("valid template"),
+                    );
+                    bar.enable_steady_tick(Duration::from_millis(120));
+                    self.bar = Some(bar);
+                } else {
+                    eprintln!("{}...", stage_label(stage));
+                }
+            }
+            ProgressEvent::Step {
+                stage,
+                step,
+                total,
+                eta_s,
+                ..
+            } => {
+                let eta = eta_s
+                    .map(|s| format!("ETA {}", human_duration(Duration::from_secs_f64(s.max(0.0)))))
+                    .unwrap_or_default();
+                if !self.terminal {
+                    eprintln!("{} {step}/{total} {eta}", stage_label(stage));
+                    return Ok(());
+                }
+                let needs_bar = self.bar.as_ref().is_none_or(|b| b.length() != Some(u64::from(total)));
+                if needs_bar {
+                    if let Some(old) = self.bar.take() {
+                        old.finish_and_clear();
+                    }
+                    let bar = ProgressBar::new(u64::from(total));
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{prefix} [{bar:30.cyan/blue}] {pos}/{len} {elapsed} {msg}",
+                        )
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                    );
+                    bar.set_prefix(stage_label(stage));
+                    self.stage = Some(stage);
+                    self.bar = Some(bar);
+                }
+                if let Some(bar) = &self.bar {
+                    bar.set_position(u64::from(step));
+                    bar.set_message(eta);
+                }
+            }
+            ProgressEvent::Warning { message } => self.print(&format!("warning: {message}")),
+            ProgressEvent::Preview { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_both_spellings() {
+        assert_eq!(parse_size("1280x704").unwrap(), (1280, 704));
+        assert_eq!(parse_size("704*1280").unwrap(), (704, 1280));
+        assert_eq!(parse_size(" 256 X 128 ").unwrap(), (256, 128));
+        for bad in ["1280", "x704", "1280x", "axb", "-1x5", "1280x704x3"] {
+            let err = parse_size(bad).unwrap_err();
+            assert!(vidgen_engine::error::is_invalid_input(&err), "{bad}");
+            assert!(err.to_string().starts_with("size:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn default_output_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = default_output(dir.path(), 7);
+        assert_eq!(first, dir.path().join("vidgen-7.mp4"));
+        std::fs::write(&first, b"x").unwrap();
+        assert_eq!(default_output(dir.path(), 7), dir.path().join("vidgen-7-2.mp4"));
+    }
 }

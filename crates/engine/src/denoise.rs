@@ -1,11 +1,294 @@
-//! The sampling loop: classifier-free guidance and the A14B expert switch.
+//! The sampling loop: classifier-free guidance and the Wan2.2 A14B expert switch, as diffusers'
+//! `WanPipeline.__call__` runs it (`output_type="latent"`).
+//!
+//! Per request, each expert's text contexts (cond and uncond cross-attention K/V) are computed once
+//! before the loop — each expert with its own text-embedding weights — and the RoPE table once.
+
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
 
 use crate::component::{ComponentOptions, Inputs, Outputs};
+use crate::dit::{self, RopeTable, TextContext, WanTransformer};
+use crate::invalid;
+use crate::scheduler::{self, FlowScheduler, SchedulerKind, SchedulerSpec};
 
-/// `run-component denoise`.
-pub fn run_component(_model: &Path, _inputs: &Inputs, _opts: &ComponentOptions) -> Result<Outputs> {
-    anyhow::bail!("run-component denoise: not implemented yet")
+/// One expert of the loop with its guidance scale.
+pub struct Expert<'a> {
+    pub model: &'a WanTransformer,
+    pub guidance: f64,
+}
+
+/// Prompt embeddings [B, L, text_dim]; `negative` is needed whenever a guidance scale is > 1.
+pub struct Prompts<'a> {
+    pub positive: &'a Tensor,
+    pub negative: Option<&'a Tensor>,
+}
+
+/// First-frame conditioning (Wan2.2 TI2V with an image): latent frame 0 is held at `latent` and
+/// its tokens get timestep 0.
+pub struct FirstFrame<'a> {
+    pub latent: &'a Tensor,
+}
+
+pub struct DenoiseOptions {
+    /// The high-noise expert runs while t ≥ boundary_ratio · num_train_timesteps.
+    pub boundary_ratio: Option<f64>,
+    pub num_train_timesteps: usize,
+    /// Per-token timesteps (diffusers `expand_timesteps`, Wan2.2 TI2V).
+    pub expand_timesteps: bool,
+}
+
+/// Which expert step `t` uses: `true` for the high-noise one (diffusers: `t >= boundary_timestep`).
+pub fn uses_high_noise_expert(t: f32, opts: &DenoiseOptions) -> bool {
+    match opts.boundary_ratio {
+        None => true,
+        Some(r) => f64::from(t) >= r * opts.num_train_timesteps as f64,
+    }
+}
+
+struct Prepared<'a> {
+    expert: &'a Expert<'a>,
+    cond: TextContext,
+    uncond: Option<TextContext>,
+}
+
+impl<'a> Prepared<'a> {
+    fn new(expert: &'a Expert<'a>, prompts: &Prompts) -> Result<Self> {
+        let cond = expert.model.prepare_context(prompts.positive)?;
+        let uncond = if expert.guidance > 1.0 {
+            let neg = prompts.negative.ok_or_else(|| {
+                invalid!(
+                    "negative_prompt_embeds: required when guidance {} > 1",
+                    expert.guidance
+                )
+            })?;
+            Some(expert.model.prepare_context(neg)?)
+        } else {
+            None
+        };
+        Ok(Self { expert, cond, uncond })
+    }
+
+    /// Guided velocity: uncond + g·(cond − uncond); guidance 1 skips the unconditional pass.
+    fn predict(&self, x: &Tensor, t: &Tensor, rope: &RopeTable) -> Result<Tensor> {
+        let cond = self.expert.model.forward(x, t, &self.cond, rope)?;
+        match &self.uncond {
+            None => Ok(cond),
+            Some(u) => {
+                let uncond = self.expert.model.forward(x, t, u, rope)?;
+                Ok((&uncond + ((cond - &uncond)? * self.expert.guidance)?)?)
+            }
+        }
+    }
+}
+
+/// Runs the loop from `latents` (f32 [B, C, F, H, W]). `on_step(i, total)` is called after every
+/// step; returning an error (e.g. cancelled) stops the loop.
+#[allow(clippy::too_many_arguments)]
+pub fn denoise(
+    latents: &Tensor,
+    prompts: &Prompts,
+    high: &Expert,
+    low: Option<&Expert>,
+    scheduler: &mut dyn FlowScheduler,
+    opts: &DenoiseOptions,
+    first_frame: Option<&FirstFrame>,
+    on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
+) -> Result<Tensor> {
+    if opts.boundary_ratio.is_some() != low.is_some() {
+        return Err(invalid!(
+            "boundary_ratio: a boundary needs two experts (transformer and transformer_2) and two experts need a boundary"
+        ));
+    }
+    let device = high.model.device().clone();
+    let mut x = latents.to_device(&device)?.to_dtype(DType::F32)?;
+    let dims = x.dims().to_vec();
+    let rope = high.model.rope(&dims)?;
+    let [gf, gh, gw] = high.model.grid(&dims)?;
+    let b = dims[0];
+    let timesteps: Vec<f32> = scheduler.timesteps().to_vec();
+    // Only the experts that will actually run get their contexts prepared.
+    let need_low = timesteps.iter().any(|&t| !uses_high_noise_expert(t, opts));
+    let need_high = timesteps.iter().any(|&t| uses_high_noise_expert(t, opts));
+    let prepared_high = if need_high { Some(Prepared::new(high, prompts)?) } else { None };
+    let prepared_low = match (low, need_low) {
+        (Some(l), true) => Some(Prepared::new(l, prompts)?),
+        _ => None,
+    };
+
+    // First-frame conditioning: mask is 0 on latent frame 0, 1 elsewhere.
+    let cond = match first_frame {
+        None => None,
+        Some(ff) => {
+            let z = ff.latent.to_device(&device)?.to_dtype(DType::F32)?;
+            let (c, h, w) = (dims[1], dims[3], dims[4]);
+            let z = z.reshape((b, c, 1, h, w)).with_context(|| {
+                format!("first-frame latent {:?} does not fit latents {dims:?}", ff.latent.dims())
+            })?;
+            let mask = Tensor::cat(
+                &[
+                    Tensor::zeros((b, c, 1, h, w), DType::F32, &device)?,
+                    Tensor::ones((b, c, dims[2] - 1, h, w), DType::F32, &device)?,
+                ],
+                2,
+            )?;
+            Some((z, mask))
+        }
+    };
+    // x ← z·(1 − mask) + x·mask, with z broadcast over frames
+    let apply_cond = |x: &Tensor| -> Result<Tensor> {
+        Ok(match &cond {
+            None => x.clone(),
+            Some((z, mask)) => {
+                let keep = (1.0 - mask)?;
+                (z.broadcast_mul(&keep)? + x.mul(mask)?)?
+            }
+        })
+    };
+    if cond.is_some() {
+        x = apply_cond(&x)?;
+    }
+
+    let tokens_per_frame = gh * gw;
+    let total = timesteps.len();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let prepared = if uses_high_noise_expert(t, opts) {
+            prepared_high.as_ref()
+        } else {
+            prepared_low.as_ref()
+        }
+        .expect("expert prepared for every timestep it runs");
+        let t_input = if opts.expand_timesteps || cond.is_some() {
+            // per-token: first-frame tokens get 0 when conditioned, every other token t
+            let mut per = vec![t; gf * tokens_per_frame];
+            if cond.is_some() {
+                per[..tokens_per_frame].iter_mut().for_each(|v| *v = 0.0);
+            }
+            Tensor::from_vec(per, (1, gf * tokens_per_frame), &device)?.repeat((b, 1))?
+        } else {
+            Tensor::full(t, b, &device)?
+        };
+        let v = prepared.predict(&x, &t_input, &rope)?;
+        x = scheduler.step(&v, i, &x)?;
+        if cond.is_some() {
+            x = apply_cond(&x)?;
+        }
+        on_step(i + 1, total)?;
+    }
+    Ok(x)
+}
+
+/// A diffusers pipeline folder's denoising parts: `model_index.json`, `transformer/`,
+/// optional `transformer_2/`, `scheduler/`.
+pub struct PipelineFolder {
+    pub boundary_ratio: Option<f64>,
+    pub expand_timesteps: bool,
+    pub scheduler: SchedulerSpec,
+    pub has_transformer_2: bool,
+}
+
+impl PipelineFolder {
+    pub fn read(path: &Path) -> Result<Self> {
+        let index_path = path.join("model_index.json");
+        let text = std::fs::read_to_string(&index_path).map_err(|e| {
+            invalid!(
+                "--model: {} is not a diffusers pipeline folder (model_index.json: {e})",
+                path.display()
+            )
+        })?;
+        let index: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| invalid!("{}: not valid JSON: {e}", index_path.display()))?;
+        let boundary_ratio = index.get("boundary_ratio").and_then(|v| v.as_f64());
+        let expand_timesteps = index
+            .get("expand_timesteps")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let has_transformer_2 = path.join("transformer_2").join("config.json").exists();
+        let scheduler = SchedulerSpec::from_diffusers_config(path)?;
+        Ok(Self {
+            boundary_ratio,
+            expand_timesteps,
+            scheduler,
+            has_transformer_2,
+        })
+    }
+}
+
+/// `run-component denoise`: inputs `latents`, `prompt_embeds`, `negative_prompt_embeds`;
+/// settings `steps guidance_scale guidance_scale_2 boundary_ratio flow_shift scheduler`;
+/// output `latents` (what `WanPipeline(..., output_type="latent")` returns).
+pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> Result<Outputs> {
+    let s = &opts.settings;
+    let folder = PipelineFolder::read(model)?;
+    let steps: usize = s.get("steps")?.unwrap_or(50);
+    if !(1..=1000).contains(&steps) {
+        return Err(invalid!("--set steps: {steps} is out of range 1..=1000"));
+    }
+    let guidance: f64 = s.get("guidance_scale")?.unwrap_or(5.0);
+    let guidance_2: Option<f64> = s.get("guidance_scale_2")?;
+    let boundary_ratio: Option<f64> = s.get::<f64>("boundary_ratio")?.or(folder.boundary_ratio);
+    for (name, g) in [("guidance_scale", Some(guidance)), ("guidance_scale_2", guidance_2)] {
+        if let Some(g) = g {
+            if !g.is_finite() || g < 0.0 {
+                return Err(invalid!("--set {name}: {g} must be a finite number ≥ 0"));
+            }
+        }
+    }
+    if let Some(r) = boundary_ratio {
+        if !(0.0..=1.0).contains(&r) {
+            return Err(invalid!("--set boundary_ratio: {r} is out of range 0..=1"));
+        }
+    }
+    let mut spec = folder.scheduler.clone();
+    if let Some(kind) = s.get_choice("scheduler", &SchedulerKind::NAMES)? {
+        spec = spec.with_kind(kind.parse()?);
+    }
+    if let Some(shift) = s.get::<f64>("flow_shift")? {
+        if !shift.is_finite() || shift <= 0.0 {
+            return Err(invalid!("--set flow_shift: {shift} must be > 0"));
+        }
+        spec.flow_shift = shift;
+    }
+    let latents = inputs.float("latents", &[5])?;
+    let pos = inputs.float("prompt_embeds", &[3])?;
+    let neg = inputs.float_opt("negative_prompt_embeds", &[3])?;
+    s.finish()?;
+
+    let high_model = dit::load(&model.join("transformer"), &opts.device, opts.dtype)?;
+    let low_model = match (boundary_ratio, folder.has_transformer_2) {
+        (Some(_), true) => Some(dit::load(&model.join("transformer_2"), &opts.device, opts.dtype)?),
+        (Some(_), false) => {
+            return Err(invalid!(
+                "boundary_ratio is set but {} has no transformer_2/",
+                model.display()
+            ))
+        }
+        (None, _) => None,
+    };
+    let high = Expert { model: &high_model, guidance };
+    let low = low_model.as_ref().map(|m| Expert {
+        model: m,
+        // diffusers: guidance_scale_2 defaults to guidance_scale
+        guidance: guidance_2.unwrap_or(guidance),
+    });
+    let mut sched = scheduler::build(&spec, steps)?;
+    let dopts = DenoiseOptions {
+        boundary_ratio: if low.is_some() { boundary_ratio } else { None },
+        num_train_timesteps: spec.num_train_timesteps,
+        expand_timesteps: folder.expand_timesteps,
+    };
+    let prompts = Prompts { positive: &pos, negative: neg.as_ref() };
+    let out = denoise(
+        &latents,
+        &prompts,
+        &high,
+        low.as_ref(),
+        sched.as_mut(),
+        &dopts,
+        None,
+        &mut |_, _| Ok(()),
+    )?;
+    Ok(vec![("latents".to_string(), out)])
 }

@@ -1,11 +1,69 @@
-//! The Wan diffusion transformer (WanModel / WanTransformer3DModel).
+//! The Wan diffusion transformer (official `WanModel` / diffusers `WanTransformer3DModel`).
+//!
+//! - [`config`]: `DitConfig` from either config.json flavour, or inferred from tensor shapes.
+//! - [`keys`]: official / diffusers / ComfyUI key layouts -> canonical diffusers names.
+//! - [`rope`]: the 3-axis RoPE (one frequency table per axis).
+//! - [`model`]: the transformer, with per-request text context (cross-attention K/V) caching.
+
+pub mod config;
+pub mod keys;
+pub mod model;
+pub mod rope;
+
 use std::path::Path;
 
 use anyhow::Result;
+use candle_core::{DType, Device};
+
+pub use config::DitConfig;
+pub use model::{TextContext, WanTransformer};
+pub use rope::RopeTable;
 
 use crate::component::{ComponentOptions, Inputs, Outputs};
+use crate::invalid;
+use crate::weights::{SafetensorsSource, TensorSource, WeightMap};
 
-/// `run-component dit`.
-pub fn run_component(_model: &Path, _inputs: &Inputs, _opts: &ComponentOptions) -> Result<Outputs> {
-    anyhow::bail!("run-component dit: not implemented yet")
+/// Opens a transformer checkpoint as a weight map with canonical names, plus its config file if
+/// there is one. `path`: a folder (`config.json` + safetensors, sharded or not — diffusers
+/// `transformer/`, or an official model folder) or a single `.safetensors` file (ComfyUI repack).
+pub fn open_weights(path: &Path, device: &Device, dtype: DType) -> Result<(WeightMap, DitConfig)> {
+    let source: Box<dyn TensorSource> = Box::new(SafetensorsSource::open(path)?);
+    let layout = keys::detect_layout(&source.keys());
+    let wm = WeightMap::new(source, |k| Some(keys::canonical_name(k, layout)), device, dtype)?;
+    let config_file = if path.is_dir() {
+        Some(path.join("config.json")).filter(|p| p.exists())
+    } else {
+        None
+    };
+    let cfg = match config_file {
+        Some(f) => DitConfig::from_file(&f)?,
+        None => DitConfig::infer(&wm)?,
+    };
+    Ok((wm, cfg))
+}
+
+/// Loads a transformer (see [`open_weights`] for `path`), strictly.
+pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<WanTransformer> {
+    let (wm, cfg) = open_weights(path, device, dtype)?;
+    WanTransformer::from_weights(cfg, &wm)
+}
+
+/// `run-component dit`: inputs `hidden_states` [B,C,F,H,W], `timestep` [B] or [B,L],
+/// `encoder_hidden_states` [B,L_text,text_dim]; output `output`.
+pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> Result<Outputs> {
+    let x = inputs.float("hidden_states", &[5])?;
+    let t = inputs.float("timestep", &[1, 2])?;
+    let ctx = inputs.float("encoder_hidden_states", &[3])?;
+    if ctx.dim(0)? != x.dim(0)? {
+        return Err(invalid!(
+            "encoder_hidden_states: batch {} differs from hidden_states batch {}",
+            ctx.dim(0)?,
+            x.dim(0)?
+        ));
+    }
+    let dit = load(model, &opts.device, opts.dtype)?;
+    let rope = dit.rope(x.dims())?;
+    let context = dit.prepare_context(&ctx)?;
+    let out = dit.forward(&x, &t, &context, &rope)?;
+    Ok(vec![("output".to_string(), out)])
 }

@@ -5,6 +5,8 @@
 //! component's memory after its stage.
 
 pub mod events;
+pub mod image;
+pub mod layout;
 pub mod request;
 
 pub use events::{NoProgress, ProgressEvent, ProgressSink, Stage};

@@ -115,14 +115,29 @@ pub struct ResolvedRequest {
 pub const SCHEDULERS: &[&str] = &["unipc", "euler", "dpm++"];
 
 impl ModelInfo {
-    /// Nearest valid frame counts below and above `n` (either may be missing at the range ends).
+    /// Nearest valid frame counts below and above `n` (either may be missing at the range ends;
+    /// beyond an end, the valid count at that end).
     pub fn nearest_frames(&self, n: u32) -> (Option<u32>, Option<u32>) {
         let s = self.frame_step;
-        let below = if n >= 1 { Some((n - 1) / s * s + 1) } else { None }
-            .filter(|&b| b >= self.min_frames && b <= self.max_frames);
-        let above = Some((n.saturating_sub(1)).div_ceil(s) * s + 1)
-            .filter(|&a| a >= self.min_frames && a <= self.max_frames);
-        (below, above)
+        let valid = |v: u32| v >= self.min_frames && v <= self.max_frames;
+        // Valid counts at the ends of the range (frame_step·k + 1 within min..=max).
+        let lowest = Some(self.min_frames.saturating_sub(1).div_ceil(s) * s + 1).filter(|&v| valid(v));
+        let highest = Some(self.max_frames.saturating_sub(1) / s * s + 1).filter(|&v| valid(v));
+        let below = if n >= 1 { Some((n - 1) / s * s + 1) } else { None }.filter(|&b| valid(b));
+        let above = Some((n.saturating_sub(1)).div_ceil(s) * s + 1).filter(|&a| valid(a));
+        match (lowest, highest) {
+            (_, Some(h)) if n > h => (Some(h), None),
+            (Some(l), _) if n < l => (None, Some(l)),
+            _ => (below, above),
+        }
+    }
+
+    /// The valid frame count nearest to `n` (ties go up), if the range holds any.
+    pub fn nearest_valid_frames(&self, n: u32) -> Option<u32> {
+        match self.nearest_frames(n) {
+            (Some(b), Some(a)) => Some(if n - b < a - n { b } else { a }),
+            (b, a) => b.or(a),
+        }
     }
 
     fn frames_valid(&self, n: u32) -> bool {
@@ -212,19 +227,7 @@ impl ModelInfo {
                 }
                 // seconds -> frames: the frame rule's count nearest to s·fps (ties go up).
                 let target = (s * f64::from(fps)).round().max(1.0) as u32;
-                let (below, above) = self.nearest_frames(target);
-                let pick = match (below, above) {
-                    (Some(b), Some(a)) => {
-                        if target - b < a - target {
-                            b
-                        } else {
-                            a
-                        }
-                    }
-                    (Some(b), None) => b,
-                    (None, Some(a)) => a,
-                    (None, None) => self.max_frames,
-                };
+                let pick = self.nearest_valid_frames(target).unwrap_or(self.max_frames);
                 let max_s = f64::from(self.max_frames) / f64::from(fps);
                 if s > max_s + 1e-9 {
                     return Err(invalid!(
@@ -256,7 +259,7 @@ impl ModelInfo {
                 self.frame_step, self.min_frames, self.max_frames
             );
             if req.align_frames {
-                let Some(pick) = below.or(above) else {
+                let Some(pick) = self.nearest_valid_frames(requested) else {
                     return Err(invalid!("frames: {requested} is invalid ({rule})"));
                 };
                 notes.push(format!("frames {requested} aligned to {pick} ({rule})"));

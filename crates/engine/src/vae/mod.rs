@@ -1,16 +1,410 @@
-//! Wan VAE 2.1 (z16) and 2.2 (z48).
-use std::path::Path;
+//! Wan VAE 2.1 (z16, stride 4x8x8) and 2.2 (z48, patchify 2, stride 4x16x16), equal to diffusers
+//! 0.42.1 `AutoencoderKLWan`.
+//!
+//! - Causal, chunked like the reference: encode sees frame 0 alone and then chunks of 4 frames;
+//!   decode one latent frame at a time; every causal conv carries its last input frames to the
+//!   next chunk ([`layers::FeatCache`]).
+//! - [`WanVae::decode`] / [`WanVae::encode_mean`] are the untiled reference computations;
+//!   [`WanVae::decode_tiled`] / [`WanVae::encode_mean_tiled`] bound the working memory by the tile,
+//!   independent of the number of frames ([`tiling`]).
+//! - Checkpoints: a diffusers `vae/` folder (config.json + safetensors), an official
+//!   `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (or the folder holding it), or a safetensors file in either
+//!   naming (ComfyUI repackagings use the official names). Keys are strict both ways.
+//!
+//! Tensors at the API are `[B, C, T, H, W]`; pixels are in [-1, 1].
 
-use anyhow::Result;
+pub mod config;
+pub mod keys;
+pub mod layers;
+pub mod model;
+pub mod tiling;
 
-use crate::component::{ComponentOptions, Inputs, Outputs};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
-/// `run-component vae-encode`.
-pub fn run_component_encode(_model: &Path, _inputs: &Inputs, _opts: &ComponentOptions) -> Result<Outputs> {
-    anyhow::bail!("run-component vae-encode: not implemented yet")
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+pub use self::config::VaeConfig;
+pub use self::tiling::TileConfig;
+use self::keys::{detect_layout, infer_config, normalize_key};
+use self::layers::{patchify, unpatchify, CausalConv3d, FeatCache, ShapeRecorder, Vb};
+use self::model::{Decoder3d, Encoder3d};
+use self::tiling::{plan_axis, Blend};
+use crate::component::{ComponentOptions, Inputs, Outputs, Settings};
+use crate::invalid;
+use crate::weights::pth::PthSource;
+use crate::weights::{MemorySource, SafetensorsSource, TensorSource, WeightMap};
+
+/// Official file names looked for in an official-layout model folder.
+const OFFICIAL_FILES: [&str; 2] = ["Wan2.2_VAE.pth", "Wan2.1_VAE.pth"];
+
+/// A loaded Wan VAE.
+pub struct WanVae {
+    config: VaeConfig,
+    encoder: Encoder3d,
+    decoder: Decoder3d,
+    quant_conv: CausalConv3d,
+    post_quant_conv: CausalConv3d,
+    device: Device,
+    dtype: DType,
 }
 
-/// `run-component vae-decode`.
-pub fn run_component_decode(_model: &Path, _inputs: &Inputs, _opts: &ComponentOptions) -> Result<Outputs> {
-    anyhow::bail!("run-component vae-decode: not implemented yet")
+impl WanVae {
+    /// Loads from a diffusers `vae/` folder (or a pipeline folder containing `vae/`), an official
+    /// `.pth`, a folder holding `Wan2.2_VAE.pth` / `Wan2.1_VAE.pth`, or a `.safetensors` file.
+    /// Without a config.json the architecture is inferred from the tensor shapes.
+    pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let (source, config) = open_checkpoint(path)?;
+        let origin = source.describe();
+        let layout = detect_layout(&source.keys(), &origin)?;
+        let weights = WeightMap::new(source, |k| Some(normalize_key(k, layout)), device, dtype)?;
+        let config = match config {
+            Some(c) => c,
+            None => infer_config(&|name| weights.shape(name), &origin)?,
+        };
+        Self::from_weights(config, weights).with_context(|| format!("loading the Wan VAE from {origin}"))
+    }
+
+    /// Builds the model from canonical (diffusers-named) weights; every weight must be used.
+    pub fn from_weights(config: VaeConfig, weights: WeightMap) -> Result<Self> {
+        config.validate()?;
+        let vb = Vb::from_map(&weights);
+        let vae = Self::build(&config, &vb, weights.device().clone(), weights.dtype())?;
+        weights.finish()?;
+        Ok(vae)
+    }
+
+    fn build(config: &VaeConfig, vb: &Vb, device: Device, dtype: DType) -> Result<Self> {
+        let z = config.z_dim;
+        Ok(Self {
+            encoder: Encoder3d::load(&vb.pp("encoder"), config)?,
+            decoder: Decoder3d::load(&vb.pp("decoder"), config)?,
+            quant_conv: CausalConv3d::load_k(&vb.pp("quant_conv"), 2 * z, 2 * z, 1)?,
+            post_quant_conv: CausalConv3d::load_k(&vb.pp("post_quant_conv"), z, z, 1)?,
+            config: config.clone(),
+            device,
+            dtype,
+        })
+    }
+
+    /// Every weight name (diffusers naming) and shape that `config` expects, in build order.
+    pub fn expected_weights(config: &VaeConfig) -> Result<Vec<(String, Vec<usize>)>> {
+        config.validate()?;
+        let recorder = ShapeRecorder::default();
+        Self::build(config, &Vb::from_recorder(&recorder), Device::Cpu, DType::F32)?;
+        Ok(recorder.record.into_inner())
+    }
+
+    /// Seeded random weights for `config` (the built-in demo model): conv weights ~ N(0, 1/fan_in),
+    /// RMS gains 1, biases 0. Deterministic for a seed, on any device.
+    pub fn random_weights(config: &VaeConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+        Self::expected_weights(config)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let t = if name.ends_with("gamma") {
+                    Tensor::ones(shape.as_slice(), DType::F32, device)?
+                } else if name.ends_with("bias") {
+                    Tensor::zeros(shape.as_slice(), DType::F32, device)?
+                } else {
+                    let fan_in: usize = shape[1..].iter().product();
+                    let s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64);
+                    (crate::rng::gaussian_noise(s, shape.as_slice(), device)? / (fan_in.max(1) as f64).sqrt())?
+                };
+                Ok((name, t))
+            })
+            .collect()
+    }
+
+    /// A VAE with [`random_weights`](Self::random_weights).
+    pub fn random(config: VaeConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
+        let tensors = Self::random_weights(&config, seed, device)?;
+        let source = MemorySource::new(format!("random Wan VAE (seed {seed})"), tensors);
+        Self::from_weights(config, WeightMap::plain(Box::new(source), device, dtype)?)
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Per-channel latent mean (for the pipeline's normalisation).
+    pub fn latents_mean(&self) -> &[f32] {
+        &self.config.latents_mean
+    }
+
+    /// Per-channel latent std.
+    pub fn latents_std(&self) -> &[f32] {
+        &self.config.latents_std
+    }
+
+    fn channel_stats(&self, latents: &Tensor) -> Result<(Tensor, Tensor)> {
+        let z = self.config.z_dim;
+        let shape = (1, z, 1, 1, 1);
+        let dev = latents.device();
+        Ok((
+            Tensor::new(self.latents_mean(), dev)?.reshape(shape)?.to_dtype(latents.dtype())?,
+            Tensor::new(self.latents_std(), dev)?.reshape(shape)?.to_dtype(latents.dtype())?,
+        ))
+    }
+
+    /// Raw posterior mean -> diffusion latents: (z − mean) / std, per channel.
+    pub fn normalize(&self, latents: &Tensor) -> Result<Tensor> {
+        self.check_latents(latents)?;
+        let (mean, std) = self.channel_stats(latents)?;
+        Ok(latents.broadcast_sub(&mean)?.broadcast_div(&std)?)
+    }
+
+    /// Diffusion latents -> what [`decode`](Self::decode) takes: z · std + mean, per channel.
+    pub fn denormalize(&self, latents: &Tensor) -> Result<Tensor> {
+        self.check_latents(latents)?;
+        let (mean, std) = self.channel_stats(latents)?;
+        Ok(latents.broadcast_mul(&std)?.broadcast_add(&mean)?)
+    }
+
+    fn check_latents(&self, latents: &Tensor) -> Result<()> {
+        let z = self.config.z_dim;
+        match latents.dims() {
+            [_, c, t, h, w] if *c == z && *t > 0 && *h > 0 && *w > 0 => Ok(()),
+            d => Err(invalid!(
+                "latents: shape {d:?} is not [B, {z}, T, H, W] (z_dim {z}, all sizes positive)"
+            )),
+        }
+    }
+
+    fn check_video(&self, video: &Tensor, tiled: bool) -> Result<()> {
+        let c = self.config.image_channels();
+        let s = self.config.spatial_stride();
+        let dims = video.dims();
+        let [_, ch, t, h, w] = dims else {
+            return Err(invalid!("sample: shape {dims:?} is not [B, {c}, T, H, W]"));
+        };
+        if *ch != c || *t == 0 {
+            return Err(invalid!("sample: shape {dims:?} is not [B, {c}, T, H, W] with T ≥ 1"));
+        }
+        // Residual down blocks (and patchify) fold exact blocks; plain strided convs only need room.
+        let exact = self.config.is_residual || self.config.patch() > 1 || tiled;
+        if (exact && (h % s != 0 || w % s != 0)) || *h < s || *w < s {
+            return Err(invalid!(
+                "sample: height {h} and width {w} must be {} the VAE's spatial stride {s}",
+                if exact { "multiples of" } else { "at least" }
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[B, C, T, H, W]` -> frame-major, patchified, on the model's device and dtype.
+    fn prepare_video(&self, video: &Tensor) -> Result<Tensor> {
+        let x = video.to_device(&self.device)?.to_dtype(self.dtype)?;
+        patchify(&x.permute((0, 2, 1, 3, 4))?.contiguous()?, self.config.patch())
+    }
+
+    /// Encodes frame-major video chunk by chunk (frame 0, then 4 frames at a time, as diffusers
+    /// `_encode`), handing each chunk's posterior mean `[B, t, z, h, w]` to `sink`.
+    fn encode_stream(&self, x: &Tensor, sink: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+        let frames = x.dim(1)?;
+        let chunks = 1 + (frames - 1) / 4;
+        let mut cache = FeatCache::default();
+        for i in 0..chunks {
+            let chunk = if i == 0 { x.narrow(1, 0, 1)? } else { x.narrow(1, 1 + 4 * (i - 1), 4)? };
+            cache.begin_chunk();
+            let h = self.encoder.forward(&chunk, &mut cache)?;
+            let moments = self.quant_conv.forward(&h, None)?;
+            sink(moments.narrow(2, 0, self.config.z_dim)?)?;
+        }
+        Ok(())
+    }
+
+    /// Decodes frame-major latents one latent frame at a time (as diffusers `_decode`), handing each
+    /// chunk of un-patchified, unclamped frames `[B, f, C, H, W]` to `sink`.
+    fn decode_stream(&self, z: &Tensor, sink: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+        let mut cache = FeatCache::default();
+        for i in 0..z.dim(1)? {
+            cache.begin_chunk();
+            let x = self.post_quant_conv.forward(&z.narrow(1, i, 1)?, None)?;
+            let out = self.decoder.forward(&x, &mut cache, i == 0)?;
+            sink(unpatchify(&out, self.config.patch())?)?;
+        }
+        Ok(())
+    }
+
+    /// `AutoencoderKLWan.encode(x).latent_dist.mean`: video `[B, C, T, H, W]` in [-1, 1] -> raw
+    /// (un-normalised) posterior mean `[B, z, 1 + (T−1)/4, H/s, W/s]`, in the model's dtype.
+    pub fn encode_mean(&self, video: &Tensor) -> Result<Tensor> {
+        self.check_video(video, false)?;
+        let x = self.prepare_video(video)?;
+        let mut chunks = Vec::new();
+        self.encode_stream(&x, &mut |c| {
+            chunks.push(c);
+            Ok(())
+        })?;
+        Ok(Tensor::cat(&chunks, 1)?.permute((0, 2, 1, 3, 4))?.contiguous()?)
+    }
+
+    /// `AutoencoderKLWan.decode(z).sample`: de-normalised latents `[B, z, T, h, w]` -> video
+    /// `[B, C, 1 + 4(T−1), h·s, w·s]` clamped to [-1, 1], in the model's dtype and device.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.check_latents(latents)?;
+        let z = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let z = z.permute((0, 2, 1, 3, 4))?.contiguous()?;
+        let mut chunks = Vec::new();
+        self.decode_stream(&z, &mut |c| {
+            chunks.push(c);
+            Ok(())
+        })?;
+        let out = Tensor::cat(&chunks, 1)?.clamp(-1f32, 1f32)?;
+        Ok(out.permute((0, 2, 1, 3, 4))?.contiguous()?)
+    }
+
+    /// Tiled [`decode`](Self::decode): spatial tiles with overlap and linear blending, each decoded
+    /// through all frames and blended chunk by chunk into a host buffer. Working memory is one
+    /// tile's, whatever the frame count. Returns an f32 CPU tensor (the frames' next stop is the
+    /// video encoder).
+    pub fn decode_tiled(&self, latents: &Tensor, tiles: &TileConfig) -> Result<Tensor> {
+        self.check_latents(latents)?;
+        let s = self.config.spatial_stride();
+        let (tile, overlap) = tiles.latent(s)?;
+        let (b, _, t, h, w) = latents.dims5()?;
+        let out_c = self.config.out_channels / (self.config.patch() * self.config.patch());
+        let mut blend = Blend::new([b, out_c, self.config.decoded_frames(t), h * s, w * s]);
+        let z = latents.permute((0, 2, 1, 3, 4))?;
+        for ys in plan_axis(h, tile, overlap, s) {
+            for xs in plan_axis(w, tile, overlap, s) {
+                let region = z.narrow(3, ys.start, ys.len)?.narrow(4, xs.start, xs.len)?;
+                let region = region.to_device(&self.device)?.to_dtype(self.dtype)?.contiguous()?;
+                blend.add_weights(&ys, &xs, s);
+                let mut t0 = 0;
+                self.decode_stream(&region, &mut |chunk| {
+                    blend.add_chunk(&chunk, t0, &ys, &xs, s)?;
+                    t0 += chunk.dim(1)?;
+                    Ok(())
+                })?;
+            }
+        }
+        blend.finish(true)
+    }
+
+    /// Tiled [`encode_mean`](Self::encode_mean) (blended in latent space). Height and width must be
+    /// multiples of the spatial stride. Returns an f32 CPU tensor.
+    pub fn encode_mean_tiled(&self, video: &Tensor, tiles: &TileConfig) -> Result<Tensor> {
+        self.check_video(video, true)?;
+        let s = self.config.spatial_stride();
+        let (tile, overlap) = tiles.latent(s)?;
+        let (b, _, t, h, w) = video.dims5()?;
+        let (lh, lw) = (h / s, w / s);
+        let mut blend = Blend::new([b, self.config.z_dim, self.config.latent_frames(t), lh, lw]);
+        for ys in plan_axis(lh, tile, overlap, 1) {
+            for xs in plan_axis(lw, tile, overlap, 1) {
+                let region = video
+                    .narrow(3, ys.start * s, ys.len * s)?
+                    .narrow(4, xs.start * s, xs.len * s)?;
+                let x = self.prepare_video(&region)?;
+                blend.add_weights(&ys, &xs, 1);
+                let mut t0 = 0;
+                self.encode_stream(&x, &mut |chunk| {
+                    blend.add_chunk(&chunk, t0, &ys, &xs, 1)?;
+                    t0 += chunk.dim(1)?;
+                    Ok(())
+                })?;
+            }
+        }
+        blend.finish(false)
+    }
+}
+
+/// Resolves `path` to a tensor source and, for diffusers folders, their config.
+fn open_checkpoint(path: &Path) -> Result<(Box<dyn TensorSource>, Option<VaeConfig>)> {
+    if path.is_dir() {
+        let config_path = path.join("config.json");
+        if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("reading {}", config_path.display()))?;
+            let config = VaeConfig::from_json(&text, &config_path.display().to_string())?;
+            return Ok((Box::new(SafetensorsSource::open(path)?), Some(config)));
+        }
+        if path.join("vae").join("config.json").is_file() {
+            return open_checkpoint(&path.join("vae"));
+        }
+        let found: Vec<PathBuf> = OFFICIAL_FILES
+            .iter()
+            .map(|f| path.join(f))
+            .filter(|p| p.is_file())
+            .collect();
+        return match found.as_slice() {
+            [one] => open_checkpoint(one),
+            [] => Err(invalid!(
+                "--model: {} holds no Wan VAE: expected a diffusers vae/ folder (config.json + \
+                 safetensors), a pipeline folder with vae/, or an official {}",
+                path.display(),
+                OFFICIAL_FILES.join(" / ")
+            )),
+            _ => Err(invalid!(
+                "--model: {} holds both {}; pass the file you mean",
+                path.display(),
+                OFFICIAL_FILES.join(" and ")
+            )),
+        };
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    match ext.as_str() {
+        "pth" | "pt" | "ckpt" | "bin" => Ok((Box::new(PthSource::open(path)?), None)),
+        "safetensors" => Ok((Box::new(SafetensorsSource::open(path)?), None)),
+        _ => Err(invalid!(
+            "--model: {} is not a VAE checkpoint (.pth, .safetensors or a diffusers vae/ folder)",
+            path.display()
+        )),
+    }
+}
+
+/// `--set tiled=true|false`, `tile_size=<px>`, `tile_overlap=<px>`; giving a size or overlap
+/// implies tiling. Untiled (the diffusers default) otherwise.
+fn tile_settings(settings: &Settings) -> Result<Option<TileConfig>> {
+    let tiled = settings.get::<bool>("tiled")?;
+    let size = settings.get::<usize>("tile_size")?;
+    let overlap = settings.get::<usize>("tile_overlap")?;
+    if tiled == Some(false) && (size.is_some() || overlap.is_some()) {
+        return Err(invalid!("--set tile_size/tile_overlap: given with tiled=false"));
+    }
+    if tiled != Some(true) && size.is_none() && overlap.is_none() {
+        return Ok(None);
+    }
+    let default = TileConfig::default();
+    Ok(Some(TileConfig {
+        tile_size: size.unwrap_or(default.tile_size),
+        tile_overlap: overlap.unwrap_or(default.tile_overlap),
+    }))
+}
+
+/// `run-component vae-encode`: input `sample` `[B, 3, T, H, W]` in [-1, 1]; output `latent_mean`
+/// (the un-normalised posterior mean, as `AutoencoderKLWan.encode(x).latent_dist.mean`).
+pub fn run_component_encode(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> Result<Outputs> {
+    let sample = inputs.float("sample", &[5])?;
+    let tiles = tile_settings(&opts.settings)?;
+    let vae = WanVae::load(model, &opts.device, opts.dtype)?;
+    let mean = match tiles {
+        Some(t) => vae.encode_mean_tiled(&sample, &t)?,
+        None => vae.encode_mean(&sample)?,
+    };
+    Ok(vec![("latent_mean".to_string(), mean)])
+}
+
+/// `run-component vae-decode`: input `latents` `[B, z, T, H, W]`, already de-normalised (as
+/// `AutoencoderKLWan.decode` receives them); output `sample` clamped to [-1, 1].
+pub fn run_component_decode(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> Result<Outputs> {
+    let latents = inputs.float("latents", &[5])?;
+    let tiles = tile_settings(&opts.settings)?;
+    let vae = WanVae::load(model, &opts.device, opts.dtype)?;
+    let sample = match tiles {
+        Some(t) => vae.decode_tiled(&latents, &t)?,
+        None => vae.decode(&latents)?,
+    };
+    Ok(vec![("sample".to_string(), sample)])
 }

@@ -1,0 +1,222 @@
+//! Spatial tiling with overlap and linear blending, for bounded-memory encode and decode.
+//!
+//! Tiles are processed one after another, each through the whole clip (chunk by chunk, with its
+//! own feature cache), and every chunk is blended straight into a host-side output buffer. The
+//! working set is therefore one tile's cache plus one chunk of one tile, whatever the number of
+//! frames; only the result itself grows with the clip.
+//!
+//! Blending: along each axis a tile's weight ramps linearly up across the overlap with the previous
+//! tile and down across the overlap with the next one; the output is Σ w·tile / Σ w, a convex
+//! combination whatever the overlap, and exactly the tile where only one tile covers a pixel.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+use crate::invalid;
+
+/// Tile size and overlap in sample (pixel) units, the same along height and width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileConfig {
+    pub tile_size: usize,
+    pub tile_overlap: usize,
+}
+
+impl Default for TileConfig {
+    /// 256 px tiles with a 64 px overlap (the geometry of diffusers' `enable_tiling`: 256 px tiles
+    /// at a 192 px stride). In latents: 32/8 for Wan2.1, 16/4 for Wan2.2.
+    fn default() -> Self {
+        Self {
+            tile_size: 256,
+            tile_overlap: 64,
+        }
+    }
+}
+
+impl TileConfig {
+    /// Tile and overlap in latent pixels for a VAE of spatial stride `stride`.
+    pub fn latent(&self, stride: usize) -> Result<(usize, usize)> {
+        if self.tile_size == 0 || self.tile_size % stride != 0 {
+            return Err(invalid!(
+                "tile_size: {} must be a positive multiple of the VAE's spatial stride {stride}",
+                self.tile_size
+            ));
+        }
+        if self.tile_overlap % stride != 0 || self.tile_overlap >= self.tile_size {
+            return Err(invalid!(
+                "tile_overlap: {} must be a multiple of the spatial stride {stride} and smaller than \
+                 tile_size {}",
+                self.tile_overlap,
+                self.tile_size
+            ));
+        }
+        Ok((self.tile_size / stride, self.tile_overlap / stride))
+    }
+}
+
+/// One tile along one axis: latent range `[start, start + len)` and the blend weights of its output
+/// (`len · scale` values, output units).
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub start: usize,
+    pub len: usize,
+    pub weights: Vec<f32>,
+}
+
+/// Tiles covering `len` latent pixels: `tile` wide, `overlap` shared between neighbours, the last
+/// tile flush with the end (so every tile is full size). Output is `scale` units per latent pixel.
+pub fn plan_axis(len: usize, tile: usize, overlap: usize, scale: usize) -> Vec<Span> {
+    let mut starts = Vec::new();
+    if len <= tile {
+        starts.push(0);
+    } else {
+        let step = tile - overlap;
+        let mut s = 0;
+        while s + tile < len {
+            starts.push(s);
+            s += step;
+        }
+        starts.push(len - tile);
+    }
+    let size = tile.min(len);
+    (0..starts.len())
+        .map(|i| {
+            let (a, b) = (starts[i] * scale, (starts[i] + size) * scale);
+            let prev_end = (i > 0).then(|| (starts[i - 1] + size) * scale);
+            let next_start = (i + 1 < starts.len()).then(|| starts[i + 1] * scale);
+            let weights = (a..b)
+                .map(|p| {
+                    let centre = p as f32 + 0.5;
+                    let mut w = 1.0f32;
+                    if let Some(pe) = prev_end {
+                        w = w.min((centre - a as f32) / (pe - a) as f32);
+                    }
+                    if let Some(ns) = next_start {
+                        w = w.min((b as f32 - centre) / (b - ns) as f32);
+                    }
+                    w
+                })
+                .collect();
+            Span {
+                start: starts[i],
+                len: size,
+                weights,
+            }
+        })
+        .collect()
+}
+
+/// Host-side weighted accumulation of tiles into a `[B, C, T, H, W]` result.
+pub struct Blend {
+    dims: [usize; 5],
+    data: Vec<f32>,
+    weight_sum: Vec<f32>,
+}
+
+impl Blend {
+    pub fn new(dims: [usize; 5]) -> Self {
+        let [b, c, t, h, w] = dims;
+        Self {
+            dims,
+            data: vec![0.0; b * c * t * h * w],
+            weight_sum: vec![0.0; h * w],
+        }
+    }
+
+    /// Adds one chunk `[B, f, C, th, tw]` of the tile at (`ys`, `xs`), frames from `t0`.
+    /// `scale` converts the spans' latent starts to output units.
+    pub fn add_chunk(&mut self, chunk: &Tensor, t0: usize, ys: &Span, xs: &Span, scale: usize) -> Result<()> {
+        let [_, c_all, t_all, h_all, w_all] = self.dims;
+        let (b, f, c, th, tw) = chunk.dims5()?;
+        anyhow::ensure!(
+            c == c_all && th == ys.weights.len() && tw == xs.weights.len() && t0 + f <= t_all,
+            "tile chunk {:?} does not fit the output {:?} at frame {t0}",
+            chunk.dims(),
+            self.dims
+        );
+        let values = chunk
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (y0, x0) = (ys.start * scale, xs.start * scale);
+        for bi in 0..b {
+            for fi in 0..f {
+                for ci in 0..c {
+                    let src = ((bi * f + fi) * c + ci) * th * tw;
+                    let dst = ((bi * c_all + ci) * t_all + t0 + fi) * h_all * w_all;
+                    for (y, wy) in ys.weights.iter().enumerate() {
+                        let row = &values[src + y * tw..src + (y + 1) * tw];
+                        let out = &mut self.data[dst + (y0 + y) * w_all + x0..][..tw];
+                        for ((o, v), wx) in out.iter_mut().zip(row).zip(&xs.weights) {
+                            *o += wy * wx * v;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the tile's weights (once per tile: they are the same for every frame).
+    pub fn add_weights(&mut self, ys: &Span, xs: &Span, scale: usize) {
+        let w_all = self.dims[4];
+        let (y0, x0) = (ys.start * scale, xs.start * scale);
+        for (y, wy) in ys.weights.iter().enumerate() {
+            let row = &mut self.weight_sum[(y0 + y) * w_all + x0..][..xs.weights.len()];
+            for (o, wx) in row.iter_mut().zip(&xs.weights) {
+                *o += wy * wx;
+            }
+        }
+    }
+
+    /// Normalises by the weight sums (optionally clamping to [-1, 1]) into a CPU f32 tensor.
+    pub fn finish(mut self, clamp: bool) -> Result<Tensor> {
+        let plane = self.weight_sum.len();
+        for (i, v) in self.data.iter_mut().enumerate() {
+            let x = *v / self.weight_sum[i % plane];
+            *v = if clamp { x.clamp(-1.0, 1.0) } else { x };
+        }
+        Ok(Tensor::from_vec(self.data, self.dims.to_vec(), &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_covers_with_full_tiles_and_partition_of_unity() {
+        for (len, tile, overlap) in [(10, 4, 2), (7, 4, 1), (3, 4, 2), (33, 8, 3), (16, 16, 4)] {
+            let spans = plan_axis(len, tile, overlap, 2);
+            assert_eq!(spans[0].start, 0);
+            let last = spans.last().unwrap();
+            assert_eq!(last.start + last.len, len.max(last.len).min(len));
+            let mut sum = vec![0f32; len * 2];
+            for s in &spans {
+                assert_eq!(s.len, tile.min(len));
+                for (i, w) in s.weights.iter().enumerate() {
+                    assert!(*w > 0.0 && *w <= 1.0);
+                    sum[s.start * 2 + i] += w;
+                }
+            }
+            assert!(sum.iter().all(|&w| w > 0.0), "{len} {tile} {overlap}: uncovered");
+        }
+        // a single tile blends with weight 1 everywhere
+        assert!(plan_axis(5, 8, 2, 3)[0].weights.iter().all(|&w| w == 1.0));
+    }
+
+    #[test]
+    fn tile_config_is_validated() {
+        let t = TileConfig {
+            tile_size: 250,
+            tile_overlap: 64,
+        };
+        assert!(t.latent(8).unwrap_err().to_string().contains("tile_size"));
+        let t = TileConfig {
+            tile_size: 256,
+            tile_overlap: 256,
+        };
+        assert!(t.latent(16).unwrap_err().to_string().contains("tile_overlap"));
+        assert_eq!(TileConfig::default().latent(16).unwrap(), (16, 4));
+    }
+}

@@ -1,0 +1,611 @@
+//! The output quality guard: catches broken generations before they are written as "successes".
+//!
+//! Checks, in pipeline order:
+//! 1. [`check_latents`]: NaN/Inf in the final latents fail (nothing sensible can be decoded);
+//!    [`Frames::from_f32_chw`](crate::Frames::from_f32_chw) does the same for decoded frames,
+//!    naming the frames. Non-finite values always fail, whatever the policy: there is no picture.
+//! 2. [`inspect`]: per-frame statistics on luma (BT.709 weights, 0..=255 scale) and a class:
+//!    - [`FrameClass::Flat`]: (almost) one colour — black, white or grey frames;
+//!    - [`FrameClass::NoiseLike`]: no spatial structure (neighbouring pixels unrelated: white,
+//!      Gaussian or blue noise), no large-scale structure (the energy sits at a few pixels' scale,
+//!      like random latents through a VAE), or no relation to the neighbouring frames;
+//!    - [`FrameClass::Checkerboard`]: a periodic pattern at the VAE stride (8 or 16 px), measured
+//!      as the power of the DFT bins at multiples of the stride frequency and as the jump of the
+//!      gradient across block borders;
+//!    - [`FrameClass::Fine`] otherwise.
+//! 3. [`Report::verdict`] applies a [`GuardPolicy`]: with `warn` (the default) an all-flat video
+//!    fails and everything else suspicious is a warning; `fail` fails on any flagged frame; `off`
+//!    only reports.
+//!
+//! Thresholds were calibrated on synthetic cases (`tests/guard_calibration.rs` prints every
+//! statistic): natural-like images with a 1/f spectrum, smooth gradients and moving shapes pass;
+//! Gaussian, blue, salt-and-pepper and upsampled latent noise, flat, black and checkerboard-
+//! corrupted frames are flagged. Each threshold sits between the two groups with a margin of at
+//! least 2× on the measured values (see the constants).
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use vidgen_engine::invalid;
+
+use crate::ranges::format_ranges;
+use crate::Frames;
+
+/// Luma standard deviation (0..=255) below which a frame is flat. Natural frames measure ≥ 20,
+/// even dark ones ≥ 5; a uniform frame after H.264/VP9 measures < 1.
+pub const FLAT_STD: f32 = 2.0;
+/// Frames with at most this many distinct RGB colours are flat (degenerate) whatever their std.
+pub const FLAT_MAX_COLOURS: usize = 2;
+/// Lag-1 spatial autocorrelation of luma below which a frame is pixel noise. Natural-like and
+/// moving-shape frames measure ≥ 0.85 (≥ 0.75 after heavy detail); white noise ~0, blue noise < 0.
+pub const NOISE_MAX_NEIGHBOUR_CORR: f32 = 0.4;
+/// Share of luma variance in 32-px block means below which a frame has no large-scale structure.
+/// Natural-like frames measure ≥ 0.35; latent-scale noise upsampled 8× measures ≤ 0.10.
+pub const NOISE_MIN_COARSE_FRACTION: f32 = 0.2;
+/// Correlation with both neighbouring frames below which a frame is unrelated to them.
+/// Moving shapes measure ≥ 0.8 between frames; independent noise frames ~0.
+pub const NOISE_MAX_TEMPORAL_CORR: f32 = 0.25;
+/// Share of luma variance in the pattern that repeats every 8 or 16 px (the DFT power at the VAE
+/// stride and its harmonics) above which a frame has a checkerboard. Natural-like frames measure
+/// ≤ 0.002; an 8-px block checkerboard of ±6 levels on a natural frame measures ≥ 0.02.
+pub const CHECKER_MIN_STRIDE_POWER: f32 = 0.008;
+/// Ratio of the mean gradient across 8/16-px block borders to the mean gradient inside blocks
+/// above which a frame shows block edges. Natural-like frames measure 0.9..1.1.
+pub const CHECKER_MIN_BORDER_RATIO: f32 = 1.6;
+
+/// What to do with suspicious output (`--quality-guard fail|warn|off`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardPolicy {
+    /// Fail on any flagged frame (flat, noise-like, checkerboard).
+    Fail,
+    /// Fail on an all-flat video; warn about everything else flagged.
+    #[default]
+    Warn,
+    /// Report only, never fail (non-finite values still fail: there is nothing to encode).
+    Off,
+}
+
+impl FromStr for GuardPolicy {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "fail" => Ok(Self::Fail),
+            "warn" => Ok(Self::Warn),
+            "off" => Ok(Self::Off),
+            _ => Err(invalid!("quality-guard: {s:?} is not a policy; valid: fail, warn, off")),
+        }
+    }
+}
+
+impl fmt::Display for GuardPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Fail => "fail",
+            Self::Warn => "warn",
+            Self::Off => "off",
+        })
+    }
+}
+
+/// Fails when the final latents hold NaN or ±Inf (the denoiser diverged; decoding is pointless).
+pub fn check_latents(latents: &[f32]) -> Result<()> {
+    let mut nan = 0usize;
+    let mut inf = 0usize;
+    let mut first = None;
+    for (i, v) in latents.iter().enumerate() {
+        if v.is_nan() {
+            nan += 1;
+        } else if v.is_infinite() {
+            inf += 1;
+        } else {
+            continue;
+        }
+        first.get_or_insert(i);
+    }
+    if let Some(first) = first {
+        bail!(
+            "quality guard: the final latents contain {nan} NaN and {inf} Inf of {} values (first at \
+             flat index {first}); the denoiser diverged (check the dtype, the model files and the \
+             guidance scale), so nothing is decoded",
+            latents.len()
+        );
+    }
+    Ok(())
+}
+
+/// A frame's verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrameClass {
+    Fine,
+    Flat,
+    NoiseLike,
+    Checkerboard,
+}
+
+impl FrameClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fine => "fine",
+            Self::Flat => "flat",
+            Self::NoiseLike => "noise-like",
+            Self::Checkerboard => "checkerboard",
+        }
+    }
+}
+
+impl fmt::Display for FrameClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Statistics of one frame (luma on a 0..=255 scale).
+#[derive(Clone, Debug, Serialize)]
+pub struct FrameStats {
+    pub index: usize,
+    pub mean: f32,
+    pub std: f32,
+    pub unique_colours: usize,
+    /// Mean absolute luma difference to the previous frame (`None` for the first).
+    pub temporal_diff: Option<f32>,
+    /// Correlation of luma with the previous frame (`None` for the first, or a flat pair).
+    pub temporal_corr: Option<f32>,
+    /// Lag-1 spatial autocorrelation (horizontal and vertical neighbours pooled).
+    pub neighbour_corr: f32,
+    /// Share of the variance carried by 32-px block means (large-scale structure).
+    pub coarse_fraction: f32,
+    /// Share of the variance in the pattern repeating every 8 px (DFT power at the 8-px stride).
+    pub stride_power_8: f32,
+    /// Same, every 16 px (includes the 8-px harmonics).
+    pub stride_power_16: f32,
+    /// Mean gradient across 8-px block borders / mean gradient inside blocks.
+    pub border_ratio_8: f32,
+    /// Same for 16-px blocks.
+    pub border_ratio_16: f32,
+    pub class: FrameClass,
+    /// Why the frame got its class (empty for fine frames).
+    pub reason: String,
+}
+
+/// The guard's findings for a video.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub width: usize,
+    pub height: usize,
+    pub frames: Vec<FrameStats>,
+}
+
+/// A suspicious finding that did not fail the policy.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Warning {
+    pub class: FrameClass,
+    pub frames: Vec<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A run of consecutive frames with the same class.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClassRun {
+    pub class: FrameClass,
+    pub first: usize,
+    pub last: usize,
+    /// The first frame's reason, as an example.
+    pub reason: String,
+}
+
+impl Report {
+    /// Indices of frames with `class`.
+    pub fn frames_of(&self, class: FrameClass) -> Vec<usize> {
+        self.frames.iter().filter(|f| f.class == class).map(|f| f.index).collect()
+    }
+
+    /// Consecutive runs of one class, in order (the per-range verdict `vidgen probe` prints).
+    pub fn runs(&self) -> Vec<ClassRun> {
+        let mut runs: Vec<ClassRun> = Vec::new();
+        for f in &self.frames {
+            match runs.last_mut() {
+                Some(run) if run.class == f.class && run.last + 1 == f.index => run.last = f.index,
+                _ => runs.push(ClassRun { class: f.class, first: f.index, last: f.index, reason: f.reason.clone() }),
+            }
+        }
+        runs
+    }
+
+    /// One line: how many frames of each class.
+    pub fn summary(&self) -> String {
+        let total = self.frames.len();
+        let parts: Vec<String> = [FrameClass::Fine, FrameClass::Flat, FrameClass::NoiseLike, FrameClass::Checkerboard]
+            .into_iter()
+            .filter_map(|c| {
+                let n = self.frames_of(c).len();
+                (n > 0).then(|| format!("{n} {c}"))
+            })
+            .collect();
+        format!("{total} frames: {}", parts.join(", "))
+    }
+
+    /// Applies `policy`: `Err` with a message naming the frames and why, or the warnings.
+    pub fn verdict(&self, policy: GuardPolicy) -> Result<Vec<Warning>> {
+        if policy == GuardPolicy::Off {
+            return Ok(Vec::new());
+        }
+        let total = self.frames.len();
+        let mut warnings = Vec::new();
+        let flat = self.frames_of(FrameClass::Flat);
+        if !flat.is_empty() && flat.len() == total {
+            bail!(
+                "quality guard: all {total} frames are flat ({}); the output has no picture",
+                self.frames[0].reason
+            );
+        }
+        for (class, what) in [
+            (FrameClass::Flat, "flat"),
+            (FrameClass::NoiseLike, "noise-like"),
+            (FrameClass::Checkerboard, "corrupted by a checkerboard at the VAE stride"),
+        ] {
+            let indices = self.frames_of(class);
+            if indices.is_empty() {
+                continue;
+            }
+            let example = &self.frames[indices[0]].reason;
+            let message = format!(
+                "quality guard: {} of {total} frames are {what} (frames {}; frame {}: {example})",
+                indices.len(),
+                format_ranges(&indices),
+                indices[0]
+            );
+            if policy == GuardPolicy::Fail {
+                bail!("{message}; failing because of --quality-guard fail");
+            }
+            warnings.push(Warning { class, frames: indices, message });
+        }
+        Ok(warnings)
+    }
+}
+
+impl fmt::Display for Report {
+    /// The per-range verdict, one line per run of frames.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for run in self.runs() {
+            let range =
+                if run.first == run.last { format!("frame {}", run.first) } else { format!("frames {}-{}", run.first, run.last) };
+            if run.reason.is_empty() {
+                writeln!(f, "  {range}: {}", run.class)?;
+            } else {
+                writeln!(f, "  {range}: {} ({})", run.class, run.reason)?;
+            }
+        }
+        write!(f, "  {}", self.summary())
+    }
+}
+
+/// Computes every frame's statistics and class.
+pub fn inspect(frames: &Frames) -> Report {
+    let (width, height) = (frames.width(), frames.height());
+    let mut colours = ColourSet::new();
+    let mut previous: Option<Vec<f32>> = None;
+    let mut stats = Vec::with_capacity(frames.len());
+    for index in 0..frames.len() {
+        let rgb = frames.frame(index);
+        let luma: Vec<f32> =
+            rgb.chunks_exact(3).map(|p| 0.2126 * p[0] as f32 + 0.7152 * p[1] as f32 + 0.0722 * p[2] as f32).collect();
+        let (mean, var) = mean_var(&luma);
+        let (temporal_diff, temporal_corr) = match &previous {
+            Some(prev) => {
+                let diff = luma.iter().zip(prev).map(|(a, b)| (a - b).abs()).sum::<f32>() / luma.len() as f32;
+                (Some(diff), correlation(&luma, prev))
+            }
+            None => (None, None),
+        };
+        stats.push(FrameStats {
+            index,
+            mean,
+            std: var.sqrt(),
+            unique_colours: colours.count(rgb),
+            temporal_diff,
+            temporal_corr,
+            neighbour_corr: neighbour_correlation(&luma, width, height, var),
+            coarse_fraction: coarse_fraction(&luma, width, height, mean, var),
+            stride_power_8: stride_power(&luma, width, height, 8, mean, var),
+            stride_power_16: stride_power(&luma, width, height, 16, mean, var),
+            border_ratio_8: border_ratio(&luma, width, height, 8),
+            border_ratio_16: border_ratio(&luma, width, height, 16),
+            class: FrameClass::Fine,
+            reason: String::new(),
+        });
+        previous = Some(luma);
+    }
+    classify(&mut stats);
+    Report { width, height, frames: stats }
+}
+
+fn classify(stats: &mut [FrameStats]) {
+    let n = stats.len();
+    // Correlation with each neighbour (None where there is none, or it is undefined).
+    let next_corr: Vec<Option<f32>> = (0..n).map(|i| stats.get(i + 1).and_then(|s| s.temporal_corr)).collect();
+    for (i, s) in stats.iter_mut().enumerate() {
+        let (class, reason) = if s.std < FLAT_STD || s.unique_colours <= FLAT_MAX_COLOURS {
+            let tone = if s.mean < 24.0 {
+                "black"
+            } else if s.mean > 231.0 {
+                "white"
+            } else {
+                "uniform"
+            };
+            (
+                FrameClass::Flat,
+                format!("{tone}: luma mean {:.1}, std {:.2} (flat below {FLAT_STD}), {} colours", s.mean, s.std, s.unique_colours),
+            )
+        } else if s.neighbour_corr < NOISE_MAX_NEIGHBOUR_CORR {
+            (
+                FrameClass::NoiseLike,
+                format!(
+                    "neighbouring pixels unrelated: correlation {:.2} (natural images > {NOISE_MAX_NEIGHBOUR_CORR})",
+                    s.neighbour_corr
+                ),
+            )
+        } else if s.stride_power_8.max(s.stride_power_16) > CHECKER_MIN_STRIDE_POWER
+            || s.border_ratio_8.max(s.border_ratio_16) > CHECKER_MIN_BORDER_RATIO
+        {
+            (
+                FrameClass::Checkerboard,
+                format!(
+                    "{:.1}% of the variance repeats every 8/16 px (limit {:.1}%), border/inner gradient {:.2}/{:.2} (limit {CHECKER_MIN_BORDER_RATIO})",
+                    100.0 * s.stride_power_8.max(s.stride_power_16),
+                    100.0 * CHECKER_MIN_STRIDE_POWER,
+                    s.border_ratio_8,
+                    s.border_ratio_16
+                ),
+            )
+        } else if s.coarse_fraction < NOISE_MIN_COARSE_FRACTION {
+            (
+                FrameClass::NoiseLike,
+                format!(
+                    "no large-scale structure: {:.0}% of the variance in 32-px blocks (natural images > {:.0}%)",
+                    100.0 * s.coarse_fraction,
+                    100.0 * NOISE_MIN_COARSE_FRACTION
+                ),
+            )
+        } else if n >= 3 && unrelated_to_neighbours(s.temporal_corr, next_corr[i]) {
+            (
+                FrameClass::NoiseLike,
+                format!(
+                    "unrelated to the neighbouring frames: correlation {} / {} (limit {NOISE_MAX_TEMPORAL_CORR})",
+                    fmt_corr(s.temporal_corr),
+                    fmt_corr(next_corr[i])
+                ),
+            )
+        } else {
+            (FrameClass::Fine, String::new())
+        };
+        s.class = class;
+        s.reason = reason;
+    }
+}
+
+fn fmt_corr(c: Option<f32>) -> String {
+    c.map_or_else(|| "-".into(), |c| format!("{c:.2}"))
+}
+
+/// True when every existing neighbour correlation is low (a scene cut has only one low side).
+fn unrelated_to_neighbours(prev: Option<f32>, next: Option<f32>) -> bool {
+    let sides: Vec<f32> = [prev, next].into_iter().flatten().collect();
+    !sides.is_empty() && sides.iter().all(|&c| c < NOISE_MAX_TEMPORAL_CORR)
+}
+
+fn mean_var(values: &[f32]) -> (f32, f32) {
+    let n = values.len() as f64;
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, var as f32)
+}
+
+fn correlation(a: &[f32], b: &[f32]) -> Option<f32> {
+    let (ma, va) = mean_var(a);
+    let (mb, vb) = mean_var(b);
+    if va < 1e-6 || vb < 1e-6 {
+        return None;
+    }
+    let cov = a.iter().zip(b).map(|(&x, &y)| (x as f64 - ma as f64) * (y as f64 - mb as f64)).sum::<f64>() / a.len() as f64;
+    Some((cov / (va as f64 * vb as f64).sqrt()) as f32)
+}
+
+/// `1 - E[(Y(p) - Y(p+1))²] / (2 var)`, over horizontal and vertical neighbour pairs.
+fn neighbour_correlation(luma: &[f32], width: usize, height: usize, var: f32) -> f32 {
+    if var < 1e-6 {
+        return 1.0;
+    }
+    let (mut sum, mut count) = (0f64, 0usize);
+    for y in 0..height {
+        let row = &luma[y * width..][..width];
+        for x in 1..width {
+            sum += ((row[x] - row[x - 1]) as f64).powi(2);
+        }
+        count += width - 1;
+        if y > 0 {
+            let above = &luma[(y - 1) * width..][..width];
+            sum += row.iter().zip(above).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+            count += width;
+        }
+    }
+    if count == 0 {
+        return 1.0;
+    }
+    (1.0 - sum / count as f64 / (2.0 * var as f64)) as f32
+}
+
+/// Variance of the means of 32×32 blocks (smaller for small frames) over the pixel variance.
+fn coarse_fraction(luma: &[f32], width: usize, height: usize, mean: f32, var: f32) -> f32 {
+    if var < 1e-6 {
+        return 1.0;
+    }
+    let block = (width.min(height) / 8).clamp(1, 32);
+    let (bw, bh) = (width / block, height / block);
+    if bw * bh < 4 {
+        return 1.0; // too small to judge
+    }
+    let mut sum = 0f64;
+    for by in 0..bh {
+        for bx in 0..bw {
+            let mut acc = 0f64;
+            for y in by * block..(by + 1) * block {
+                acc += luma[y * width + bx * block..][..block].iter().map(|&v| v as f64).sum::<f64>();
+            }
+            let m = acc / (block * block) as f64 - mean as f64;
+            sum += m * m;
+        }
+    }
+    (sum / (bw * bh) as f64 / var as f64) as f32
+}
+
+/// Power of the `period`-periodic component over the variance.
+///
+/// Averaging the frame over every pixel with the same `(x mod p, y mod p)` phase gives a p×p tile
+/// whose energy (mean removed) equals the summed DFT power at the bins that are multiples of the
+/// stride frequency `(W/p, H/p)` — the VAE-stride peak and its harmonics — divided by the pixel
+/// count, without computing an FFT (exact when p divides W and H; the unit test checks it).
+fn stride_power(luma: &[f32], width: usize, height: usize, period: usize, mean: f32, var: f32) -> f32 {
+    if var < 1e-6 || width < 2 * period || height < 2 * period {
+        return 0.0;
+    }
+    let mut tile = vec![0f64; period * period];
+    let mut counts = vec![0usize; period * period];
+    for y in 0..height {
+        let row = &luma[y * width..][..width];
+        let base = (y % period) * period;
+        for (x, &v) in row.iter().enumerate() {
+            tile[base + x % period] += v as f64 - mean as f64;
+            counts[base + x % period] += 1;
+        }
+    }
+    // The folded average of pure noise is not zero: remove its expected energy (var / samples per
+    // phase) so that noise frames score ~0 at any size.
+    let per_phase = (width * height) as f64 / (period * period) as f64;
+    let energy = tile.iter().zip(&counts).map(|(s, &c)| (s / c as f64).powi(2)).sum::<f64>() / (period * period) as f64;
+    ((energy - var as f64 / per_phase).max(0.0) / var as f64) as f32
+}
+
+/// Mean |gradient| across `period`-px block borders over the mean |gradient| elsewhere.
+fn border_ratio(luma: &[f32], width: usize, height: usize, period: usize) -> f32 {
+    let (mut border, mut border_n, mut inner, mut inner_n) = (0f64, 0usize, 0f64, 0usize);
+    for y in 0..height {
+        let row = &luma[y * width..][..width];
+        for x in 1..width {
+            let g = (row[x] - row[x - 1]).abs() as f64;
+            if x % period == 0 {
+                border += g;
+                border_n += 1;
+            } else {
+                inner += g;
+                inner_n += 1;
+            }
+        }
+        if y > 0 {
+            let above = &luma[(y - 1) * width..][..width];
+            let g: f64 = row.iter().zip(above).map(|(a, b)| (a - b).abs() as f64).sum();
+            if y % period == 0 {
+                border += g;
+                border_n += width;
+            } else {
+                inner += g;
+                inner_n += width;
+            }
+        }
+    }
+    if border_n == 0 || inner_n == 0 || inner < 1e-9 {
+        return 1.0;
+    }
+    ((border / border_n as f64) / (inner / inner_n as f64)) as f32
+}
+
+/// Counts distinct RGB colours with a 2^24-bit set, cleared between frames.
+struct ColourSet {
+    bits: Vec<u64>,
+}
+
+impl ColourSet {
+    fn new() -> Self {
+        Self { bits: vec![0; (1 << 24) / 64] }
+    }
+
+    fn count(&mut self, rgb: &[u8]) -> usize {
+        self.bits.iter_mut().for_each(|b| *b = 0);
+        let mut n = 0;
+        for p in rgb.chunks_exact(3) {
+            let c = (p[0] as usize) << 16 | (p[1] as usize) << 8 | p[2] as usize;
+            let (word, bit) = (c / 64, 1u64 << (c % 64));
+            if self.bits[word] & bit == 0 {
+                self.bits[word] |= bit;
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stride_power_equals_dft_power_at_stride_bins() {
+        // A 32x16 frame with content at assorted frequencies: the folded-tile energy must equal the
+        // DFT power at the bins (k*W/p, l*H/p), (k,l) != (0,0), over N², as the docs claim.
+        let (w, h, p) = (32usize, 16usize, 8usize);
+        let luma: Vec<f32> = (0..w * h)
+            .map(|i| {
+                let (x, y) = ((i % w) as f32, (i / w) as f32);
+                50.0 * (x * 0.7).sin() + 30.0 * (y * 1.3 + x * 0.2).cos() + 20.0 * ((x + 2.0 * y) % 8.0) + 10.0 * (i as f32 * 0.37).sin()
+            })
+            .collect();
+        let (mean, var) = mean_var(&luma);
+        let ours = stride_power(&luma, w, h, p, mean, var) as f64;
+        let mut power = 0f64;
+        for ky in (0..h).step_by(h / p) {
+            for kx in (0..w).step_by(w / p) {
+                if kx == 0 && ky == 0 {
+                    continue;
+                }
+                let (mut re, mut im) = (0f64, 0f64);
+                for (i, &v) in luma.iter().enumerate() {
+                    let (x, y) = ((i % w) as f64, (i / w) as f64);
+                    let phase = -2.0 * std::f64::consts::PI * (kx as f64 * x / w as f64 + ky as f64 * y / h as f64);
+                    re += v as f64 * phase.cos();
+                    im += v as f64 * phase.sin();
+                }
+                power += re * re + im * im;
+            }
+        }
+        let n = (w * h) as f64;
+        let dft = power / (n * n) / var as f64 - (p * p) as f64 / n; // minus the noise correction
+        assert!((ours - dft.max(0.0)).abs() < 1e-4, "fold {ours} vs DFT {dft}");
+        assert!(ours > 0.1, "the (x + 2y) mod 8 ramp is 8-periodic: {ours}");
+    }
+
+    #[test]
+    fn latents_with_nan_fail() {
+        check_latents(&[0.0, 1.0, -3.0]).unwrap();
+        let err = check_latents(&[0.0, f32::NAN, f32::NEG_INFINITY, f32::NAN]).unwrap_err().to_string();
+        assert!(err.contains("2 NaN and 1 Inf of 4") && err.contains("index 1"), "{err}");
+    }
+
+    #[test]
+    fn policy_parses() {
+        assert_eq!("FAIL".parse::<GuardPolicy>().unwrap(), GuardPolicy::Fail);
+        assert_eq!("off".parse::<GuardPolicy>().unwrap(), GuardPolicy::Off);
+        let err = "loud".parse::<GuardPolicy>().unwrap_err();
+        assert!(vidgen_engine::error::is_invalid_input(&err));
+        assert!(err.to_string().contains("fail, warn, off"));
+    }
+}

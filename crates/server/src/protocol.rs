@@ -1,0 +1,165 @@
+//! What the server stores about a job, and the protocol between the server and `vidgen worker`.
+//!
+//! The server writes a [`WorkerJob`] (JSON) for the worker; the worker answers on stdout with one
+//! JSON object per line: [`ProgressEvent`]s while it runs, then one [`WorkerEnd`]. In `--serve`
+//! mode (the warm worker) jobs arrive as JSON lines on stdin, one at a time.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use vidgen_engine::pipeline::{GenerateRequest, ProgressEvent};
+
+/// Container of the produced video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    Mp4,
+    Webm,
+}
+
+impl OutputFormat {
+    pub const NAMES: &'static str = "mp4, webm";
+
+    pub fn parse(s: &str) -> Option<OutputFormat> {
+        match s {
+            "mp4" => Some(OutputFormat::Mp4),
+            "webm" => Some(OutputFormat::Webm),
+            _ => None,
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Mp4 => "mp4",
+            OutputFormat::Webm => "webm",
+        }
+    }
+
+    pub fn mime(self) -> &'static str {
+        match self {
+            OutputFormat::Mp4 => "video/mp4",
+            OutputFormat::Webm => "video/webm",
+        }
+    }
+}
+
+/// A job's settings as stored in the database: every value decided at submission (seed included),
+/// so the worker makes exactly what the API reported, and a restart or remix repeats it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSettings {
+    /// The model's public name (a key of the server's model table).
+    pub model: String,
+    /// Fully resolved: every option is `Some`; `image` is `Some("input.png")` (relative to the job
+    /// folder) when the job has a conditioning image.
+    pub request: GenerateRequest,
+    pub output_format: OutputFormat,
+    /// For `/v1/videos/extensions`: the completed video this job continues.
+    #[serde(default)]
+    pub extend_from: Option<String>,
+    /// Adjustments validation made (e.g. seconds -> frames), shown to the user.
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+/// The job file handed to a worker (absolute paths, all inside the job's folder).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerJob {
+    pub id: String,
+    /// What `run_request` loads: `demo` or a model folder.
+    pub model: String,
+    /// Fully resolved request; `image` is an absolute path to the sanitised upload.
+    pub request: GenerateRequest,
+    pub output: PathBuf,
+    pub thumbnail: PathBuf,
+    pub spritesheet: PathBuf,
+    /// The worker stops at its next step once this file exists.
+    pub cancel_file: PathBuf,
+    /// For extensions: the source video; its last frame conditions the new segment, and the result
+    /// is the source followed by the new segment in one file.
+    #[serde(default)]
+    pub extend_from: Option<PathBuf>,
+}
+
+/// What was actually made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobOutput {
+    pub width: u32,
+    pub height: u32,
+    pub frames: u32,
+    pub fps: u32,
+    pub seconds: f64,
+    pub seed: u64,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// Whether the thumbnail / spritesheet files were produced.
+    #[serde(default)]
+    pub thumbnail: bool,
+    #[serde(default)]
+    pub spritesheet: bool,
+}
+
+/// The worker's last line for a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum WorkerEnd {
+    Done(JobOutput),
+    Failed { code: String, message: String },
+}
+
+/// One line of worker output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WorkerLine {
+    Progress(ProgressEvent),
+    End(WorkerEnd),
+}
+
+/// Failure codes a job can end with (the `error.code` of the video object).
+pub mod codes {
+    /// The request was rejected by the model at run time (exit 2).
+    pub const INVALID_REQUEST: &str = "invalid_request";
+    /// The generation returned an error.
+    pub const GENERATION_FAILED: &str = "generation_failed";
+    /// The worker process died (signal, OOM kill, panic) without reporting.
+    pub const WORKER_CRASHED: &str = "worker_crashed";
+    pub const CANCELLED: &str = "cancelled";
+    /// The server stopped while the job was running.
+    pub const INTERRUPTED: &str = "interrupted";
+    pub const TIMEOUT: &str = "timeout";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vidgen_engine::pipeline::Stage;
+
+    #[test]
+    fn worker_lines_round_trip() {
+        let lines = [
+            WorkerLine::Progress(ProgressEvent::Step {
+                stage: Stage::Denoise,
+                step: 2,
+                total: 8,
+                elapsed_s: 1.5,
+                eta_s: Some(4.5),
+            }),
+            WorkerLine::End(WorkerEnd::Failed { code: "cancelled".into(), message: "x".into() }),
+            WorkerLine::End(WorkerEnd::Done(JobOutput {
+                width: 256,
+                height: 256,
+                frames: 17,
+                fps: 16,
+                seconds: 1.0625,
+                seed: 7,
+                warnings: vec![],
+                thumbnail: true,
+                spritesheet: false,
+            })),
+        ];
+        for line in lines {
+            let text = serde_json::to_string(&line).unwrap();
+            let back: WorkerLine = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, line, "{text}");
+        }
+    }
+}
