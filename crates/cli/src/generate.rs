@@ -21,8 +21,6 @@ use vidgen_engine::pipeline::{
 use vidgen_media::{Format, GuardPolicy};
 
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Defaults (size, frames, fps, steps, guidance, shift, scheduler, negative prompt) \
-come from the model. Try the pipeline without weights: vidgen generate --model demo --prompt \"a cat\"")]
 pub struct Args {
     /// Model folder (an official Wan2.x release or a -Diffusers repo), or `demo` (random weights).
     #[arg(long, value_name = "DIR|demo")]
@@ -157,27 +155,7 @@ impl ModelSource {
 
 /// The built-in demo model: a tiny Wan-shaped DiT with random weights, for trying the pipeline.
 pub fn demo_model_info() -> ModelInfo {
-    ModelInfo {
-        name: "demo".into(),
-        task: Task::Ti2v,
-        sizes: vec![(256, 256)],
-        free_size: true,
-        size_multiple: 16,
-        max_pixels: 512 * 512,
-        fps: 16,
-        default_frames: 17,
-        min_frames: 1,
-        max_frames: 81,
-        frame_step: 4,
-        default_steps: 8,
-        max_steps: 100,
-        default_guidance: 5.0,
-        default_guidance_2: None,
-        default_shift: 5.0,
-        default_scheduler: "unipc".into(),
-        default_negative_prompt: String::new(),
-        max_prompt_chars: 2000,
-    }
+    vidgen_engine::pipeline::demo::info()
 }
 
 /// What `model` ("demo" or a model folder) can make; used by `vidgen serve` for its model list.
@@ -216,13 +194,71 @@ pub fn run_request(
 
 /// [`run_request`] for an already detected model, with device and quality-guard options.
 pub fn run_source(
-    _source: &ModelSource,
-    _request: &GenerateRequest,
-    _options: &RunOptions,
-    _output: &Path,
-    _sink: &mut dyn ProgressSink,
+    source: &ModelSource,
+    request: &GenerateRequest,
+    options: &RunOptions,
+    output: &Path,
+    sink: &mut dyn ProgressSink,
 ) -> anyhow::Result<GenerateSummary> {
-    anyhow::bail!("the generation pipeline is not wired yet")
+    use vidgen_engine::pipeline::stages::{Components, Stages};
+    use vidgen_engine::pipeline::{ProgressEvent, Stage};
+    use vidgen_media::{guard, Frames};
+
+    // Everything a request can get wrong is checked before any weight is loaded.
+    let req = source.info()?.resolve(request)?;
+    let format = Format::from_path(output)?;
+    let components = match source {
+        ModelSource::Demo => {
+            sink.event(ProgressEvent::Warning {
+                message: vidgen_engine::pipeline::demo::DEMO_NOTICE.to_string(),
+            })?;
+            Components::Demo
+        }
+        ModelSource::Layout(layout) => Components::Layout(layout),
+    };
+    for note in &req.notes {
+        sink.event(ProgressEvent::Warning {
+            message: note.clone(),
+        })?;
+    }
+    let started = Instant::now();
+    let stages = Stages::new(components, options.device.clone());
+    let (positive, negative) = stages.encode_text(&req, sink)?;
+    let first_frame = stages.encode_first_frame(&req, sink)?;
+    let latents = stages.denoise(&req, &positive, negative.as_ref(), first_frame.as_ref(), sink)?;
+    guard::check_latents(&latents.flatten_all()?.to_vec1::<f32>()?)?;
+    let video = stages.decode(&latents, sink)?;
+    let (c, t, h, w) = video.dims4()?;
+    anyhow::ensure!(
+        t == req.frames as usize,
+        "the VAE produced {t} frames for a request of {} (frame accounting bug)",
+        req.frames
+    );
+    let frames = Frames::from_f32_chw(&video.flatten_all()?.to_vec1::<f32>()?, c, t, h, w)?;
+    sink.event(ProgressEvent::Stage {
+        stage: Stage::Encode,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })?;
+    let report = guard::inspect(&frames);
+    let warnings: Vec<String> = report
+        .verdict(options.quality_guard)?
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    for w in &warnings {
+        sink.event(ProgressEvent::Warning { message: w.clone() })?;
+    }
+    vidgen_media::encode(&frames, f64::from(req.fps), output, format)?;
+    Ok(GenerateSummary {
+        output: output.to_path_buf(),
+        width: w as u32,
+        height: h as u32,
+        frames: t as u32,
+        fps: req.fps,
+        seed: req.seed,
+        seconds: t as f64 / f64::from(req.fps),
+        warnings,
+    })
 }
 
 /// `WxH` (also `W*H`, the official spelling) -> (width, height).

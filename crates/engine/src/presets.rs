@@ -118,7 +118,12 @@ pub const DEFAULT_NEGATIVE_PROMPT: &str = "色调艳丽，过曝，静态，细�
 pub const WAN21_I2V_NEGATIVE_PROMPT: &str = "镜头晃动，色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走";
 
 /// W22 SUPPORTED_SIZES t2v-A14B / i2v-A14B; W21 t2v-14B / i2v-14B ("W*H" keys of SIZE_CONFIGS).
-const SIZES_720P_480P: &[Size] = &[size(720, 1280), size(1280, 720), size(480, 832), size(832, 480)];
+const SIZES_720P_480P: &[Size] = &[
+    size(720, 1280),
+    size(1280, 720),
+    size(480, 832),
+    size(832, 480),
+];
 /// W21 SUPPORTED_SIZES t2v-1.3B.
 const SIZES_480P: &[Size] = &[size(480, 832), size(832, 480)];
 /// W22 SUPPORTED_SIZES ti2v-5B.
@@ -128,7 +133,14 @@ const PATCH: [usize; 3] = [1, 2, 2]; // every config: patch_size = (1, 2, 2)
 const VAE21_STRIDE: [usize; 3] = [4, 8, 8]; // vae_stride (4, 8, 8)
 const VAE22_STRIDE: [usize; 3] = [4, 16, 16]; // ti2v_5B.vae_stride (4, 16, 16)
 
-const fn dims(dim: usize, ffn_dim: usize, num_heads: usize, num_layers: usize, in_ch: usize, out_ch: usize) -> DitDims {
+const fn dims(
+    dim: usize,
+    ffn_dim: usize,
+    num_heads: usize,
+    num_layers: usize,
+    in_ch: usize,
+    out_ch: usize,
+) -> DitDims {
     DitDims {
         dim,
         ffn_dim,
@@ -142,7 +154,10 @@ const fn dims(dim: usize, ffn_dim: usize, num_heads: usize, num_layers: usize, i
 }
 
 const fn same_guidance(g: f64) -> Guidance {
-    Guidance { high_noise: g, low_noise: g }
+    Guidance {
+        high_noise: g,
+        low_noise: g,
+    }
 }
 
 /// Every known preset.
@@ -241,7 +256,10 @@ pub static PRESETS: &[ModelPreset] = &[
         steps: 40,
         shift: 12.0,
         shift_480p: None,
-        guidance: Guidance { high_noise: 4.0, low_noise: 3.0 },
+        guidance: Guidance {
+            high_noise: 4.0,
+            low_noise: 3.0,
+        },
         boundary_ratio: Some(0.875),
         sample_solver: SchedulerKind::UniPc,
         fps: 16,
@@ -319,7 +337,10 @@ pub fn preset_names() -> Vec<&'static str> {
 pub fn preset(name: &str) -> Result<&'static ModelPreset> {
     let wanted = name.trim().to_ascii_lowercase();
     PRESETS.iter().find(|p| p.name == wanted).ok_or_else(|| {
-        invalid!("model: unknown preset {name:?}; valid values: {}", preset_names().join(", "))
+        invalid!(
+            "model: unknown preset {name:?}; valid values: {}",
+            preset_names().join(", ")
+        )
     })
 }
 
@@ -392,14 +413,29 @@ mod tests {
     #[test]
     fn official_values() {
         let t2v = preset("wan2.2-t2v-a14b").unwrap();
-        assert_eq!((t2v.steps, t2v.shift, t2v.boundary_ratio), (40, 12.0, Some(0.875)));
-        assert_eq!((t2v.guidance.high_noise, t2v.guidance.low_noise), (4.0, 3.0));
+        assert_eq!(
+            (t2v.steps, t2v.shift, t2v.boundary_ratio),
+            (40, 12.0, Some(0.875))
+        );
+        assert_eq!(
+            (t2v.guidance.high_noise, t2v.guidance.low_noise),
+            (4.0, 3.0)
+        );
         let i2v = preset("wan2.2-i2v-a14b").unwrap();
-        assert_eq!((i2v.steps, i2v.shift, i2v.boundary_ratio), (40, 5.0, Some(0.9)));
+        assert_eq!(
+            (i2v.steps, i2v.shift, i2v.boundary_ratio),
+            (40, 5.0, Some(0.9))
+        );
         assert_eq!(i2v.dit.in_channels, 36);
         let ti2v = preset("wan2.2-ti2v-5b").unwrap();
-        assert_eq!((ti2v.fps, ti2v.default_frames, ti2v.size_multiple), (24, 121, 32));
-        assert_eq!((ti2v.vae, ti2v.latent_channels, ti2v.vae_stride), (VaeKind::Wan22, 48, [4, 16, 16]));
+        assert_eq!(
+            (ti2v.fps, ti2v.default_frames, ti2v.size_multiple),
+            (24, 121, 32)
+        );
+        assert_eq!(
+            (ti2v.vae, ti2v.latent_channels, ti2v.vae_stride),
+            (VaeKind::Wan22, 48, [4, 16, 16])
+        );
         assert!(ti2v.supports_size(size(1280, 704)) && !ti2v.supports_size(size(1280, 720)));
         let small = preset("wan2.1-t2v-1.3b").unwrap();
         assert_eq!(small.supported_sizes, &[size(480, 832), size(832, 480)]);
@@ -410,13 +446,23 @@ mod tests {
         assert!(w21_i2v.negative_prompt.ends_with(DEFAULT_NEGATIVE_PROMPT));
         for p in PRESETS {
             assert_eq!(p.dit.dim / p.dit.num_heads, 128, "{}: head dim", p.name);
-            assert_eq!(p.size_multiple as usize, p.vae_stride[1] * p.dit.patch_size[1], "{}", p.name);
+            assert_eq!(
+                p.size_multiple as usize,
+                p.vae_stride[1] * p.dit.patch_size[1],
+                "{}",
+                p.name
+            );
             for s in p.supported_sizes {
                 assert_eq!(s.width % p.size_multiple, 0, "{} {s}", p.name);
                 assert_eq!(s.height % p.size_multiple, 0, "{} {s}", p.name);
             }
             assert!(p.supports_size(p.default_size), "{}: default size", p.name);
-            assert_eq!((p.default_frames - 1) % 4, 0, "{}: frames must be 4n+1", p.name);
+            assert_eq!(
+                (p.default_frames - 1) % 4,
+                0,
+                "{}: frames must be 4n+1",
+                p.name
+            );
         }
     }
 
@@ -426,12 +472,19 @@ mod tests {
         for (name, high) in [("wan2.2-t2v-a14b", 26), ("wan2.2-i2v-a14b", 15)] {
             let p = preset(name).unwrap();
             let s = build(&p.scheduler_spec(p.shift), p.steps).unwrap();
-            let n_high = s.timesteps().iter().filter(|&&t| p.is_high_noise(t)).count();
+            let n_high = s
+                .timesteps()
+                .iter()
+                .filter(|&&t| p.is_high_noise(t))
+                .count();
             assert_eq!(n_high, high, "{name}");
             // High-noise steps come first, then only low-noise ones.
             assert!(s.timesteps()[..high].iter().all(|&t| p.is_high_noise(t)));
             assert_eq!(p.guidance_at(s.timesteps()[0]), p.guidance.high_noise);
-            assert_eq!(p.guidance_at(s.timesteps()[p.steps - 1]), p.guidance.low_noise);
+            assert_eq!(
+                p.guidance_at(s.timesteps()[p.steps - 1]),
+                p.guidance.low_noise
+            );
         }
         assert!(preset("wan2.2-ti2v-5b").unwrap().is_high_noise(0.0));
     }

@@ -16,10 +16,14 @@ use vidgen_engine::weights::TensorSource;
 const TOL: f64 = 1e-4;
 
 fn dir(kind: &str) -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/vae")).join(kind)
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/vae"
+    ))
+    .join(kind)
 }
 
-fn io(kind: &str) -> HashMap<String, Tensor> {
+fn load_io(kind: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir(kind).join("io.safetensors"), &Device::Cpu).unwrap()
 }
 
@@ -30,14 +34,18 @@ fn check(what: &str, ours: &Tensor, reference: &Tensor) {
 }
 
 fn encode_decode(kind: &str, model: &Path, label: &str) {
-    let io = io(kind);
+    let io = load_io(kind);
     let vae = WanVae::load(model, &Device::Cpu, DType::F32).unwrap();
     check(
         &format!("{kind} {label} encode"),
         &vae.encode_mean(&io["sample"]).unwrap(),
         &io["latent_mean"],
     );
-    check(&format!("{kind} {label} decode"), &vae.decode(&io["latents"]).unwrap(), &io["decoded"]);
+    check(
+        &format!("{kind} {label} decode"),
+        &vae.decode(&io["latents"]).unwrap(),
+        &io["decoded"],
+    );
 }
 
 #[test]
@@ -59,11 +67,30 @@ fn official(kind: &str) {
     let diffusers = WanVae::load(&dir(kind).join("diffusers"), &Device::Cpu, DType::F32).unwrap();
     let (a, b) = (from_pth.config(), diffusers.config());
     assert_eq!(
-        (a.base_dim, a.decoder_dim(), a.z_dim, &a.dim_mult, a.num_res_blocks, a.is_residual, a.patch()),
-        (b.base_dim, b.decoder_dim(), b.z_dim, &b.dim_mult, b.num_res_blocks, b.is_residual, b.patch())
+        (
+            a.base_dim,
+            a.decoder_dim(),
+            a.z_dim,
+            &a.dim_mult,
+            a.num_res_blocks,
+            a.is_residual,
+            a.patch()
+        ),
+        (
+            b.base_dim,
+            b.decoder_dim(),
+            b.z_dim,
+            &b.dim_mult,
+            b.num_res_blocks,
+            b.is_residual,
+            b.patch()
+        )
     );
     assert_eq!(a.temperal_downsample, b.temperal_downsample);
-    assert_eq!((a.spatial_stride(), a.temporal_stride()), (b.spatial_stride(), b.temporal_stride()));
+    assert_eq!(
+        (a.spatial_stride(), a.temporal_stride()),
+        (b.spatial_stride(), b.temporal_stride())
+    );
 }
 
 #[test]
@@ -85,24 +112,44 @@ fn wan22_official_pth() {
 fn official_names_in_safetensors() {
     for kind in ["wan21", "wan22"] {
         let src = PthSource::open(&dir(kind).join("official.pth")).unwrap();
-        let tensors: HashMap<String, Tensor> =
-            src.keys().into_iter().map(|k| (k.clone(), src.load(&k, &Device::Cpu).unwrap())).collect();
+        let tensors: HashMap<String, Tensor> = src
+            .keys()
+            .into_iter()
+            .map(|k| (k.clone(), src.load(&k, &Device::Cpu).unwrap()))
+            .collect();
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("wan_vae.safetensors");
         candle_core::safetensors::save(&tensors, &file).unwrap();
-        let io = io(kind);
+        let io = load_io(kind);
         let vae = WanVae::load(&file, &Device::Cpu, DType::F32).unwrap();
-        check(&format!("{kind} official safetensors decode"), &vae.decode(&io["latents"]).unwrap(), &io["decoded"]);
+        check(
+            &format!("{kind} official safetensors decode"),
+            &vae.decode(&io["latents"]).unwrap(),
+            &io["decoded"],
+        );
     }
 }
 
-fn run(component_name: &str, model: &Path, inputs: Vec<(&str, Tensor)>, settings: &[(&str, &str)]) -> anyhow::Result<Tensor> {
-    let map = inputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+fn run(
+    component_name: &str,
+    model: &Path,
+    inputs: Vec<(&str, Tensor)>,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<Tensor> {
+    let map = inputs
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     let opts = ComponentOptions {
         settings: Settings::from_pairs(settings),
         ..ComponentOptions::cpu_f32()
     };
-    let mut out = component::run(component_name, model, &Inputs::new("in.safetensors", map), &opts)?;
+    let mut out = component::run(
+        component_name,
+        model,
+        &Inputs::new("in.safetensors", map),
+        &opts,
+    )?;
     assert_eq!(out.len(), 1);
     Ok(out.remove(0).1)
 }
@@ -110,53 +157,119 @@ fn run(component_name: &str, model: &Path, inputs: Vec<(&str, Tensor)>, settings
 /// The `run-component` contract: names, shapes, official-layout folder, and caller errors.
 #[test]
 fn run_component_contract() {
-    let io = io("wan22");
+    let io = load_io("wan22");
     let model = dir("wan22").join("diffusers");
-    let mean = run("vae-encode", &model, vec![("sample", io["sample"].clone())], &[]).unwrap();
-    check("wan22 run-component vae-encode latent_mean", &mean, &io["latent_mean"]);
+    let mean = run(
+        "vae-encode",
+        &model,
+        vec![("sample", io["sample"].clone())],
+        &[],
+    )
+    .unwrap();
+    check(
+        "wan22 run-component vae-encode latent_mean",
+        &mean,
+        &io["latent_mean"],
+    );
     // An official-layout folder: the folder holding the official file (here via a copy).
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(dir("wan21").join("official.pth"), tmp.path().join("Wan2.1_VAE.pth")).unwrap();
-    let io21 = io("wan21");
-    let sample = run("vae-decode", tmp.path(), vec![("latents", io21["latents"].clone())], &[]).unwrap();
-    check("wan21 run-component vae-decode sample (official folder)", &sample, &io21["decoded"]);
+    std::fs::copy(
+        dir("wan21").join("official.pth"),
+        tmp.path().join("Wan2.1_VAE.pth"),
+    )
+    .unwrap();
+    let io21 = load_io("wan21");
+    let sample = run(
+        "vae-decode",
+        tmp.path(),
+        vec![("latents", io21["latents"].clone())],
+        &[],
+    )
+    .unwrap();
+    check(
+        "wan21 run-component vae-decode sample (official folder)",
+        &sample,
+        &io21["decoded"],
+    );
 
     // Caller errors are InvalidInput and name the field.
     let bad = Tensor::zeros((1, 16, 2, 2, 2), DType::F32, &Device::Cpu).unwrap();
     let err = run("vae-decode", &model, vec![("latents", bad)], &[]).unwrap_err();
-    assert!(is_invalid_input(&err) && err.to_string().contains("latents"), "{err}");
-    let err = run("vae-decode", &model, vec![("sample", io["sample"].clone())], &[]).unwrap_err();
-    assert!(is_invalid_input(&err) && err.to_string().contains("`latents`"), "{err}");
+    assert!(
+        is_invalid_input(&err) && err.to_string().contains("latents"),
+        "{err}"
+    );
+    let err = run(
+        "vae-decode",
+        &model,
+        vec![("sample", io["sample"].clone())],
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        is_invalid_input(&err) && err.to_string().contains("`latents`"),
+        "{err}"
+    );
     let odd = Tensor::zeros((1, 3, 5, 24, 40), DType::F32, &Device::Cpu).unwrap();
     let err = run("vae-encode", &model, vec![("sample", odd)], &[]).unwrap_err();
-    assert!(is_invalid_input(&err) && err.to_string().contains("multiples of"), "{err}");
-    let err = run("vae-decode", &model, vec![("latents", io["latents"].clone())], &[("tile_size", "100")])
-        .unwrap_err();
-    assert!(is_invalid_input(&err) && err.to_string().contains("tile_size"), "{err}");
-    let err = run("vae-decode", &model, vec![("latents", io["latents"].clone())], &[("tiles", "1")]).unwrap_err();
-    assert!(is_invalid_input(&err) && err.to_string().contains("tile_overlap"), "{err}");
+    assert!(
+        is_invalid_input(&err) && err.to_string().contains("multiples of"),
+        "{err}"
+    );
+    let err = run(
+        "vae-decode",
+        &model,
+        vec![("latents", io["latents"].clone())],
+        &[("tile_size", "100")],
+    )
+    .unwrap_err();
+    assert!(
+        is_invalid_input(&err) && err.to_string().contains("tile_size"),
+        "{err}"
+    );
+    let err = run(
+        "vae-decode",
+        &model,
+        vec![("latents", io["latents"].clone())],
+        &[("tiles", "1")],
+    )
+    .unwrap_err();
+    assert!(
+        is_invalid_input(&err) && err.to_string().contains("tile_overlap"),
+        "{err}"
+    );
 }
 
 /// Strict keys: a checkpoint with a missing or an extra tensor is rejected, naming it.
 #[test]
 fn strict_keys() {
     let src = PthSource::open(&dir("wan21").join("official.pth")).unwrap();
-    let mut tensors: HashMap<String, Tensor> =
-        src.keys().into_iter().map(|k| (k.clone(), src.load(&k, &Device::Cpu).unwrap())).collect();
+    let mut tensors: HashMap<String, Tensor> = src
+        .keys()
+        .into_iter()
+        .map(|k| (k.clone(), src.load(&k, &Device::Cpu).unwrap()))
+        .collect();
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("vae.safetensors");
 
-    tensors.insert("decoder.extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(
+        "decoder.extra.weight".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&tensors, &file).unwrap();
     let err = WanVae::load(&file, &Device::Cpu, DType::F32).err().unwrap();
-    assert!(is_invalid_input(&err) && format!("{err:#}").contains("decoder.extra.weight"), "{err:#}");
+    assert!(
+        is_invalid_input(&err) && format!("{err:#}").contains("decoder.extra.weight"),
+        "{err:#}"
+    );
 
     tensors.remove("decoder.extra.weight");
     tensors.remove("decoder.upsamples.4.shortcut.bias");
     candle_core::safetensors::save(&tensors, &file).unwrap();
     let err = WanVae::load(&file, &Device::Cpu, DType::F32).err().unwrap();
     assert!(
-        is_invalid_input(&err) && format!("{err:#}").contains("up_blocks.1.resnets.0.conv_shortcut.bias"),
+        is_invalid_input(&err)
+            && format!("{err:#}").contains("up_blocks.1.resnets.0.conv_shortcut.bias"),
         "{err:#}"
     );
 }
@@ -167,9 +280,11 @@ fn expected_weights_and_random_model() {
     let text = std::fs::read_to_string(dir("wan22").join("diffusers/config.json")).unwrap();
     let cfg = VaeConfig::from_json(&text, "config.json").unwrap();
     let expected = WanVae::expected_weights(&cfg).unwrap();
-    let stored =
-        candle_core::safetensors::load(dir("wan22").join("diffusers/diffusion_pytorch_model.safetensors"), &Device::Cpu)
-            .unwrap();
+    let stored = candle_core::safetensors::load(
+        dir("wan22").join("diffusers/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(expected.len(), stored.len());
     for (name, shape) in &expected {
         assert_eq!(stored[name].dims(), shape.as_slice(), "{name}");
@@ -181,4 +296,19 @@ fn expected_weights_and_random_model() {
     // normalise/denormalise are inverse per channel
     let back = vae.normalize(&vae.denormalize(&z).unwrap()).unwrap();
     assert!(rel_err(&back, &z).unwrap() < 1e-6);
+}
+
+/// bf16 weights and activations (norms and attention in f32): close to the f32 reference.
+#[test]
+fn bf16_decode_and_encode() {
+    let io = load_io("wan22");
+    let vae = WanVae::load(&dir("wan22").join("diffusers"), &Device::Cpu, DType::BF16).unwrap();
+    let decoded = vae.decode(&io["latents"]).unwrap();
+    assert_eq!(decoded.dtype(), DType::BF16);
+    let e = rel_err(&decoded, &io["decoded"]).unwrap();
+    println!("wan22 bf16 decode: rel err {e:.3e}");
+    assert!(e < 3e-2, "{e}");
+    let e = rel_err(&vae.encode_mean(&io["sample"]).unwrap(), &io["latent_mean"]).unwrap();
+    println!("wan22 bf16 encode: rel err {e:.3e}");
+    assert!(e < 3e-2, "{e}");
 }

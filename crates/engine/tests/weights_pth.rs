@@ -9,7 +9,11 @@ use vidgen_engine::weights::pth::PthSource;
 use vidgen_engine::weights::{SafetensorsSource, TensorSource};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/weights")).join(name)
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/weights"
+    ))
+    .join(name)
 }
 
 /// Every tensor of `pth` equals the reference exactly, in dtype, shape and value.
@@ -30,7 +34,10 @@ fn assert_same_as(pth: &PthSource, reference: &str) {
             continue;
         }
         let (o, r) = if r.dtype() == DType::F8E4M3 {
-            (o.to_dtype(DType::F32).unwrap(), r.to_dtype(DType::F32).unwrap())
+            (
+                o.to_dtype(DType::F32).unwrap(),
+                r.to_dtype(DType::F32).unwrap(),
+            )
         } else {
             (o, r)
         };
@@ -55,7 +62,11 @@ fn all_dtypes_views_and_shared_storage() {
     assert_eq!(pth.shape("five_d").unwrap(), vec![4, 3, 1, 2, 2]);
     assert_eq!(pth.shape("scalar").unwrap(), Vec::<usize>::new());
     // i64 beyond 2^53 (not exactly representable in f64): compare as integers
-    let i = pth.load("i64", &Device::Cpu).unwrap().to_vec1::<i64>().unwrap();
+    let i = pth
+        .load("i64", &Device::Cpu)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap();
     assert_eq!(i, vec![0, -1, 1 << 40, -(1 << 62), 7]);
 }
 
@@ -84,7 +95,11 @@ fn module_state_dict() {
 fn wrapped_checkpoint_is_unwrapped_and_flattened() {
     let pth = PthSource::open(&fixture("wrapped.pth")).unwrap();
     assert_eq!(pth.root(), ["state_dict"]);
-    assert!(pth.describe().ends_with("wrapped.pth [state_dict]"), "{}", pth.describe());
+    assert!(
+        pth.describe().ends_with("wrapped.pth [state_dict]"),
+        "{}",
+        pth.describe()
+    );
     let mut keys = pth.keys();
     keys.sort();
     assert_eq!(keys, ["encoder.b", "encoder.w", "head.weight"]);
@@ -104,7 +119,9 @@ fn wrapped_checkpoint_is_unwrapped_and_flattened() {
     let all = PthSource::open_at(&fixture("wrapped.pth"), &[]).unwrap();
     assert_eq!(all.keys().len(), 4);
     assert!(all.keys().contains(&"state_dict.encoder.w".to_string()));
-    let err = PthSource::open_at(&fixture("wrapped.pth"), &["ema"]).err().unwrap();
+    let err = PthSource::open_at(&fixture("wrapped.pth"), &["ema"])
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("no dict entry `ema`"), "{err}");
 }
 
@@ -120,10 +137,18 @@ fn legacy_and_non_checkpoints_are_refused() {
     let err = PthSource::open(&fixture("legacy.pth")).err().unwrap();
     assert!(is_invalid_input(&err));
     assert!(err.to_string().contains("torch < 1.6"), "{err}");
-    let err = PthSource::open(&fixture("basic_ref.safetensors")).err().unwrap();
-    assert!(err.to_string().contains("not a PyTorch zip checkpoint"), "{err}");
+    let err = PthSource::open(&fixture("basic_ref.safetensors"))
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("not a PyTorch zip checkpoint"),
+        "{err}"
+    );
     let err = PthSource::open(&fixture("missing.pth")).err().unwrap();
-    assert!(is_invalid_input(&err) && err.to_string().contains("missing.pth"), "{err}");
+    assert!(
+        is_invalid_input(&err) && err.to_string().contains("missing.pth"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -126,7 +126,7 @@ int vg_vp9_enc_encode(vg_vp9_enc *enc, const uint8_t *y, const uint8_t *u, const
   return 0;
 }
 
-/* Next compressed packet from the last vg_vp9_enc_encode call: 1 with *data/*len/*pts/*flags
+/* Next compressed packet from the last vg_vp9_enc_encode call: 1 with data, len, pts and flags
  * set, or 0 when there are no more. flags bit 0: keyframe, bit 1: invisible frame. */
 int vg_vp9_enc_next_packet(vg_vp9_enc *enc, const uint8_t **data, size_t *len, int64_t *pts,
                            int *flags) {

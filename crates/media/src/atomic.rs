@@ -12,7 +12,10 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Writes `path` through `write`, atomically. The temporary file (`.NAME.PID.N.partial` in the same
 /// folder, so the rename stays on one file system) is removed if anything fails.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<()> {
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -34,11 +37,15 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&mut BufWriter<File>) ->
     let guard = RemoveOnDrop(Some(temp.clone()));
     let mut writer = BufWriter::new(file);
     write(&mut writer)?;
-    writer.flush().with_context(|| format!("writing {}", temp.display()))?;
+    writer
+        .flush()
+        .with_context(|| format!("writing {}", temp.display()))?;
     let file = writer.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all().with_context(|| format!("syncing {}", temp.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", temp.display()))?;
     drop(file);
-    std::fs::rename(&temp, path).with_context(|| format!("renaming {} to {}", temp.display(), path.display()))?;
+    std::fs::rename(&temp, path)
+        .with_context(|| format!("renaming {} to {}", temp.display(), path.display()))?;
     guard.disarm();
     Ok(())
 }

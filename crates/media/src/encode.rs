@@ -24,23 +24,35 @@ impl Rational {
     /// `n*1000/1001` (23.976… → 24000/1001), anything else is taken to 1/1000.
     pub fn from_fps(fps: f64) -> Result<Self> {
         if !fps.is_finite() || fps <= 0.0 || fps > Self::MAX_FPS {
-            return Err(invalid!("fps: {fps} is out of range; valid: 0 < fps <= {}", Self::MAX_FPS));
+            return Err(invalid!(
+                "fps: {fps} is out of range; valid: 0 < fps <= {}",
+                Self::MAX_FPS
+            ));
         }
         let close = |a: f64, b: f64| (a - b).abs() < 1e-6 * b.max(1.0);
         if close(fps, fps.round()) {
-            return Ok(Self { num: fps.round() as u32, den: 1 });
+            return Ok(Self {
+                num: fps.round() as u32,
+                den: 1,
+            });
         }
         // 29.97 and 23.976 are the usual spellings of 30000/1001 and 24000/1001.
         let ntsc = fps * 1.001;
         if (ntsc - ntsc.round()).abs() < 1e-5 * ntsc {
-            return Ok(Self { num: ntsc.round() as u32 * 1000, den: 1001 });
+            return Ok(Self {
+                num: ntsc.round() as u32 * 1000,
+                den: 1001,
+            });
         }
         let num = (fps * 1000.0).round() as u32;
         if num == 0 {
             return Err(invalid!("fps: {fps} is too small; the smallest is 0.001"));
         }
         let g = gcd(num, 1000);
-        Ok(Self { num: num / g, den: 1000 / g })
+        Ok(Self {
+            num: num / g,
+            den: 1000 / g,
+        })
     }
 
     pub fn as_f64(self) -> f64 {
@@ -80,20 +92,29 @@ pub struct EncodeOptions {
 
 impl Default for EncodeOptions {
     fn default() -> Self {
-        Self { h264_qp: 20, vp9_cq_level: 24, vp9_speed: 6, keyframe_interval: None, threads: 0 }
+        Self {
+            h264_qp: 20,
+            vp9_cq_level: 24,
+            vp9_speed: 6,
+            keyframe_interval: None,
+            threads: 0,
+        }
     }
 }
 
 impl EncodeOptions {
     pub(crate) fn keyframe_interval_frames(&self, fps: Rational) -> u32 {
-        self.keyframe_interval.unwrap_or_else(|| (2.0 * fps.as_f64()).round().max(1.0) as u32)
+        self.keyframe_interval
+            .unwrap_or_else(|| (2.0 * fps.as_f64()).round().max(1.0) as u32)
     }
 
     pub(crate) fn thread_count(&self) -> usize {
         if self.threads > 0 {
             self.threads
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         }
     }
 
@@ -102,13 +123,21 @@ impl EncodeOptions {
             return Err(invalid!("h264_qp: {} is out of range 0..=51", self.h264_qp));
         }
         if self.vp9_cq_level > 63 {
-            return Err(invalid!("vp9_cq_level: {} is out of range 0..=63", self.vp9_cq_level));
+            return Err(invalid!(
+                "vp9_cq_level: {} is out of range 0..=63",
+                self.vp9_cq_level
+            ));
         }
         if self.vp9_speed > 9 {
-            return Err(invalid!("vp9_speed: {} is out of range 0..=9", self.vp9_speed));
+            return Err(invalid!(
+                "vp9_speed: {} is out of range 0..=9",
+                self.vp9_speed
+            ));
         }
         if self.keyframe_interval == Some(0) {
-            return Err(invalid!("keyframe_interval: 0 is invalid; give at least 1 frame"));
+            return Err(invalid!(
+                "keyframe_interval: 0 is invalid; give at least 1 frame"
+            ));
         }
         Ok(())
     }
@@ -123,18 +152,32 @@ pub fn encode(frames: &Frames, fps: f64, path: &Path, format: Format) -> Result<
 }
 
 /// [`encode`] with explicit options.
-pub fn encode_with(frames: &Frames, fps: f64, path: &Path, format: Format, options: &EncodeOptions) -> Result<()> {
+pub fn encode_with(
+    frames: &Frames,
+    fps: f64,
+    path: &Path,
+    format: Format,
+    options: &EncodeOptions,
+) -> Result<()> {
     let bytes = encode_to_vec(frames, fps, format, options)?;
-    write_atomically(path, |w| Ok(w.write_all(&bytes)?)).with_context(|| format!("writing {}", path.display()))
+    write_atomically(path, |w| Ok(w.write_all(&bytes)?))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Encodes to an in-memory file (what [`encode_with`] writes).
-pub fn encode_to_vec(frames: &Frames, fps: f64, format: Format, options: &EncodeOptions) -> Result<Vec<u8>> {
+pub fn encode_to_vec(
+    frames: &Frames,
+    fps: f64,
+    format: Format,
+    options: &EncodeOptions,
+) -> Result<Vec<u8>> {
     let fps = Rational::from_fps(fps)?;
     options.validate()?;
     let (width, height) = (frames.width(), frames.height());
     if width > 16384 || height > 16384 {
-        return Err(invalid!("frames: size {width}x{height} is too large; at most 16384 per side"));
+        return Err(invalid!(
+            "frames: size {width}x{height} is too large; at most 16384 per side"
+        ));
     }
     match format {
         Format::Mp4 => {
@@ -179,8 +222,20 @@ mod tests {
         let r = |fps: f64| Rational::from_fps(fps).unwrap();
         assert_eq!(r(16.0), Rational { num: 16, den: 1 });
         assert_eq!(r(24.0), Rational { num: 24, den: 1 });
-        assert_eq!(r(24000.0 / 1001.0), Rational { num: 24000, den: 1001 });
-        assert_eq!(r(29.97), Rational { num: 30000, den: 1001 });
+        assert_eq!(
+            r(24000.0 / 1001.0),
+            Rational {
+                num: 24000,
+                den: 1001
+            }
+        );
+        assert_eq!(
+            r(29.97),
+            Rational {
+                num: 30000,
+                den: 1001
+            }
+        );
         assert_eq!(r(12.5), Rational { num: 25, den: 2 });
         for bad in [0.0, -1.0, f64::NAN, 1000.0] {
             let err = Rational::from_fps(bad).unwrap_err();

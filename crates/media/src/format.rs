@@ -63,7 +63,9 @@ impl FromStr for Format {
         match s.to_ascii_lowercase().as_str() {
             "mp4" => Ok(Format::Mp4),
             "webm" => Ok(Format::Webm),
-            _ => Err(invalid!("format: {s:?} is not a video format; valid: mp4, webm")),
+            _ => Err(invalid!(
+                "format: {s:?} is not a video format; valid: mp4, webm"
+            )),
         }
     }
 }
@@ -80,8 +82,14 @@ mod tests {
 
     #[test]
     fn extensions() {
-        assert_eq!(Format::from_path(Path::new("a/b.MP4")).unwrap(), Format::Mp4);
-        assert_eq!(Format::from_path(Path::new("x.webm")).unwrap(), Format::Webm);
+        assert_eq!(
+            Format::from_path(Path::new("a/b.MP4")).unwrap(),
+            Format::Mp4
+        );
+        assert_eq!(
+            Format::from_path(Path::new("x.webm")).unwrap(),
+            Format::Webm
+        );
         for bad in ["clip.avi", "clip", "clip.mp4.tmp"] {
             let err = Format::from_path(Path::new(bad)).unwrap_err();
             assert!(vidgen_engine::error::is_invalid_input(&err));

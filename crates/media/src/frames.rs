@@ -26,7 +26,12 @@ impl Frames {
                 data.len()
             ));
         }
-        Ok(Self { width, height, count, data })
+        Ok(Self {
+            width,
+            height,
+            count,
+            data,
+        })
     }
 
     /// Converts VAE output for one video, laid out `[C=3, T, H, W]` with values in [-1, 1], to RGB:
@@ -34,9 +39,17 @@ impl Frames {
     ///
     /// NaN or ±Inf anywhere is an error naming the frames: such a frame has no picture to encode,
     /// whatever the guard policy.
-    pub fn from_f32_chw(data: &[f32], channels: usize, frames: usize, height: usize, width: usize) -> Result<Self> {
+    pub fn from_f32_chw(
+        data: &[f32],
+        channels: usize,
+        frames: usize,
+        height: usize,
+        width: usize,
+    ) -> Result<Self> {
         if channels != 3 {
-            return Err(invalid!("frames: {channels} channels given; RGB video needs 3 ([C=3, T, H, W])"));
+            return Err(invalid!(
+                "frames: {channels} channels given; RGB video needs 3 ([C=3, T, H, W])"
+            ));
         }
         check_dims(width, height, frames)?;
         let plane = height * width;
@@ -48,7 +61,13 @@ impl Frames {
             ));
         }
         let bad_frames: Vec<usize> = (0..frames)
-            .filter(|&t| (0..3).any(|c| data[(c * frames + t) * plane..][..plane].iter().any(|v| !v.is_finite())))
+            .filter(|&t| {
+                (0..3).any(|c| {
+                    data[(c * frames + t) * plane..][..plane]
+                        .iter()
+                        .any(|v| !v.is_finite())
+                })
+            })
             .collect();
         if !bad_frames.is_empty() {
             let bad_values = data.iter().filter(|v| !v.is_finite()).count();
@@ -68,7 +87,12 @@ impl Frames {
                 }
             }
         }
-        Ok(Self { width, height, count: frames, data: rgb })
+        Ok(Self {
+            width,
+            height,
+            count: frames,
+            data: rgb,
+        })
     }
 
     /// Like [`Frames::from_f32_chw`], taking the shape as given by a tensor: `[3, T, H, W]`, or
@@ -76,7 +100,9 @@ impl Frames {
     pub fn from_f32(data: &[f32], shape: &[usize]) -> Result<Self> {
         match *shape {
             [c, t, h, w] | [1, c, t, h, w] => Self::from_f32_chw(data, c, t, h, w),
-            _ => Err(invalid!("frames: shape {shape:?} is not [3, T, H, W] or [1, 3, T, H, W]")),
+            _ => Err(invalid!(
+                "frames: shape {shape:?} is not [3, T, H, W] or [1, 3, T, H, W]"
+            )),
         }
     }
 
@@ -124,7 +150,9 @@ fn to_u8(v: f32) -> u8 {
 
 fn check_dims(width: usize, height: usize, count: usize) -> Result<()> {
     if width == 0 || height == 0 {
-        return Err(invalid!("frames: size {width}x{height} is empty; width and height must be at least 1"));
+        return Err(invalid!(
+            "frames: size {width}x{height} is empty; width and height must be at least 1"
+        ));
     }
     if count == 0 {
         return Err(invalid!("frames: 0 frames given; a video needs at least 1"));
@@ -155,7 +183,9 @@ mod tests {
         let mut data = vec![0f32; 3 * 5 * 4];
         data[(5 + 3) * 4 + 2] = f32::NAN; // channel 1, frame 3
         data[(2 * 5 + 4) * 4] = f32::INFINITY; // channel 2, frame 4
-        let err = Frames::from_f32_chw(&data, 3, 5, 2, 2).unwrap_err().to_string();
+        let err = Frames::from_f32_chw(&data, 3, 5, 2, 2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("frames 3-4 of 5"), "{err}");
     }
 

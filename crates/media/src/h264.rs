@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use openh264::decoder::{Decoder, DecoderConfig, Flush};
 use openh264::encoder::{
-    Complexity, Encoder, EncoderConfig, FrameRate, FrameType, IntraFramePeriod, QpRange,
+    BitRate, Complexity, Encoder, EncoderConfig, FrameRate, FrameType, IntraFramePeriod, QpRange,
     RateControlMode, UsageType, VuiConfig,
 };
 use openh264::formats::YUVSource;
@@ -54,18 +54,37 @@ pub fn encode(frames: &Frames, fps: Rational, options: &EncodeOptions) -> Result
     let config = EncoderConfig::new()
         // Skipped frames would break the frame count: never.
         .skip_frames(false)
-        .rate_control_mode(RateControlMode::Off)
+        // Quality mode clipped to one QP is a constant quantiser: OpenH264's "off" mode ignores the
+        // QP range and always uses 26. The bitrate is only a ceiling hint for the rate controller.
+        .rate_control_mode(RateControlMode::Quality)
+        .bitrate(BitRate::from_bps(100_000_000))
         .qp(QpRange::new(options.h264_qp, options.h264_qp))
         .max_frame_rate(FrameRate::from_hz(fps.as_f64() as f32))
-        .usage_type(UsageType::CameraVideoNonRealTime)
+        .usage_type(UsageType::CameraVideoRealTime)
         .complexity(Complexity::High)
         .intra_frame_period(IntraFramePeriod::from_num_frames(keyframe_interval))
         .num_threads(1)
         .vui(VuiConfig::bt709());
     let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
         .context("initialising the OpenH264 encoder")?;
-    let mut stream =
-        H264Stream { sps: Vec::new(), pps: Vec::new(), samples: Vec::new(), keyframes: Vec::new() };
+    // The wrapper quiets OpenH264's console log only after initialising, which prints a warning
+    // on stderr about the (deliberately) disabled frame skipping; quiet it before. Failures are
+    // still reported through return codes.
+    let mut quiet = openh264_sys2::WELS_LOG_QUIET;
+    // SAFETY: the trace level is the one option OpenH264 accepts before initialisation; the
+    // pointer is to a live integer of the type it reads.
+    unsafe {
+        encoder.raw_api().set_option(
+            openh264_sys2::ENCODER_OPTION_TRACE_LEVEL,
+            (&raw mut quiet).cast(),
+        );
+    }
+    let mut stream = H264Stream {
+        sps: Vec::new(),
+        pps: Vec::new(),
+        samples: Vec::new(),
+        keyframes: Vec::new(),
+    };
     for index in 0..frames.len() {
         let yuv = Yuv420::from_frame(frames, index);
         let millis = (index as u64 * 1000 * fps.den as u64) / fps.num as u64;
@@ -161,7 +180,10 @@ pub fn decode(sps_pps: &[Vec<u8>], samples: &[Vec<u8>], length_size: usize) -> R
     let mut collect = |planes: YuvPlanes, rgb: &mut Vec<u8>| -> Result<()> {
         let dims = (planes.width, planes.height);
         if *size.get_or_insert(dims) != dims {
-            bail!("H.264 stream changes size mid-stream ({:?} → {dims:?})", size);
+            bail!(
+                "H.264 stream changes size mid-stream ({:?} → {dims:?})",
+                size
+            );
         }
         planes.append_rgb(rgb);
         count += 1;
@@ -173,7 +195,9 @@ pub fn decode(sps_pps: &[Vec<u8>], samples: &[Vec<u8>], length_size: usize) -> R
             let Some(len_bytes) = sample.get(pos..pos + length_size) else {
                 bail!("H.264 sample {index}: truncated NAL length");
             };
-            let len = len_bytes.iter().fold(0usize, |acc, &b| (acc << 8) | b as usize);
+            let len = len_bytes
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | b as usize);
             let nal = sample
                 .get(pos + length_size..pos + length_size + len)
                 .with_context(|| format!("H.264 sample {index}: NAL runs past the sample"))?;
@@ -181,13 +205,18 @@ pub fn decode(sps_pps: &[Vec<u8>], samples: &[Vec<u8>], length_size: usize) -> R
             annexb.extend_from_slice(nal);
             pos += length_size + len;
         }
-        let decoded = decoder.decode(&annexb).with_context(|| format!("decoding H.264 sample {index}"))?;
+        let decoded = decoder
+            .decode(&annexb)
+            .with_context(|| format!("decoding H.264 sample {index}"))?;
         if let Some(picture) = decoded {
             collect(planes_of(&picture), &mut rgb)?;
         }
         annexb.clear();
     }
-    for picture in decoder.flush_remaining().context("flushing the H.264 decoder")? {
+    for picture in decoder
+        .flush_remaining()
+        .context("flushing the H.264 decoder")?
+    {
         collect(planes_of(&picture), &mut rgb)?;
     }
     let (width, height) = size.context("H.264 stream decoded to no pictures")?;
@@ -197,5 +226,13 @@ pub fn decode(sps_pps: &[Vec<u8>], samples: &[Vec<u8>], length_size: usize) -> R
 fn planes_of<'a>(picture: &'a impl YUVSource) -> YuvPlanes<'a> {
     let (width, height) = picture.dimensions();
     let (y_stride, uv_stride, _) = picture.strides();
-    YuvPlanes { width, height, y: picture.y(), u: picture.u(), v: picture.v(), y_stride, uv_stride }
+    YuvPlanes {
+        width,
+        height,
+        y: picture.y(),
+        u: picture.u(),
+        v: picture.v(),
+        y_stride,
+        uv_stride,
+    }
 }

@@ -42,10 +42,10 @@
 //!   libraries) was rejected: GPL, and a bindgen build. The same crate also decodes, which `probe`
 //!   uses. Patent note: Cisco's royalty coverage applies to Cisco's binaries only, not to this
 //!   source build; users who need that coverage should use WebM.
-//! - **MP4 muxer: our own** ([`mp4`], ~300 lines): `ftyp` + `moov` first (fast start for streaming)
-//!   + one `mdat`; timescale `fps_num * 1000` (or `fps_num` when already large) with sample delta
-//!   `fps_den * 1000`, so the duration is exactly `frames / fps`. Existing Rust muxers either write
-//!   `moov` last or pull in large dependency trees.
+//! - **MP4 muxer: our own** ([`mp4`], ~300 lines): `ftyp`, then `moov` (fast start for
+//!   streaming), then one `mdat`; timescale `fps_num * 1000` (or `fps_num` when already large) with
+//!   sample delta `fps_den * 1000`, so the duration is exactly `frames / fps`. Existing Rust
+//!   muxers either write `moov` last or pull in large dependency trees.
 //! - **WebM: VP9 through the system libvpx** (BSD-3-Clause; Debian `libvpx-dev`), via a 200-line C
 //!   file compiled against its headers (no bindgen, no hand-copied struct layouts). VP9 plays in
 //!   every current browser, is royalty-free, encodes several times faster than the pure-Rust AV1

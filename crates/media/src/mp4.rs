@@ -49,7 +49,10 @@ pub fn mux(stream: &H264Stream, width: u32, height: u32, fps: Rational) -> Resul
     ensure!(count > 0, "no samples to mux");
     let (timescale, delta) = timescale(fps);
     let duration = count as u64 * delta as u64;
-    ensure!(duration <= u32::MAX as u64, "video too long for a version-0 MP4 header");
+    ensure!(
+        duration <= u32::MAX as u64,
+        "video too long for a version-0 MP4 header"
+    );
     let duration = duration as u32;
     let payload: u64 = stream.samples.iter().map(|s| s.len() as u64).sum();
     let large = payload + 8 > u32::MAX as u64;
@@ -174,7 +177,8 @@ pub fn mux(stream: &H264Stream, width: u32, height: u32, fps: Rational) -> Resul
     let moov_len = build_moov(0).len() as u64;
     let moov = build_moov(ftyp.len() as u64 + moov_len + mdat_header);
 
-    let mut out = Vec::with_capacity((ftyp.len() as u64 + moov_len + mdat_header + payload) as usize);
+    let mut out =
+        Vec::with_capacity((ftyp.len() as u64 + moov_len + mdat_header + payload) as usize);
     out.extend(ftyp);
     out.extend(moov);
     if large {
@@ -278,10 +282,17 @@ impl Mp4Video {
             } else if size == 0 {
                 size = file_len - pos;
             }
-            ensure!(size >= header_len && pos + size <= file_len, "MP4 box {:?} at {pos} is truncated", ascii(&kind));
+            ensure!(
+                size >= header_len && pos + size <= file_len,
+                "MP4 box {:?} at {pos} is truncated",
+                ascii(&kind)
+            );
             match &kind {
                 b"moov" => {
-                    ensure!(size <= 256 << 20, "MP4 moov box of {size} bytes is implausibly large");
+                    ensure!(
+                        size <= 256 << 20,
+                        "MP4 moov box of {size} bytes is implausibly large"
+                    );
                     let mut body = vec![0; (size - header_len) as usize];
                     file.read_exact(&mut body)?;
                     fast_start = !mdat_seen;
@@ -307,7 +318,8 @@ impl Mp4Video {
             .map(|(i, (&offset, &size))| {
                 let mut buf = vec![0; size as usize];
                 file.seek(SeekFrom::Start(offset))?;
-                file.read_exact(&mut buf).with_context(|| format!("reading MP4 sample {i}"))?;
+                file.read_exact(&mut buf)
+                    .with_context(|| format!("reading MP4 sample {i}"))?;
                 Ok(buf)
             })
             .collect()
@@ -336,7 +348,11 @@ fn children(mut data: &[u8]) -> impl Iterator<Item = Result<([u8; 4], &[u8])>> {
             } else if size == 0 {
                 size = data.len();
             }
-            ensure!(size >= header && size <= data.len(), "MP4 box {:?} is truncated", ascii(&kind));
+            ensure!(
+                size >= header && size <= data.len(),
+                "MP4 box {:?} is truncated",
+                ascii(&kind)
+            );
             let body = &data[header..size];
             data = &data[size..];
             Ok((kind, body))
@@ -373,7 +389,10 @@ impl Cursor<'_> {
         Ok(head)
     }
     fn uint(&mut self, n: usize) -> Result<u64> {
-        Ok(self.take(n)?.iter().fold(0u64, |acc, &b| (acc << 8) | b as u64))
+        Ok(self
+            .take(n)?
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | b as u64))
     }
     fn u32(&mut self) -> Result<u32> {
         Ok(self.uint(4)? as u32)
@@ -413,7 +432,9 @@ fn parse_video_track(mdia: &[u8]) -> Result<Mp4Video> {
 
     let mut stsd = Cursor(need(stbl, b"stsd", "stbl")?);
     stsd.take(8)?;
-    let entry = children(stsd.0).next().context("MP4 stsd has no sample entry")??;
+    let entry = children(stsd.0)
+        .next()
+        .context("MP4 stsd has no sample entry")??;
     let codec_tag = ascii(&entry.0);
     let mut fields = Cursor(entry.1);
     fields.take(24)?;
@@ -442,7 +463,10 @@ fn parse_video_track(mdia: &[u8]) -> Result<Mp4Video> {
     let mut sample_durations = Vec::new();
     for _ in 0..stts.u32()? {
         let (n, delta) = (stts.u32()?, stts.u32()?);
-        ensure!(sample_durations.len() + n as usize <= 1 << 26, "MP4 stts claims too many samples");
+        ensure!(
+            sample_durations.len() + n as usize <= 1 << 26,
+            "MP4 stts claims too many samples"
+        );
         sample_durations.extend(std::iter::repeat_n(delta, n as usize));
     }
 
@@ -460,7 +484,9 @@ fn parse_video_track(mdia: &[u8]) -> Result<Mp4Video> {
     let chunk_offsets: Vec<u64> = if let Some(stco) = find(stbl, b"stco")? {
         let mut c = Cursor(stco);
         c.take(4)?;
-        (0..c.u32()?).map(|_| c.u32().map(u64::from)).collect::<Result<_>>()?
+        (0..c.u32()?)
+            .map(|_| c.u32().map(u64::from))
+            .collect::<Result<_>>()?
     } else {
         let mut c = Cursor(need(stbl, b"co64", "stbl")?);
         c.take(4)?;
@@ -479,10 +505,16 @@ fn parse_video_track(mdia: &[u8]) -> Result<Mp4Video> {
     let mut sample_offsets = Vec::with_capacity(count);
     for (chunk, &chunk_offset) in chunk_offsets.iter().enumerate() {
         let chunk_no = chunk as u32 + 1;
-        let per_chunk = runs.iter().rev().find(|r| r.0 <= chunk_no).map_or(0, |r| r.1);
+        let per_chunk = runs
+            .iter()
+            .rev()
+            .find(|r| r.0 <= chunk_no)
+            .map_or(0, |r| r.1);
         let mut offset = chunk_offset;
         for _ in 0..per_chunk {
-            let Some(&size) = sample_sizes.get(sample_offsets.len()) else { break };
+            let Some(&size) = sample_sizes.get(sample_offsets.len()) else {
+                break;
+            };
             sample_offsets.push(offset);
             offset += size as u64;
         }
@@ -497,7 +529,11 @@ fn parse_video_track(mdia: &[u8]) -> Result<Mp4Video> {
         Some(stss) => {
             let mut c = Cursor(stss);
             c.take(4)?;
-            Some((0..c.u32()?).map(|_| Ok(c.u32()?.saturating_sub(1) as usize)).collect::<Result<_>>()?)
+            Some(
+                (0..c.u32()?)
+                    .map(|_| Ok(c.u32()?.saturating_sub(1) as usize))
+                    .collect::<Result<_>>()?,
+            )
         }
         None => None,
     };

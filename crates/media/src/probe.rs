@@ -39,15 +39,24 @@ enum Container {
 
 fn sniff(path: &Path) -> Result<Format> {
     let mut head = [0u8; 12];
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let n = file.read(&mut head)?;
     if n >= 4 && head[..4] == [0x1A, 0x45, 0xDF, 0xA3] {
         return Ok(Format::Webm);
     }
-    if n >= 8 && matches!(&head[4..8], b"ftyp" | b"moov" | b"mdat" | b"free" | b"wide" | b"skip") {
+    if n >= 8
+        && matches!(
+            &head[4..8],
+            b"ftyp" | b"moov" | b"mdat" | b"free" | b"wide" | b"skip"
+        )
+    {
         return Ok(Format::Mp4);
     }
-    bail!("{}: not an MP4 or WebM file (unrecognised header)", path.display())
+    bail!(
+        "{}: not an MP4 or WebM file (unrecognised header)",
+        path.display()
+    )
 }
 
 fn open(path: &Path) -> Result<Container> {
@@ -57,8 +66,11 @@ fn open(path: &Path) -> Result<Container> {
             Container::Mp4(video, file)
         }
         Format::Webm => {
-            let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            Container::Webm(WebmVideo::parse(&data).with_context(|| format!("parsing {}", path.display()))?)
+            let data =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Container::Webm(
+                WebmVideo::parse(&data).with_context(|| format!("parsing {}", path.display()))?,
+            )
         }
     })
 }
@@ -77,16 +89,26 @@ fn info(container: &Container, file_bytes: u64) -> Result<ProbeInfo> {
         Container::Mp4(v, _) => {
             let frames = v.sample_sizes.len();
             let total_ticks: u64 = v.sample_durations.iter().map(|&d| d as u64).sum();
-            let ticks = if v.duration > 0 { v.duration } else { total_ticks };
+            let ticks = if v.duration > 0 {
+                v.duration
+            } else {
+                total_ticks
+            };
             let duration_s = ticks as f64 / v.timescale as f64;
-            let uniform = v.sample_durations.first().filter(|&&d| d > 0 && v.sample_durations.iter().all(|&x| x == d));
+            let uniform = v
+                .sample_durations
+                .first()
+                .filter(|&&d| d > 0 && v.sample_durations.iter().all(|&x| x == d));
             let (fps_num, fps_den) = match uniform {
                 Some(&d) => reduce(v.timescale as u64, d as u64),
                 None => reduce((frames as u64) * v.timescale as u64, total_ticks.max(1)),
             };
             let codec = match v.codec_tag.as_str() {
                 "avc1" | "avc3" => {
-                    format!("h264 ({})", crate::h264::profile_name(v.sps.first().map_or(&[][..], |s| &s[..])))
+                    format!(
+                        "h264 ({})",
+                        crate::h264::profile_name(v.sps.first().map_or(&[][..], |s| &s[..]))
+                    )
                 }
                 "hvc1" | "hev1" => "hevc".to_string(),
                 "av01" => "av1".to_string(),
@@ -115,7 +137,10 @@ fn info(container: &Container, file_bytes: u64) -> Result<ProbeInfo> {
                 Some(ns) if ns > 0 => reduce(1_000_000_000, ns),
                 _ if frames >= 2 => {
                     let span = v.timestamps_s[frames - 1] - v.timestamps_s[0];
-                    reduce(((frames - 1) as f64 * 1e6) as u64, (span * 1e6).round().max(1.0) as u64)
+                    reduce(
+                        ((frames - 1) as f64 * 1e6) as u64,
+                        (span * 1e6).round().max(1.0) as u64,
+                    )
                 }
                 _ => (0, 1),
             };
@@ -150,7 +175,11 @@ fn info(container: &Container, file_bytes: u64) -> Result<ProbeInfo> {
     if info.fps_num > 0 {
         // ffprobe shows 1e9/41666667 ns as 24/1; snap near-integer rates the same way.
         let fps = info.fps_num as f64 / info.fps_den as f64;
-        if (fps - fps.round()).abs() < 1e-4 && info.fps_den != 1 && fps.round() > 0.0 && info.format == Format::Webm {
+        if (fps - fps.round()).abs() < 1e-4
+            && info.fps_den != 1
+            && fps.round() > 0.0
+            && info.format == Format::Webm
+        {
             (info.fps_num, info.fps_den) = (fps.round() as u64, 1);
         }
         info.fps = info.fps_num as f64 / info.fps_den as f64;
@@ -164,23 +193,31 @@ fn info(container: &Container, file_bytes: u64) -> Result<ProbeInfo> {
 /// Reads a video file's container facts (no decoding). The format is detected from the content,
 /// not the extension.
 pub fn probe(path: &Path) -> Result<ProbeInfo> {
-    let file_bytes = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    let file_bytes = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
     info(&open(path)?, file_bytes)
 }
 
 /// [`probe`], then decodes every frame to RGB (H.264 in MP4 through OpenH264, VP9 in WebM through
 /// libvpx), e.g. for [`crate::guard::inspect`]. Other codecs are an error that says so.
 pub fn decode(path: &Path) -> Result<(ProbeInfo, Frames)> {
-    let file_bytes = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    let file_bytes = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
     let container = open(path)?;
     let info = info(&container, file_bytes)?;
     let frames = match container {
         Container::Mp4(video, mut file) => {
             if video.codec_tag != "avc1" && video.codec_tag != "avc3" {
-                bail!("decoding {} in MP4 is not supported (only H.264)", info.codec);
+                bail!(
+                    "decoding {} in MP4 is not supported (only H.264)",
+                    info.codec
+                );
             }
             let samples = video.read_samples(&mut file)?;
-            let parameter_sets: Vec<Vec<u8>> = video.sps.iter().chain(&video.pps).cloned().collect();
+            let parameter_sets: Vec<Vec<u8>> =
+                video.sps.iter().chain(&video.pps).cloned().collect();
             crate::h264::decode(&parameter_sets, &samples, video.nal_length_size)?
         }
         Container::Webm(video) => decode_webm(&video, &info)?,
@@ -191,7 +228,10 @@ pub fn decode(path: &Path) -> Result<(ProbeInfo, Frames)> {
 #[cfg(feature = "webm")]
 fn decode_webm(video: &WebmVideo, info: &ProbeInfo) -> Result<Frames> {
     if video.codec_id != "V_VP9" {
-        bail!("decoding {} in WebM is not supported (only VP9)", info.codec);
+        bail!(
+            "decoding {} in WebM is not supported (only VP9)",
+            info.codec
+        );
     }
     crate::vpx::decode(&video.packets)
 }

@@ -54,7 +54,13 @@ extern "C" {
     ) -> c_int;
     fn vg_vp9_enc_close(enc: *mut RawEncoder);
     fn vg_vp9_dec_open(threads: c_int, err: *mut c_char, err_len: usize) -> *mut RawDecoder;
-    fn vg_vp9_dec_decode(dec: *mut RawDecoder, data: *const u8, len: usize, err: *mut c_char, err_len: usize) -> c_int;
+    fn vg_vp9_dec_decode(
+        dec: *mut RawDecoder,
+        data: *const u8,
+        len: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     #[allow(clippy::too_many_arguments)]
     fn vg_vp9_dec_next_frame(
         dec: *mut RawDecoder,
@@ -82,7 +88,9 @@ impl ErrBuf {
     fn message(&self) -> String {
         // SAFETY: the buffer is zero-initialised and the C side writes with snprintf, which always
         // NUL-terminates within the given length.
-        unsafe { CStr::from_ptr(self.0.as_ptr()) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(self.0.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -123,12 +131,24 @@ pub fn encode(frames: &Frames, fps: Rational, options: &EncodeOptions) -> Result
         bail!("initialising the VP9 encoder: {}", err.message());
     };
     let encoder = EncoderHandle(raw);
-    let mut stream = Vp9Stream { packets: Vec::new(), keyframes: Vec::new() };
-    let mut collect = |stream: &mut Vp9Stream| -> Result<()> {
+    let mut stream = Vp9Stream {
+        packets: Vec::new(),
+        keyframes: Vec::new(),
+    };
+    let collect = |stream: &mut Vp9Stream| -> Result<()> {
         let (mut data, mut len, mut pts, mut flags) = (null(), 0usize, 0i64, 0 as c_int);
         // SAFETY: out-pointers are valid; the packet buffer stays valid until the next encode call,
         // and it is copied before that.
-        while unsafe { vg_vp9_enc_next_packet(encoder.0.as_ptr(), &mut data, &mut len, &mut pts, &mut flags) } == 1 {
+        while unsafe {
+            vg_vp9_enc_next_packet(
+                encoder.0.as_ptr(),
+                &mut data,
+                &mut len,
+                &mut pts,
+                &mut flags,
+            )
+        } == 1
+        {
             ensure!(
                 flags & 2 == 0,
                 "VP9 encoder emitted a hidden frame outside a superframe; the frame count would be wrong"
@@ -139,7 +159,9 @@ pub fn encode(frames: &Frames, fps: Rational, options: &EncodeOptions) -> Result
                 stream.packets.len()
             );
             // SAFETY: libvpx guarantees `len` readable bytes at `data`.
-            stream.packets.push(unsafe { std::slice::from_raw_parts(data, len) }.to_vec());
+            stream
+                .packets
+                .push(unsafe { std::slice::from_raw_parts(data, len) }.to_vec());
             stream.keyframes.push(flags & 1 != 0);
         }
         Ok(())
@@ -166,7 +188,19 @@ pub fn encode(frames: &Frames, fps: Rational, options: &EncodeOptions) -> Result
     loop {
         let before = stream.packets.len();
         // SAFETY: null planes ask the encoder to flush.
-        let rc = unsafe { vg_vp9_enc_encode(encoder.0.as_ptr(), null(), null(), null(), 0, 0, -1, err.ptr(), 512) };
+        let rc = unsafe {
+            vg_vp9_enc_encode(
+                encoder.0.as_ptr(),
+                null(),
+                null(),
+                null(),
+                0,
+                0,
+                -1,
+                err.ptr(),
+                512,
+            )
+        };
         ensure!(rc == 0, "flushing the VP9 encoder: {}", err.message());
         collect(&mut stream)?;
         if stream.packets.len() == before {
@@ -194,7 +228,9 @@ impl Drop for DecoderHandle {
 /// Decodes VP9 packets (one per frame) to RGB frames.
 pub fn decode(packets: &[Vec<u8>]) -> Result<Frames> {
     let mut err = ErrBuf::new();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
     // SAFETY: valid error buffer.
     let raw = unsafe { vg_vp9_dec_open(threads as c_int, err.ptr(), 512) };
     let Some(raw) = NonNull::new(raw) else {
@@ -210,12 +246,23 @@ pub fn decode(packets: &[Vec<u8>]) -> Result<Frames> {
             let (mut ys, mut uvs, mut w, mut h) = (0, 0, 0, 0);
             // SAFETY: out-pointers are valid; the picture stays valid until the next decode call.
             let rc = unsafe {
-                vg_vp9_dec_next_frame(decoder.0.as_ptr(), &mut y, &mut u, &mut v, &mut ys, &mut uvs, &mut w, &mut h)
+                vg_vp9_dec_next_frame(
+                    decoder.0.as_ptr(),
+                    &mut y,
+                    &mut u,
+                    &mut v,
+                    &mut ys,
+                    &mut uvs,
+                    &mut w,
+                    &mut h,
+                )
             };
             match rc {
                 0 => return Ok(()),
                 1 => {}
-                _ => bail!("VP9 picture is not 8-bit 4:2:0; this build only judges 8-bit 4:2:0 video"),
+                _ => bail!(
+                    "VP9 picture is not 8-bit 4:2:0; this build only judges 8-bit 4:2:0 video"
+                ),
             }
             let (width, height) = (w as usize, h as usize);
             if *size.get_or_insert((width, height)) != (width, height) {
@@ -241,7 +288,15 @@ pub fn decode(packets: &[Vec<u8>]) -> Result<Frames> {
     };
     for (index, packet) in packets.iter().enumerate() {
         // SAFETY: the packet slice is valid for its length.
-        let rc = unsafe { vg_vp9_dec_decode(decoder.0.as_ptr(), packet.as_ptr(), packet.len(), err.ptr(), 512) };
+        let rc = unsafe {
+            vg_vp9_dec_decode(
+                decoder.0.as_ptr(),
+                packet.as_ptr(),
+                packet.len(),
+                err.ptr(),
+                512,
+            )
+        };
         ensure!(rc == 0, "decoding VP9 frame {index}: {}", err.message());
         drain(&mut rgb)?;
     }
@@ -249,6 +304,7 @@ pub fn decode(packets: &[Vec<u8>]) -> Result<Frames> {
     let rc = unsafe { vg_vp9_dec_decode(decoder.0.as_ptr(), null(), 0, err.ptr(), 512) };
     ensure!(rc == 0, "flushing the VP9 decoder: {}", err.message());
     drain(&mut rgb)?;
-    let (width, height) = size.ok_or_else(|| anyhow::anyhow!("VP9 stream decoded to no pictures"))?;
+    let (width, height) =
+        size.ok_or_else(|| anyhow::anyhow!("VP9 stream decoded to no pictures"))?;
     Frames::from_rgb(rgb, width, height, count)
 }

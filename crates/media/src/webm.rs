@@ -105,8 +105,20 @@ fn nested(out: &mut Vec<u8>, id: u32, build: impl FnOnce(&mut Vec<u8>)) {
 
 /// Muxes a VP9 stream into a complete WebM file (in memory).
 #[cfg(feature = "webm")]
-pub fn mux(stream: &crate::vpx::Vp9Stream, width: u32, height: u32, fps: Rational) -> Result<Vec<u8>> {
-    mux_packets(&stream.packets, &stream.keyframes, "V_VP9", width, height, fps)
+pub fn mux(
+    stream: &crate::vpx::Vp9Stream,
+    width: u32,
+    height: u32,
+    fps: Rational,
+) -> Result<Vec<u8>> {
+    mux_packets(
+        &stream.packets,
+        &stream.keyframes,
+        "V_VP9",
+        width,
+        height,
+        fps,
+    )
 }
 
 /// Muxes one video track of packets (one per frame, in display order) into WebM.
@@ -118,7 +130,10 @@ pub fn mux_packets(
     height: u32,
     fps: Rational,
 ) -> Result<Vec<u8>> {
-    ensure!(!packets.is_empty() && packets.len() == keyframes.len(), "no packets to mux");
+    ensure!(
+        !packets.is_empty() && packets.len() == keyframes.len(),
+        "no packets to mux"
+    );
     ensure!(keyframes[0], "a WebM stream must start with a keyframe");
     let frame_ms = |i: usize| -> u64 {
         // round(i * 1000 * den / num), in integers.
@@ -155,7 +170,8 @@ pub fn mux_packets(
             uint(t, id::TRACK_TYPE, 1); // video
             uint(t, id::FLAG_LACING, 0);
             element(t, id::CODEC_ID, codec_id.as_bytes());
-            let frame_ns = (2 * 1_000_000_000u64 * fps.den as u64 + fps.num as u64) / (2 * fps.num as u64);
+            let frame_ns =
+                (2 * 1_000_000_000u64 * fps.den as u64 + fps.num as u64) / (2 * fps.num as u64);
             uint(t, id::DEFAULT_DURATION, frame_ns);
             nested(t, id::VIDEO, |v| {
                 uint(v, id::PIXEL_WIDTH, width as u64);
@@ -205,7 +221,11 @@ pub fn mux_packets(
     let seek_head = |info_pos: u64, tracks_pos: u64, cues_pos: u64| {
         let mut out = Vec::new();
         nested(&mut out, id::SEEK_HEAD, |s| {
-            for (target, pos) in [(id::INFO, info_pos), (id::TRACKS, tracks_pos), (id::CUES, cues_pos)] {
+            for (target, pos) in [
+                (id::INFO, info_pos),
+                (id::TRACKS, tracks_pos),
+                (id::CUES, cues_pos),
+            ] {
                 nested(s, id::SEEK, |e| {
                     let mut target_id = Vec::new();
                     put_id(&mut target_id, target);
@@ -273,19 +293,30 @@ fn read_header(data: &[u8], pos: usize) -> Result<(u32, usize, Option<u64>)> {
     let first = *data.get(pos).context("EBML: unexpected end of file")?;
     let id_len = first.leading_zeros() as usize + 1;
     ensure!(id_len <= 4, "EBML: invalid element ID at byte {pos}");
-    let id_bytes = data.get(pos..pos + id_len).context("EBML: truncated element ID")?;
+    let id_bytes = data
+        .get(pos..pos + id_len)
+        .context("EBML: truncated element ID")?;
     let id = id_bytes.iter().fold(0u32, |acc, &b| (acc << 8) | b as u32);
     let size_pos = pos + id_len;
     let first = *data.get(size_pos).context("EBML: truncated element size")?;
     let size_len = first.leading_zeros() as usize + 1;
-    ensure!(size_len <= 8, "EBML: invalid element size at byte {size_pos}");
-    let size_bytes = data.get(size_pos..size_pos + size_len).context("EBML: truncated element size")?;
+    ensure!(
+        size_len <= 8,
+        "EBML: invalid element size at byte {size_pos}"
+    );
+    let size_bytes = data
+        .get(size_pos..size_pos + size_len)
+        .context("EBML: truncated element size")?;
     let mut size = (first as u64) & (0xff >> size_len);
     for &b in &size_bytes[1..] {
         size = (size << 8) | b as u64;
     }
     let unknown = size == (1u64 << (7 * size_len)) - 1;
-    Ok((id, size_pos + size_len, if unknown { None } else { Some(size) }))
+    Ok((
+        id,
+        size_pos + size_len,
+        if unknown { None } else { Some(size) },
+    ))
 }
 
 fn read_uint(body: &[u8]) -> u64 {
@@ -309,7 +340,9 @@ fn elements(body: &[u8]) -> impl Iterator<Item = Result<(u32, &[u8])>> {
         }
         let item = read_header(body, pos).and_then(|(id, start, size)| {
             let size = size.context("EBML: unknown size inside a sized element")? as usize;
-            let child = body.get(start..start + size).context("EBML: element runs past its parent")?;
+            let child = body
+                .get(start..start + size)
+                .context("EBML: element runs past its parent")?;
             pos = start + size;
             Ok((id, child))
         });
@@ -320,20 +353,35 @@ fn elements(body: &[u8]) -> impl Iterator<Item = Result<(u32, &[u8])>> {
     })
 }
 
-const TOP_LEVEL: [u32; 7] =
-    [id::SEEK_HEAD, id::INFO, id::TRACKS, id::CLUSTER, id::CUES, id::TAGS, id::ATTACHMENTS];
+const TOP_LEVEL: [u32; 8] = [
+    id::SEEK_HEAD,
+    id::INFO,
+    id::TRACKS,
+    id::CLUSTER,
+    id::CUES,
+    id::TAGS,
+    id::ATTACHMENTS,
+    id::CHAPTERS,
+];
 
 impl WebmVideo {
     pub fn parse(data: &[u8]) -> Result<Self> {
         let (ebml, start, size) = read_header(data, 0)?;
-        ensure!(ebml == id::EBML, "not a WebM/Matroska file (no EBML header)");
+        ensure!(
+            ebml == id::EBML,
+            "not a WebM/Matroska file (no EBML header)"
+        );
         let size = size.context("EBML header of unknown size")? as usize;
-        let header = data.get(start..start + size).context("EBML header is truncated")?;
+        let header = data
+            .get(start..start + size)
+            .context("EBML header is truncated")?;
         let mut doc_type = String::new();
         for child in elements(header) {
             let (cid, body) = child?;
             if cid == id::DOC_TYPE {
-                doc_type = String::from_utf8_lossy(body).trim_end_matches('\0').to_string();
+                doc_type = String::from_utf8_lossy(body)
+                    .trim_end_matches('\0')
+                    .to_string();
             }
         }
         ensure!(
@@ -341,7 +389,10 @@ impl WebmVideo {
             "EBML document type {doc_type:?} is not webm or matroska"
         );
         let (segment, seg_start, seg_size) = read_header(data, start + size)?;
-        ensure!(segment == id::SEGMENT, "WebM: no Segment after the EBML header");
+        ensure!(
+            segment == id::SEGMENT,
+            "WebM: no Segment after the EBML header"
+        );
         let seg_end = seg_size.map_or(data.len(), |s| (seg_start + s as usize).min(data.len()));
 
         let mut video = WebmVideo {
@@ -366,7 +417,10 @@ impl WebmVideo {
                 // Unknown size (live streams): the element ends where the next top-level one starts.
                 None => scan_unknown(data, body_start, seg_end)?,
             };
-            ensure!(body_end <= data.len(), "WebM element at byte {pos} is truncated");
+            ensure!(
+                body_end <= data.len(),
+                "WebM element at byte {pos} is truncated"
+            );
             let body = &data[body_start..body_end];
             match eid {
                 id::INFO => {
@@ -388,7 +442,8 @@ impl WebmVideo {
                     }
                 }
                 id::CLUSTER => {
-                    let track = track_number.context("WebM: a Cluster comes before the video track")?;
+                    let track =
+                        track_number.context("WebM: a Cluster comes before the video track")?;
                     video.read_cluster(body, track, timestamp_scale)?;
                 }
                 _ => {}
@@ -439,7 +494,9 @@ impl WebmVideo {
             let (cid, b) = child?;
             match cid {
                 id::TIMESTAMP => cluster_time = read_uint(b),
-                id::SIMPLE_BLOCK => self.read_block(b, track, cluster_time, timestamp_scale, None)?,
+                id::SIMPLE_BLOCK => {
+                    self.read_block(b, track, cluster_time, timestamp_scale, None)?
+                }
                 id::BLOCK_GROUP => {
                     for g in elements(b) {
                         let (gid, gb) = g?;
@@ -447,7 +504,13 @@ impl WebmVideo {
                             // A Block carries no keyframe flag; a BlockGroup without
                             // ReferenceBlock is a keyframe.
                             let referenced = elements(b).any(|e| matches!(e, Ok((0xFB, _))));
-                            self.read_block(gb, track, cluster_time, timestamp_scale, Some(!referenced))?;
+                            self.read_block(
+                                gb,
+                                track,
+                                cluster_time,
+                                timestamp_scale,
+                                Some(!referenced),
+                            )?;
                         }
                     }
                 }
@@ -479,7 +542,8 @@ impl WebmVideo {
             bail!("WebM: laced video blocks are not supported");
         }
         let ticks = cluster_time as i64 + relative;
-        self.timestamps_s.push(ticks as f64 * timestamp_scale as f64 / 1e9);
+        self.timestamps_s
+            .push(ticks as f64 * timestamp_scale as f64 / 1e9);
         self.keyframes.push(keyframe.unwrap_or(flags & 0x80 != 0));
         self.packets.push(block[len + 3..].to_vec());
         Ok(())
@@ -531,7 +595,10 @@ mod tests {
         let keys: Vec<bool> = (0..50).map(|i| i % 20 == 0).collect();
         let file = mux_packets(&packets, &keys, "V_VP9", 333, 201, fps).unwrap();
         let v = WebmVideo::parse(&file).unwrap();
-        assert_eq!((v.codec_id.as_str(), v.width, v.height), ("V_VP9", 333, 201));
+        assert_eq!(
+            (v.codec_id.as_str(), v.width, v.height),
+            ("V_VP9", 333, 201)
+        );
         assert_eq!(v.packets, packets);
         assert_eq!(v.keyframes, keys);
         assert_eq!(v.default_duration_ns, Some(41_666_667));

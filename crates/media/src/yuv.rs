@@ -20,10 +20,6 @@ impl Yuv420 {
         self.width.div_ceil(2)
     }
 
-    pub fn chroma_height(&self) -> usize {
-        self.height.div_ceil(2)
-    }
-
     /// Converts one RGB frame; each chroma sample is the average over its (up to) 2×2 pixels.
     pub fn from_rgb(rgb: &[u8], width: usize, height: usize) -> Self {
         let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
@@ -53,7 +49,13 @@ impl Yuv420 {
                 v[cy * cw + cx] = quantize(128.0 + scale * (r - luma) / (2.0 * (1.0 - KR)));
             }
         }
-        Self { width, height, y, u, v }
+        Self {
+            width,
+            height,
+            y,
+            u,
+            v,
+        }
     }
 
     pub fn from_frame(frames: &Frames, index: usize) -> Self {
@@ -106,7 +108,14 @@ mod tests {
     fn round_trip_is_close() {
         // A 3x3 image (odd size) of assorted colours survives RGB → I420 → RGB within chroma
         // subsampling error where the 2x2 block is uniform.
-        let colours = [[255u8, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [0, 0, 0], [90, 140, 200]];
+        let colours = [
+            [255u8, 0, 0],
+            [0, 255, 0],
+            [0, 0, 255],
+            [255, 255, 255],
+            [0, 0, 0],
+            [90, 140, 200],
+        ];
         for c in colours {
             let rgb: Vec<u8> = (0..9).flat_map(|_| c).collect();
             let yuv = Yuv420::from_rgb(&rgb, 3, 3);
@@ -128,6 +137,9 @@ mod tests {
         }
         // BT.709 limited range: white → Y 235, black → Y 16, grey → neutral chroma.
         let yuv = Yuv420::from_rgb(&[255, 255, 255, 0, 0, 0], 2, 1);
-        assert_eq!((yuv.y[0], yuv.y[1], yuv.u[0], yuv.v[0]), (235, 16, 128, 128));
+        assert_eq!(
+            (yuv.y[0], yuv.y[1], yuv.u[0], yuv.v[0]),
+            (235, 16, 128, 128)
+        );
     }
 }

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod keys;
 pub mod model;
+pub mod random;
 pub mod rope;
 
 use std::path::Path;

@@ -89,7 +89,7 @@ fn check_byte_size(len: u64, limits: &ImageLimits) -> Result<()> {
     Ok(())
 }
 
-fn reader(bytes: &[u8], limits: &ImageLimits) -> Result<ImageReader<Cursor<&[u8]>>> {
+fn reader<'a>(bytes: &'a [u8], limits: &ImageLimits) -> Result<ImageReader<Cursor<&'a [u8]>>> {
     check_byte_size(bytes.len() as u64, limits)?;
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()

@@ -360,12 +360,13 @@ impl ModelLayout {
 /// `default_frames`, 5 s), steps up to twice the default (at least 100). Sizes are the official
 /// `SUPPORTED_SIZES` only, default first.
 pub fn model_info_from_preset(p: &ModelPreset) -> ModelInfo {
-    let mut sizes = vec![(p.default_size.width, p.default_size.height)];
+    let default = (p.default_size.width, p.default_size.height);
+    let mut sizes = vec![default];
     sizes.extend(
         p.supported_sizes
             .iter()
             .map(|s| (s.width, s.height))
-            .filter(|s| *s != sizes[0]),
+            .filter(|s| *s != default),
     );
     let max_pixels = sizes.iter().map(|&(w, h)| u64::from(w) * u64::from(h)).max().unwrap_or(0);
     let default_frames = p.default_frames as u32;
@@ -800,6 +801,7 @@ mod tests {
     }
 
     /// Official `config.json` (WanModel) of a variant.
+    #[allow(clippy::too_many_arguments)]
     fn official_config(dim: usize, heads: usize, ffn: usize, layers: usize, in_dim: usize, out_dim: usize, model_type: &str) -> String {
         format!(
             r#"{{"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": {dim}, "eps": 1e-06, "ffn_dim": {ffn}, "freq_dim": 256, "in_dim": {in_dim}, "model_type": "{model_type}", "num_heads": {heads}, "num_layers": {layers}, "out_dim": {out_dim}, "text_len": 512}}"#
@@ -888,7 +890,7 @@ mod tests {
             assert_eq!(l.dit_2, Some(tmp.path().join(OFFICIAL_LOW_NOISE)));
             assert_eq!(l.vae, tmp.path().join(OFFICIAL_VAE_21));
             let info = l.model_info().unwrap();
-            assert_eq!(info.default_guidance_2.is_some(), true);
+            assert!(info.default_guidance_2.is_some());
             assert_eq!(info.task, if in_dim == 36 { Task::I2v } else { Task::T2v });
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -926,7 +928,7 @@ mod tests {
         std::fs::remove_file(tmp.path().join("diffusion_pytorch_model-00002-of-00003.safetensors")).unwrap();
         let msg = err_text(detect(tmp.path()));
         assert!(msg.contains("incomplete official"), "{msg}");
-        assert!(msg.contains(&format!("missing: ")), "{msg}");
+        assert!(msg.contains("missing: "), "{msg}");
         assert!(msg.contains(OFFICIAL_T5), "{msg}");
         assert!(msg.contains("diffusion_pytorch_model-00002-of-00003.safetensors"), "{msg}");
         assert!(msg.contains("found: ") && msg.contains("Wan2.2_VAE.pth") && msg.contains("google/"), "{msg}");
@@ -962,6 +964,7 @@ mod tests {
         assert!(msg.contains("is a file"), "{msg}");
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn diffusers_folder(dir: &Path, heads: usize, ffn: usize, layers: usize, cin: usize, z: usize, two: bool, extra: &str) {
         let t2 = if two { r#"["diffusers", "WanTransformer3DModel"]"# } else { "[null, null]" };
         write(

@@ -52,13 +52,15 @@ impl DpmSolverPP {
         let (sigma_t, sigma_s) = (self.table.sigmas[i + 1], self.table.sigmas[i]);
         let h = lambda(sigma_t) - lambda(sigma_s);
         let alpha_t = 1.0 - sigma_t;
-        Ok((scale(sample, sigma_t / sigma_s)? - scale(self.recent(1)?, alpha_t * ((-h).exp() - 1.0))?)?)
+        Ok((scale(sample, sigma_t / sigma_s)?
+            - scale(self.recent(1)?, alpha_t * ((-h).exp() - 1.0))?)?)
     }
 
     fn second_order(&self, i: usize, sample: &Tensor) -> Result<Tensor> {
         let s = &self.table.sigmas;
         let (sigma_t, sigma_s0, sigma_s1) = (s[i + 1], s[i], s[i - 1]);
-        let (lambda_t, lambda_s0, lambda_s1) = (lambda(sigma_t), lambda(sigma_s0), lambda(sigma_s1));
+        let (lambda_t, lambda_s0, lambda_s1) =
+            (lambda(sigma_t), lambda(sigma_s0), lambda(sigma_s1));
         let alpha_t = 1.0 - sigma_t;
         let (h, h_0) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1);
         let r0 = h_0 / h;
@@ -75,10 +77,18 @@ impl DpmSolverPP {
     fn third_order(&self, i: usize, sample: &Tensor) -> Result<Tensor> {
         let s = &self.table.sigmas;
         let (sigma_t, sigma_s0) = (s[i + 1], s[i]);
-        let (lambda_t, lambda_s0, lambda_s1, lambda_s2) =
-            (lambda(sigma_t), lambda(sigma_s0), lambda(s[i - 1]), lambda(s[i - 2]));
+        let (lambda_t, lambda_s0, lambda_s1, lambda_s2) = (
+            lambda(sigma_t),
+            lambda(sigma_s0),
+            lambda(s[i - 1]),
+            lambda(s[i - 2]),
+        );
         let alpha_t = 1.0 - sigma_t;
-        let (h, h_0, h_1) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2);
+        let (h, h_0, h_1) = (
+            lambda_t - lambda_s0,
+            lambda_s0 - lambda_s1,
+            lambda_s1 - lambda_s2,
+        );
         let (r0, r1) = (h_0 / h, h_1 / h);
         let (m0, m1, m2) = (self.recent(1)?, self.recent(2)?, self.recent(3)?);
         let d1_0 = scale(&(m0 - m1)?, 1.0 / r0)?;
@@ -102,12 +112,25 @@ impl FlowScheduler for DpmSolverPP {
         &self.table.sigmas
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         let steps = self.table.timesteps.len();
-        let (model_output, sample) = check_step("DPM++", self.next_index, steps, step_index, model_output, sample)?;
+        let (model_output, sample) = check_step(
+            "DPM++",
+            self.next_index,
+            steps,
+            step_index,
+            model_output,
+            sample,
+        )?;
         let i = step_index;
         let few_steps = self.lower_order_final && steps < 15;
-        let lower_order_final = i == steps - 1 && (self.euler_at_final || few_steps || self.final_sigma_zero);
+        let lower_order_final =
+            i == steps - 1 && (self.euler_at_final || few_steps || self.final_sigma_zero);
         let lower_order_second = i + 2 == steps && few_steps;
         // convert_model_output: x0 = x − σ·v.
         let x0 = (&sample - scale(&model_output, self.table.sigmas[i])?)?;

@@ -16,7 +16,10 @@ pub struct Euler {
 
 impl Euler {
     pub fn new(table: Table) -> Self {
-        Self { table, next_index: 0 }
+        Self {
+            table,
+            next_index: 0,
+        }
     }
 }
 
@@ -29,9 +32,21 @@ impl FlowScheduler for Euler {
         &self.table.sigmas
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         let steps = self.table.timesteps.len();
-        let (model_output, sample) = check_step("Euler", self.next_index, steps, step_index, model_output, sample)?;
+        let (model_output, sample) = check_step(
+            "Euler",
+            self.next_index,
+            steps,
+            step_index,
+            model_output,
+            sample,
+        )?;
         let dt = self.table.sigmas[step_index + 1] - self.table.sigmas[step_index];
         self.next_index += 1;
         Ok((sample + scale(&model_output, dt)?)?)

@@ -155,7 +155,10 @@ impl SchedulerSpec {
     /// `num_train_timesteps=1000, shift=1`, the real shift passed at `set_timesteps`; all other fields at
     /// the class defaults: order 2, bh2 / midpoint, lower_order_final, final sigma 0).
     pub fn official(kind: SchedulerKind, flow_shift: f64) -> Self {
-        Self { convention: SigmaConvention::Official, ..Self::diffusers(kind, flow_shift) }
+        Self {
+            convention: SigmaConvention::Official,
+            ..Self::diffusers(kind, flow_shift)
+        }
     }
 
     /// The same shift, train steps and convention with another solver at its defaults
@@ -194,8 +197,8 @@ impl SchedulerSpec {
     /// Parses the text of a diffusers `scheduler_config.json`. `_class_name` decides the kind; a field set
     /// to something these schedulers do not implement is an error naming it.
     pub fn from_diffusers_json(text: &str) -> Result<Self> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| invalid!("scheduler config: not valid JSON: {e}"))?;
+        let value: Value = serde_json::from_str(&python_json_to_strict(text))
+            .map_err(|e| invalid!("scheduler config: not valid JSON: {e}"))?;
         let obj = value
             .as_object()
             .ok_or_else(|| invalid!("scheduler config: expected a JSON object"))?;
@@ -221,8 +224,12 @@ impl SchedulerSpec {
             ));
         }
         // Options that change sampling and have no implementation here.
-        for field in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_dynamic_shifting"]
-        {
+        for field in [
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_dynamic_shifting",
+        ] {
             cfg.require_false(field)?;
         }
         cfg.require_falsy("shift_terminal")?;
@@ -272,7 +279,9 @@ impl SchedulerSpec {
                 ));
             }
             if !matches!(cfg.obj.get("solver_p"), None | Some(Value::Null)) {
-                return Err(invalid!("scheduler config: solver_p is not supported; it must be null"));
+                return Err(invalid!(
+                    "scheduler config: solver_p is not supported; it must be null"
+                ));
             }
             // diffusers maps the DPM names onto bh2 (UniPCMultistepScheduler.__init__).
             spec.unipc_variant = match cfg.str("solver_type")?.unwrap_or("bh2") {
@@ -321,13 +330,22 @@ impl SchedulerSpec {
     /// Checks the combination before a scheduler is built.
     pub fn validate(&self) -> Result<()> {
         if !(self.flow_shift.is_finite() && self.flow_shift > 0.0) {
-            return Err(invalid!("flow_shift: {} must be a positive number", self.flow_shift));
+            return Err(invalid!(
+                "flow_shift: {} must be a positive number",
+                self.flow_shift
+            ));
         }
         if self.num_train_timesteps < 2 {
-            return Err(invalid!("num_train_timesteps: {} must be at least 2", self.num_train_timesteps));
+            return Err(invalid!(
+                "num_train_timesteps: {} must be at least 2",
+                self.num_train_timesteps
+            ));
         }
         if self.kind != SchedulerKind::Euler && !(1..=3).contains(&self.solver_order) {
-            return Err(invalid!("solver_order: {} is not supported; valid values: 1, 2, 3", self.solver_order));
+            return Err(invalid!(
+                "solver_order: {} is not supported; valid values: 1, 2, 3",
+                self.solver_order
+            ));
         }
         if self.final_sigma == FinalSigma::SigmaMin
             && (self.kind != SchedulerKind::UniPc || self.convention == SigmaConvention::Official)
@@ -336,8 +354,56 @@ impl SchedulerSpec {
                 "final_sigmas_type: sigma_min is only supported for UniPC with the diffusers convention; valid value: zero"
             ));
         }
+        // UniPC's last step to σ = 0 is only finite as a first-order bh2 step: with bh1, B(h) = h = −∞;
+        // at order 2 the history term is divided by r = 0. diffusers returns NaN / ±inf there.
+        if self.kind == SchedulerKind::UniPc && self.final_sigma == FinalSigma::Zero {
+            if self.unipc_variant == UniPcVariant::Bh1 {
+                return Err(invalid!(
+                    "solver_type: bh1 needs final_sigmas_type sigma_min (with zero the last step is NaN, \
+                     in diffusers too); valid solver_type with zero: bh2"
+                ));
+            }
+            if self.solver_order > 1 && !self.lower_order_final {
+                return Err(invalid!(
+                    "lower_order_final: false needs final_sigmas_type sigma_min or solver_order 1 (with zero \
+                     the last step is infinite, in diffusers too); valid value with zero: true"
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// diffusers writes configs with Python's `json`, which emits `Infinity`, `-Infinity` and `NaN` (e.g.
+/// DPMSolverMultistepScheduler's `lambda_min_clipped: -Infinity`). Strict JSON has no such tokens; they
+/// become `null` here (outside string literals), which the fields we read treat as "unset".
+fn python_json_to_strict(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut in_string = false;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if c == '\\' {
+                let escaped: String = rest.chars().take(2).collect();
+                out.push_str(&escaped);
+                rest = &rest[escaped.len()..];
+                continue;
+            }
+            in_string = c != '"';
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"]
+            .iter()
+            .find(|t| rest.starts_with(**t))
+        {
+            out.push_str("null");
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 /// Typed access to the config's fields with errors that name the field.
@@ -352,28 +418,38 @@ impl ConfigReader<'_> {
 
     fn str(&self, field: &str) -> Result<Option<&str>> {
         self.get(field)
-            .map(|v| v.as_str().ok_or_else(|| invalid!("scheduler config: {field} must be a string, got {v}")))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| invalid!("scheduler config: {field} must be a string, got {v}"))
+            })
             .transpose()
     }
 
     fn bool(&self, field: &str) -> Result<Option<bool>> {
         self.get(field)
-            .map(|v| v.as_bool().ok_or_else(|| invalid!("scheduler config: {field} must be true or false, got {v}")))
+            .map(|v| {
+                v.as_bool().ok_or_else(|| {
+                    invalid!("scheduler config: {field} must be true or false, got {v}")
+                })
+            })
             .transpose()
     }
 
     fn float(&self, field: &str) -> Result<Option<f64>> {
         self.get(field)
-            .map(|v| v.as_f64().ok_or_else(|| invalid!("scheduler config: {field} must be a number, got {v}")))
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| invalid!("scheduler config: {field} must be a number, got {v}"))
+            })
             .transpose()
     }
 
     fn uint(&self, field: &str) -> Result<Option<usize>> {
         self.get(field)
             .map(|v| {
-                v.as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| invalid!("scheduler config: {field} must be a non-negative integer, got {v}"))
+                v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                    invalid!("scheduler config: {field} must be a non-negative integer, got {v}")
+                })
             })
             .transpose()
     }
@@ -382,15 +458,25 @@ impl ConfigReader<'_> {
         self.get(field)
             .map(|v| {
                 v.as_array()
-                    .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>())
-                    .ok_or_else(|| invalid!("scheduler config: {field} must be a list of step indices, got {v}"))
+                    .and_then(|a| {
+                        a.iter()
+                            .map(|x| x.as_u64().map(|n| n as usize))
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .ok_or_else(|| {
+                        invalid!(
+                            "scheduler config: {field} must be a list of step indices, got {v}"
+                        )
+                    })
             })
             .transpose()
     }
 
     fn require_false(&self, field: &str) -> Result<()> {
         match self.bool(field)? {
-            Some(true) => Err(invalid!("scheduler config: {field} true is not supported; valid value: false")),
+            Some(true) => Err(invalid!(
+                "scheduler config: {field} true is not supported; valid value: false"
+            )),
             _ => Ok(()),
         }
     }
@@ -400,7 +486,9 @@ impl ConfigReader<'_> {
         match self.get(field) {
             None | Some(Value::Bool(false)) => Ok(()),
             Some(Value::Number(n)) if n.as_f64() == Some(0.0) => Ok(()),
-            Some(v) => Err(invalid!("scheduler config: {field} {v} is not supported; valid value: null")),
+            Some(v) => Err(invalid!(
+                "scheduler config: {field} {v} is not supported; valid value: null"
+            )),
         }
     }
 }
@@ -414,14 +502,17 @@ pub trait FlowScheduler: Send {
     fn sigmas(&self) -> &[f32];
     /// Advances `sample` (at sigmas[step_index]) to sigmas[step_index + 1] given the model's velocity
     /// prediction. Computes in f32 and returns f32.
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor>;
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor)
+        -> Result<Tensor>;
 }
 
 /// Builds the scheduler for `steps` denoising steps.
 pub fn build(spec: &SchedulerSpec, steps: usize) -> Result<Box<dyn FlowScheduler>> {
     spec.validate()?;
     if steps == 0 {
-        return Err(invalid!("steps: 0 is not valid; the number of denoising steps must be at least 1"));
+        return Err(invalid!(
+            "steps: 0 is not valid; the number of denoising steps must be at least 1"
+        ));
     }
     let table = sigmas::table(spec, steps);
     Ok(match spec.kind {
@@ -452,7 +543,10 @@ fn check_step(
             sample.dims()
         ));
     }
-    Ok((model_output.to_dtype(DType::F32)?, sample.to_dtype(DType::F32)?))
+    Ok((
+        model_output.to_dtype(DType::F32)?,
+        sample.to_dtype(DType::F32)?,
+    ))
 }
 
 /// `t · s` for an f32 scalar, one rounding per element as torch's tensor × 0-d tensor.
@@ -481,11 +575,17 @@ mod tests {
         for name in SchedulerKind::NAMES {
             assert_eq!(name.parse::<SchedulerKind>().unwrap().name(), name);
         }
-        assert_eq!("UniPC".parse::<SchedulerKind>().unwrap(), SchedulerKind::UniPc);
+        assert_eq!(
+            "UniPC".parse::<SchedulerKind>().unwrap(),
+            SchedulerKind::UniPc
+        );
         let err = "ddim".parse::<SchedulerKind>().unwrap_err();
         assert!(is_invalid_input(&err));
         let msg = err.to_string();
-        assert!(msg.contains("ddim") && msg.contains("unipc, euler, dpm++"), "{msg}");
+        assert!(
+            msg.contains("ddim") && msg.contains("unipc, euler, dpm++"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -496,7 +596,10 @@ mod tests {
                 r#"{"_class_name":"UniPCMultistepScheduler","prediction_type":"epsilon","use_flow_sigmas":true}"#,
                 "prediction_type",
             ),
-            (r#"{"_class_name":"UniPCMultistepScheduler","prediction_type":"flow_prediction"}"#, "use_flow_sigmas"),
+            (
+                r#"{"_class_name":"UniPCMultistepScheduler","prediction_type":"flow_prediction"}"#,
+                "use_flow_sigmas",
+            ),
             (
                 r#"{"_class_name":"UniPCMultistepScheduler","prediction_type":"flow_prediction","use_flow_sigmas":true,"use_karras_sigmas":true}"#,
                 "use_karras_sigmas",
@@ -517,16 +620,42 @@ mod tests {
                 r#"{"_class_name":"DPMSolverMultistepScheduler","prediction_type":"flow_prediction","use_flow_sigmas":true,"final_sigmas_type":"sigma_min"}"#,
                 "final_sigmas_type",
             ),
-            (r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","stochastic_sampling":true}"#, "stochastic_sampling"),
-            (r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","use_dynamic_shifting":true}"#, "use_dynamic_shifting"),
-            (r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","shift":-1.0}"#, "flow_shift"),
+            (
+                r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","stochastic_sampling":true}"#,
+                "stochastic_sampling",
+            ),
+            (
+                r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","use_dynamic_shifting":true}"#,
+                "use_dynamic_shifting",
+            ),
+            (
+                r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","shift":-1.0}"#,
+                "flow_shift",
+            ),
             (r#"[1, 2]"#, "JSON object"),
+            (
+                r#"{"_class_name":"UniPCMultistepScheduler","prediction_type":"flow_prediction","use_flow_sigmas":true,"solver_type":"bh1"}"#,
+                "solver_type",
+            ),
+            (
+                r#"{"_class_name":"UniPCMultistepScheduler","prediction_type":"flow_prediction","use_flow_sigmas":true,"lower_order_final":false}"#,
+                "lower_order_final",
+            ),
         ];
         for (json, field) in cases {
             let err = SchedulerSpec::from_diffusers_json(json).unwrap_err();
             assert!(is_invalid_input(&err), "{json}");
             assert!(format!("{err:#}").contains(field), "{json}: {err:#}");
         }
+    }
+
+    #[test]
+    fn python_json_tokens_become_null_outside_strings() {
+        let text = r#"{"a": -Infinity, "b": [Infinity, NaN], "c": "NaN \" -Infinity", "d": 1.5}"#;
+        let v: Value = serde_json::from_str(&python_json_to_strict(text)).unwrap();
+        assert!(v["a"].is_null() && v["b"][0].is_null() && v["b"][1].is_null());
+        assert_eq!(v["c"], "NaN \" -Infinity");
+        assert_eq!(v["d"], 1.5);
     }
 
     #[test]
@@ -537,13 +666,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec, SchedulerSpec::diffusers(SchedulerKind::UniPc, 5.0));
-        let euler = SchedulerSpec::from_diffusers_json(r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","shift":3.0}"#)
-            .unwrap();
+        let euler = SchedulerSpec::from_diffusers_json(
+            r#"{"_class_name":"FlowMatchEulerDiscreteScheduler","shift":3.0}"#,
+        )
+        .unwrap();
         assert_eq!(euler.kind, SchedulerKind::Euler);
         assert_eq!(euler.flow_shift, 3.0);
         let dpm = euler.with_kind(SchedulerKind::DpmPlusPlus);
-        assert_eq!(dpm, SchedulerSpec::diffusers(SchedulerKind::DpmPlusPlus, 3.0));
-        let official = SchedulerSpec::official(SchedulerKind::UniPc, 12.0).with_kind(SchedulerKind::DpmPlusPlus);
+        assert_eq!(
+            dpm,
+            SchedulerSpec::diffusers(SchedulerKind::DpmPlusPlus, 3.0)
+        );
+        let official = SchedulerSpec::official(SchedulerKind::UniPc, 12.0)
+            .with_kind(SchedulerKind::DpmPlusPlus);
         assert_eq!(official.convention, SigmaConvention::Official);
     }
 

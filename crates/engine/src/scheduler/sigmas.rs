@@ -16,10 +16,16 @@ pub fn table(spec: &SchedulerSpec, steps: usize) -> Table {
     let shift = spec.flow_shift;
     let train = spec.num_train_timesteps;
     match (spec.kind, spec.convention) {
-        (SchedulerKind::UniPc, SigmaConvention::Diffusers) => unipc_diffusers(steps, shift, train, spec.final_sigma),
+        (SchedulerKind::UniPc, SigmaConvention::Diffusers) => {
+            unipc_diffusers(steps, shift, train, spec.final_sigma)
+        }
         (SchedulerKind::UniPc, SigmaConvention::Official) => unipc_official(steps, shift, train),
-        (SchedulerKind::DpmPlusPlus, SigmaConvention::Diffusers) => dpm_diffusers(steps, shift, train),
-        (SchedulerKind::DpmPlusPlus, SigmaConvention::Official) => dpm_official(steps, shift, train),
+        (SchedulerKind::DpmPlusPlus, SigmaConvention::Diffusers) => {
+            dpm_diffusers(steps, shift, train)
+        }
+        (SchedulerKind::DpmPlusPlus, SigmaConvention::Official) => {
+            dpm_official(steps, shift, train)
+        }
         // The official repo has no Euler solver; diffusers' table serves both conventions.
         (SchedulerKind::Euler, _) => euler_diffusers(steps, shift, train),
     }
@@ -52,11 +58,18 @@ pub fn shift_sigma(shift: f64, sigma: f64) -> f64 {
 
 /// Integer timesteps: σ·num_train in float64, truncated by the int64 cast.
 fn truncated_timesteps(sigmas: &[f64], train: usize) -> Vec<f32> {
-    sigmas.iter().map(|s| (s * train as f64) as i64 as f32).collect()
+    sigmas
+        .iter()
+        .map(|s| (s * train as f64) as i64 as f32)
+        .collect()
 }
 
 fn with_final(sigmas: &[f64], last: f64) -> Vec<f32> {
-    sigmas.iter().chain(std::iter::once(&last)).map(|&s| s as f32).collect()
+    sigmas
+        .iter()
+        .chain(std::iter::once(&last))
+        .map(|&s| s as f32)
+        .collect()
 }
 
 /// diffusers `UniPCMultistepScheduler.set_timesteps`, `use_flow_sigmas` branch (wan-facts §7.2):
@@ -74,7 +87,10 @@ fn unipc_diffusers(steps: usize, shift: f64, train: usize, final_sigma: FinalSig
         FinalSigma::Zero => 0.0,
         FinalSigma::SigmaMin => sig[steps - 1],
     };
-    Table { timesteps: truncated_timesteps(&sig, train), sigmas: with_final(&sig, last) }
+    Table {
+        timesteps: truncated_timesteps(&sig, train),
+        sigmas: with_final(&sig, last),
+    }
 }
 
 /// Official `FlowUniPCMultistepScheduler` (W22 `wan/utils/fm_solvers_unipc.py`, wan-facts §7.1): the
@@ -84,25 +100,44 @@ fn unipc_diffusers(steps: usize, shift: f64, train: usize, final_sigma: FinalSig
 fn unipc_official(steps: usize, shift: f64, train: usize) -> Table {
     let sigma_max = (1.0 - 1.0 / train as f64) as f32 as f64;
     let sigma_min = 0.0;
-    let sig: Vec<f64> =
-        linspace(sigma_max, sigma_min, steps + 1)[..steps].iter().map(|&s| shift_sigma(shift, s)).collect();
-    Table { timesteps: truncated_timesteps(&sig, train), sigmas: with_final(&sig, 0.0) }
+    let sig: Vec<f64> = linspace(sigma_max, sigma_min, steps + 1)[..steps]
+        .iter()
+        .map(|&s| shift_sigma(shift, s))
+        .collect();
+    Table {
+        timesteps: truncated_timesteps(&sig, train),
+        sigmas: with_final(&sig, 0.0),
+    }
 }
 
 /// diffusers `DPMSolverMultistepScheduler.set_timesteps`, `use_flow_sigmas` branch:
 /// σ = 1 − linspace(1, 1/T, N+1), shifted, reversed, last (σ = 0) dropped.
 fn dpm_diffusers(steps: usize, shift: f64, train: usize) -> Table {
     let alphas = linspace(1.0, 1.0 / train as f64, steps + 1);
-    let sig: Vec<f64> = alphas.iter().rev().take(steps).map(|&a| shift_sigma(shift, 1.0 - a)).collect();
-    Table { timesteps: truncated_timesteps(&sig, train), sigmas: with_final(&sig, 0.0) }
+    let sig: Vec<f64> = alphas
+        .iter()
+        .rev()
+        .take(steps)
+        .map(|&a| shift_sigma(shift, 1.0 - a))
+        .collect();
+    Table {
+        timesteps: truncated_timesteps(&sig, train),
+        sigmas: with_final(&sig, 0.0),
+    }
 }
 
 /// Official dpm++ (W22 `wan/text2video.py` + `wan/utils/fm_solvers.py`): `get_sampling_sigmas` gives
 /// shift(linspace(1, 0, N+1)[:N]), passed as custom sigmas to a scheduler built with shift=1 (whose own
 /// shift is then the identity). The top sigma is exactly 1, so the first timestep is T.
 fn dpm_official(steps: usize, shift: f64, train: usize) -> Table {
-    let sig: Vec<f64> = linspace(1.0, 0.0, steps + 1)[..steps].iter().map(|&s| shift_sigma(shift, s)).collect();
-    Table { timesteps: truncated_timesteps(&sig, train), sigmas: with_final(&sig, 0.0) }
+    let sig: Vec<f64> = linspace(1.0, 0.0, steps + 1)[..steps]
+        .iter()
+        .map(|&s| shift_sigma(shift, s))
+        .collect();
+    Table {
+        timesteps: truncated_timesteps(&sig, train),
+        sigmas: with_final(&sig, 0.0),
+    }
 }
 
 /// diffusers `FlowMatchEulerDiscreteScheduler`. The constructor shifts its float32 training sigmas
@@ -142,14 +177,24 @@ mod tests {
 
     #[test]
     fn tables_have_steps_plus_one_sigmas_and_end_at_zero() {
-        for kind in [SchedulerKind::UniPc, SchedulerKind::Euler, SchedulerKind::DpmPlusPlus] {
-            for spec in [SchedulerSpec::diffusers(kind, 5.0), SchedulerSpec::official(kind, 5.0)] {
+        for kind in [
+            SchedulerKind::UniPc,
+            SchedulerKind::Euler,
+            SchedulerKind::DpmPlusPlus,
+        ] {
+            for spec in [
+                SchedulerSpec::diffusers(kind, 5.0),
+                SchedulerSpec::official(kind, 5.0),
+            ] {
                 for steps in [1, 2, 7, 50] {
                     let t = table(&spec, steps);
                     assert_eq!(t.timesteps.len(), steps);
                     assert_eq!(t.sigmas.len(), steps + 1);
                     assert_eq!(*t.sigmas.last().unwrap(), 0.0);
-                    assert!(t.sigmas.windows(2).all(|w| w[0] >= w[1]), "{kind} {steps}: not decreasing");
+                    assert!(
+                        t.sigmas.windows(2).all(|w| w[0] >= w[1]),
+                        "{kind} {steps}: not decreasing"
+                    );
                 }
             }
         }

@@ -64,7 +64,10 @@ impl UniPc {
         let (sigma_t, sigma_s0) = (self.sigma(t), self.sigma(s0));
         let lambda_s0 = lambda(sigma_s0);
         let h = lambda(sigma_t) - lambda_s0;
-        let mut rks: Vec<f32> = history.iter().map(|&si| (lambda(self.sigma(si)) - lambda_s0) / h).collect();
+        let mut rks: Vec<f32> = history
+            .iter()
+            .map(|&si| (lambda(self.sigma(si)) - lambda_s0) / h)
+            .collect();
         rks.push(1.0);
         let hh = -h; // predict_x0
         let h_phi_1 = hh.exp_m1();
@@ -77,13 +80,26 @@ impl UniPc {
         let mut r = Vec::with_capacity(order);
         let mut b = Vec::with_capacity(order);
         for i in 1..=order {
-            r.push(rks.iter().map(|&rk| rk.powi(i as i32 - 1)).collect::<Vec<f32>>());
+            r.push(
+                rks.iter()
+                    .map(|&rk| rk.powi(i as i32 - 1))
+                    .collect::<Vec<f32>>(),
+            );
             b.push(h_phi_k * factorial as f32 / b_h);
             factorial *= i as u64 + 1;
             // torch subtracts the Python float 1/factorial as a float32 scalar.
             h_phi_k = h_phi_k / hh - (1.0 / factorial as f64) as f32;
         }
-        Coefficients { sigma_t, sigma_s0, alpha_t: 1.0 - sigma_t, rks, h_phi_1, b_h, r, b }
+        Coefficients {
+            sigma_t,
+            sigma_s0,
+            alpha_t: 1.0 - sigma_t,
+            rks,
+            h_phi_1,
+            b_h,
+            r,
+            b,
+        }
     }
 
     /// Σ_k rhos[k] · D1s[k] (the references' einsum over the history axis).
@@ -126,7 +142,13 @@ impl UniPc {
 
     /// UniC: corrects `this_sample` (at sigmas[i]) using the new x0 prediction `model_t` and the sample
     /// the previous predictor started from.
-    fn corrector(&self, i: usize, model_t: &Tensor, last_sample: &Tensor, order: usize) -> Result<Tensor> {
+    fn corrector(
+        &self,
+        i: usize,
+        model_t: &Tensor,
+        last_sample: &Tensor,
+        order: usize,
+    ) -> Result<Tensor> {
         let history: Vec<usize> = (1..order).map(|k| i - (k + 1)).collect();
         let c = self.coefficients(i, i - 1, &history, order);
         let m0 = self.recent(1)?;
@@ -134,8 +156,13 @@ impl UniPc {
         for (k, rk) in c.rks[..order - 1].iter().enumerate() {
             d1s.push(div_scalar(&(self.recent(k + 2)? - m0)?, *rk)?);
         }
-        let x_t_ = (scale(last_sample, c.sigma_t / c.sigma_s0)? - scale(m0, c.alpha_t * c.h_phi_1)?)?;
-        let rhos_c = if order == 1 { vec![0.5] } else { solve(c.r.clone(), c.b.clone()) };
+        let x_t_ =
+            (scale(last_sample, c.sigma_t / c.sigma_s0)? - scale(m0, c.alpha_t * c.h_phi_1)?)?;
+        let rhos_c = if order == 1 {
+            vec![0.5]
+        } else {
+            solve(c.r.clone(), c.b.clone())
+        };
         let d1_t = (model_t - m0)?;
         let last_term = scale(&d1_t, rhos_c[order - 1])?;
         let total = match Self::weighted_sum(&rhos_c[..order - 1], &d1s)? {
@@ -163,16 +190,24 @@ struct Coefficients {
 fn solve(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Vec<f32> {
     let n = b.len();
     for col in 0..n {
-        let pivot = (col..n).fold(col, |best, row| if a[row][col].abs() > a[best][col].abs() { row } else { best });
+        let pivot = (col..n).fold(col, |best, row| {
+            if a[row][col].abs() > a[best][col].abs() {
+                row
+            } else {
+                best
+            }
+        });
         a.swap(col, pivot);
         b.swap(col, pivot);
         let inv = 1.0 / a[col][col];
-        for row in col + 1..n {
-            let factor = a[row][col] * inv;
-            for k in col + 1..n {
-                a[row][k] -= factor * a[col][k];
+        let (upper, lower) = a.split_at_mut(col + 1);
+        let pivot_row = &upper[col];
+        for (offset, row) in lower.iter_mut().enumerate() {
+            let factor = row[col] * inv;
+            for (value, pivot_value) in row[col + 1..].iter_mut().zip(&pivot_row[col + 1..]) {
+                *value -= factor * pivot_value;
             }
-            b[row] -= factor * b[col];
+            b[col + 1 + offset] -= factor * b[col];
         }
     }
     let mut x = vec![0.0f32; n];
@@ -192,21 +227,37 @@ impl FlowScheduler for UniPc {
         &self.table.sigmas
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         let steps = self.table.timesteps.len();
-        let (model_output, sample) = check_step("UniPC", self.next_index, steps, step_index, model_output, sample)?;
+        let (model_output, sample) = check_step(
+            "UniPC",
+            self.next_index,
+            steps,
+            step_index,
+            model_output,
+            sample,
+        )?;
         let i = step_index;
         // convert_model_output: x0 = x − σ·v.
         let x0 = (&sample - scale(&model_output, self.sigma(i))?)?;
-        let use_corrector = i > 0 && !self.disable_corrector.contains(&(i - 1)) && self.last_sample.is_some();
+        let use_corrector =
+            i > 0 && !self.disable_corrector.contains(&(i - 1)) && self.last_sample.is_some();
         let sample = match (&self.last_sample, use_corrector) {
             (Some(last), true) => self.corrector(i, &x0, last, self.this_order)?,
             _ => sample,
         };
         self.model_outputs.remove(0);
         self.model_outputs.push(Some(x0));
-        let this_order =
-            if self.lower_order_final { self.solver_order.min(steps - i) } else { self.solver_order };
+        let this_order = if self.lower_order_final {
+            self.solver_order.min(steps - i)
+        } else {
+            self.solver_order
+        };
         self.this_order = this_order.min(self.lower_order_nums + 1);
         let prev = self.predictor(i, &sample, self.this_order)?;
         self.last_sample = Some(sample);
@@ -228,7 +279,14 @@ mod tests {
         // Exact solution: x1 = 1/(1 - 1e-3)·..., check the residual instead.
         assert!((1e-3 * x[0] + x[1] - 1.0).abs() < 1e-6);
         assert!((x[0] + x[1] - 2.0).abs() < 1e-6);
-        let x = solve(vec![vec![2.0, 0.0, 1.0], vec![1.0, 3.0, 0.0], vec![0.0, 1.0, 4.0]], vec![5.0, 7.0, 14.0]);
+        let x = solve(
+            vec![
+                vec![2.0, 0.0, 1.0],
+                vec![1.0, 3.0, 0.0],
+                vec![0.0, 1.0, 4.0],
+            ],
+            vec![5.0, 7.0, 14.0],
+        );
         for (got, want) in x.iter().zip([1.0, 2.0, 3.0]) {
             assert!((got - want).abs() < 1e-5, "{x:?}");
         }

@@ -31,10 +31,6 @@ pub struct Umt5Config {
     /// `gated-gelu` (UMT5, Wan), `relu`, `gated-silu`, ... as in HF: `[gated-]ACT`.
     #[serde(default = "defaults::feed_forward_proj")]
     pub feed_forward_proj: String,
-    #[serde(default)]
-    pub pad_token_id: Option<u32>,
-    #[serde(default)]
-    pub eos_token_id: Option<u32>,
 }
 
 mod defaults {
@@ -96,17 +92,18 @@ impl Umt5Config {
             relative_attention_max_distance: 128,
             layer_norm_epsilon: 1e-6,
             feed_forward_proj: "gated-gelu".into(),
-            pad_token_id: Some(0),
-            eos_token_id: Some(1),
         }
     }
 
     /// Reads an HF `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let config: Self = serde_json::from_str(&text)
             .map_err(|e| invalid!("{}: not a valid UMT5 config.json: {e}", path.display()))?;
-        config.validate().map_err(|e| invalid!("{}: {e}", path.display()))?;
+        config
+            .validate()
+            .map_err(|e| invalid!("{}: {e}", path.display()))?;
         Ok(config)
     }
 
@@ -157,7 +154,7 @@ impl Umt5Config {
         // Bidirectional buckets: half per direction, half of those exact, and log-spaced ones need
         // max_distance > max_exact.
         let n = self.relative_attention_num_buckets;
-        if n < 4 || n % 2 != 0 {
+        if n < 4 || !n.is_multiple_of(2) {
             return Err(invalid!(
                 "relative_attention_num_buckets: {n} must be an even number >= 4"
             ));
@@ -169,7 +166,7 @@ impl Umt5Config {
                 n / 4
             ));
         }
-        if !(self.layer_norm_epsilon >= 0.0) {
+        if self.layer_norm_epsilon.is_nan() || self.layer_norm_epsilon < 0.0 {
             return Err(invalid!("layer_norm_epsilon: must be >= 0"));
         }
         self.feed_forward()?;
@@ -187,13 +184,17 @@ mod tests {
             "vocab_size": 256384, "relative_attention_num_buckets": 32,
             "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
             "dense_act_fn": "gelu_new", "layer_norm_epsilon": 1e-06, "pad_token_id": 0,
-            "eos_token_id": 1, "model_type": "umt5"}"#;
+            "eos_token_id": [1], "model_type": "umt5"}"#;
         let c: Umt5Config = serde_json::from_str(json).unwrap();
         assert_eq!(c, Umt5Config::umt5_xxl());
         assert_eq!(c.feed_forward().unwrap(), (true, Activation::GeluNew));
         let mut bad = c.clone();
         bad.feed_forward_proj = "gated-tanh".into();
-        assert!(bad.validate().unwrap_err().to_string().contains("feed_forward_proj"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("feed_forward_proj"));
         let mut plain = c;
         plain.feed_forward_proj = "gelu".into();
         assert_eq!(plain.feed_forward().unwrap(), (false, Activation::Gelu));

@@ -41,7 +41,11 @@ pub const TEXT_LEN: usize = 512;
 /// never see padded ones and the relative bias depends only on distances, so the kept rows are the
 /// ones a 512-position run gives (up to summation order), at a fraction of the cost for short
 /// prompts.
-pub fn encode_prompts(encoder: &TextEncoder, tokenizer: &Tokenizer, prompts: &[&str]) -> Result<Tensor> {
+pub fn encode_prompts(
+    encoder: &TextEncoder,
+    tokenizer: &Tokenizer,
+    prompts: &[&str],
+) -> Result<Tensor> {
     encode_prompts_with_length(encoder, tokenizer, prompts, TEXT_LEN)
 }
 
@@ -76,7 +80,10 @@ pub fn encode_prompts_with_length(
 /// `total` (diffusers: `torch.cat([u[:v], u.new_zeros(total - v, D)])`).
 pub fn zero_pad_rows(hidden: &Tensor, lengths: &[usize], total: usize) -> Result<Tensor> {
     let (b, l, d) = hidden.dims3()?;
-    anyhow::ensure!(lengths.len() == b && l <= total, "zero_pad_rows: bad lengths or target");
+    anyhow::ensure!(
+        lengths.len() == b && l <= total,
+        "zero_pad_rows: bad lengths or target"
+    );
     let keep: Vec<u8> = lengths
         .iter()
         .flat_map(|&n| (0..l).map(move |i| u8::from(i < n)))

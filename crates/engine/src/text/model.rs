@@ -75,7 +75,11 @@ fn detect_layout(keys: &[String]) -> KeyLayout {
 ///
 /// HF checkpoints may store the tied `encoder.embed_tokens.weight` next to (or instead of)
 /// `shared.weight`; one of them is the embedding and a duplicate is ignored.
-pub fn encoder_weight_map(source: Box<dyn TensorSource>, device: &Device, dtype: DType) -> Result<WeightMap> {
+pub fn encoder_weight_map(
+    source: Box<dyn TensorSource>,
+    device: &Device,
+    dtype: DType,
+) -> Result<WeightMap> {
     let keys = source.keys();
     let layout = detect_layout(&keys);
     let has_shared = keys.iter().any(|k| k == "shared.weight");
@@ -117,11 +121,18 @@ pub fn infer_config(wm: &WeightMap) -> Result<Umt5Config> {
         "encoder.block.0.layer.1.DenseReluDense.wi.weight"
     })?;
     let mut num_layers = 0;
-    while wm.contains(&format!("encoder.block.{num_layers}.layer.0.layer_norm.weight")) {
+    while wm.contains(&format!(
+        "encoder.block.{num_layers}.layer.0.layer_norm.weight"
+    )) {
         num_layers += 1;
     }
     let (num_buckets, num_heads) = (bias[0], bias[1]);
-    if emb.len() != 2 || bias.len() != 2 || q.len() != 2 || wi.len() != 2 || q[0] % num_heads != 0 {
+    if emb.len() != 2
+        || bias.len() != 2
+        || q.len() != 2
+        || wi.len() != 2
+        || !q[0].is_multiple_of(num_heads)
+    {
         return Err(invalid!(
             "{}: tensor shapes are not those of a UMT5 encoder (embedding {emb:?}, position bias {bias:?}, q {q:?})",
             wm.describe()
@@ -143,29 +154,39 @@ pub fn infer_config(wm: &WeightMap) -> Result<Umt5Config> {
 }
 
 /// Relative-position bucket of every (query, key) pair for the bidirectional encoder, row-major
-/// `[q_len * k_len]`. Follows transformers' `_relative_position_bucket` including its f32 rounding
-/// (the log ratio is computed in f32 and truncated), so bucket borders land where torch puts them.
-pub fn relative_position_buckets(q_len: usize, k_len: usize, num_buckets: usize, max_distance: usize) -> Vec<u32> {
-    let half = num_buckets / 2;
-    let max_exact = half / 2;
-    let log_span = ((max_distance as f64) / (max_exact as f64)).ln() as f32;
+/// `[q_len * k_len]`.
+pub fn relative_position_buckets(
+    q_len: usize,
+    k_len: usize,
+    num_buckets: usize,
+    max_distance: usize,
+) -> Vec<u32> {
     let mut out = Vec::with_capacity(q_len * k_len);
     for i in 0..q_len as i64 {
         for j in 0..k_len as i64 {
-            let rel = j - i;
-            let base = if rel > 0 { half } else { 0 };
-            let dist = rel.unsigned_abs() as usize;
-            let bucket = if dist < max_exact {
-                dist
-            } else {
-                let ratio = ((dist as f32) / (max_exact as f32)).ln() / log_span;
-                let large = max_exact as i64 + (ratio * (half - max_exact) as f32) as i64;
-                (large as usize).min(half - 1)
-            };
-            out.push((base + bucket) as u32);
+            out.push(relative_position_bucket(j - i, num_buckets, max_distance));
         }
     }
     out
+}
+
+/// Bucket of `key - query` in a bidirectional encoder. Follows transformers'
+/// `_relative_position_bucket` including its f32 rounding (the log ratio is computed in f32 and
+/// truncated), so bucket borders land where torch puts them.
+pub fn relative_position_bucket(rel: i64, num_buckets: usize, max_distance: usize) -> u32 {
+    let half = num_buckets / 2;
+    let max_exact = half / 2;
+    let base = if rel > 0 { half } else { 0 };
+    let dist = rel.unsigned_abs() as usize;
+    let bucket = if dist < max_exact {
+        dist
+    } else {
+        let log_span = ((max_distance as f64) / (max_exact as f64)).ln() as f32;
+        let ratio = ((dist as f32) / (max_exact as f32)).ln() / log_span;
+        let large = max_exact + (ratio * (half - max_exact) as f32) as usize;
+        large.min(half - 1)
+    };
+    (base + bucket) as u32
 }
 
 /// T5 RMS norm without mean subtraction or bias, in f32.
@@ -272,7 +293,10 @@ impl FeedForward {
     fn load(wp: &WeightPath, c: &Umt5Config) -> Result<Self> {
         let (gated, act) = c.feed_forward()?;
         let lin = |name: &str| -> Result<Linear> {
-            Ok(Linear::new(wp.pp(name).get("weight", &[c.d_ff, c.d_model])?, None))
+            Ok(Linear::new(
+                wp.pp(name).get("weight", &[c.d_ff, c.d_model])?,
+                None,
+            ))
         };
         Ok(Self {
             wi: lin(if gated { "wi_0" } else { "wi" })?,
@@ -338,7 +362,11 @@ impl TextEncoder {
                 ff: FeedForward::load(&l1.pp("DenseReluDense"), c)?,
             });
         }
-        let final_norm = RmsNorm::load(&wm.pp("encoder.final_layer_norm"), c.d_model, c.layer_norm_epsilon)?;
+        let final_norm = RmsNorm::load(
+            &wm.pp("encoder.final_layer_norm"),
+            c.d_model,
+            c.layer_norm_epsilon,
+        )?;
         wm.finish()?;
         Ok(Self {
             config,
@@ -363,7 +391,8 @@ impl TextEncoder {
             Some(f) => Umt5Config::from_file(&f)?,
             None => infer_config(&wm)?,
         };
-        Self::from_weights(config, &wm).with_context(|| format!("loading UMT5 encoder from {}", path.display()))
+        Self::from_weights(config, &wm)
+            .with_context(|| format!("loading UMT5 encoder from {}", path.display()))
     }
 
     /// Seeded random weights with transformers' init scales (demo model, tests).
@@ -411,7 +440,12 @@ impl TextEncoder {
         .to_device(&self.device)?;
         let c = &self.config;
         let buckets = Tensor::from_vec(
-            relative_position_buckets(l, l, c.relative_attention_num_buckets, c.relative_attention_max_distance),
+            relative_position_buckets(
+                l,
+                l,
+                c.relative_attention_num_buckets,
+                c.relative_attention_max_distance,
+            ),
             l * l,
             &self.device,
         )?;
@@ -473,7 +507,10 @@ fn open_checkpoint(path: &Path) -> Result<(Box<dyn TensorSource>, Option<PathBuf
         return Ok((open_pth(path)?, None));
     }
     let source = SafetensorsSource::open(path)?;
-    let config = path.parent().map(|p| p.join("config.json")).filter(|c| c.is_file());
+    let config = path
+        .parent()
+        .map(|p| p.join("config.json"))
+        .filter(|c| c.is_file());
     Ok((Box::new(source), config))
 }
 
@@ -488,7 +525,11 @@ fn random_source(c: &Umt5Config, seed: u64) -> Result<MemorySource> {
     let (dm, dff) = (c.d_model as f64, c.d_ff as f64);
     let mut specs: Vec<(String, Vec<usize>, f64)> = vec![
         ("shared.weight".into(), vec![c.vocab_size, c.d_model], 1.0),
-        ("encoder.final_layer_norm.weight".into(), vec![c.d_model], 0.0),
+        (
+            "encoder.final_layer_norm.weight".into(),
+            vec![c.d_model],
+            0.0,
+        ),
     ];
     for i in 0..c.num_layers {
         let p = format!("encoder.block.{i}.layer");
@@ -496,10 +537,26 @@ fn random_source(c: &Umt5Config, seed: u64) -> Result<MemorySource> {
         let f = format!("{p}.1.DenseReluDense");
         specs.push((format!("{p}.0.layer_norm.weight"), vec![c.d_model], 0.0));
         specs.push((format!("{p}.1.layer_norm.weight"), vec![c.d_model], 0.0));
-        specs.push((format!("{a}.q.weight"), vec![inner, c.d_model], (dm * c.d_kv as f64).powf(-0.5)));
-        specs.push((format!("{a}.k.weight"), vec![inner, c.d_model], dm.powf(-0.5)));
-        specs.push((format!("{a}.v.weight"), vec![inner, c.d_model], dm.powf(-0.5)));
-        specs.push((format!("{a}.o.weight"), vec![c.d_model, inner], (inner as f64).powf(-0.5)));
+        specs.push((
+            format!("{a}.q.weight"),
+            vec![inner, c.d_model],
+            (dm * c.d_kv as f64).powf(-0.5),
+        ));
+        specs.push((
+            format!("{a}.k.weight"),
+            vec![inner, c.d_model],
+            dm.powf(-0.5),
+        ));
+        specs.push((
+            format!("{a}.v.weight"),
+            vec![inner, c.d_model],
+            dm.powf(-0.5),
+        ));
+        specs.push((
+            format!("{a}.o.weight"),
+            vec![c.d_model, inner],
+            (inner as f64).powf(-0.5),
+        ));
         specs.push((
             format!("{a}.relative_attention_bias.weight"),
             vec![c.relative_attention_num_buckets, c.num_heads],
@@ -507,9 +564,17 @@ fn random_source(c: &Umt5Config, seed: u64) -> Result<MemorySource> {
         ));
         let wi: &[&str] = if gated { &["wi_0", "wi_1"] } else { &["wi"] };
         for name in wi {
-            specs.push((format!("{f}.{name}.weight"), vec![c.d_ff, c.d_model], dm.powf(-0.5)));
+            specs.push((
+                format!("{f}.{name}.weight"),
+                vec![c.d_ff, c.d_model],
+                dm.powf(-0.5),
+            ));
         }
-        specs.push((format!("{f}.wo.weight"), vec![c.d_model, c.d_ff], dff.powf(-0.5)));
+        specs.push((
+            format!("{f}.wo.weight"),
+            vec![c.d_model, c.d_ff],
+            dff.powf(-0.5),
+        ));
     }
     let mut tensors = HashMap::new();
     for (i, (name, shape, std)) in specs.into_iter().enumerate() {
@@ -521,7 +586,10 @@ fn random_source(c: &Umt5Config, seed: u64) -> Result<MemorySource> {
         };
         tensors.insert(name, t);
     }
-    Ok(MemorySource::new(format!("random UMT5 weights (seed {seed})"), tensors))
+    Ok(MemorySource::new(
+        format!("random UMT5 weights (seed {seed})"),
+        tensors,
+    ))
 }
 
 #[cfg(test)]
@@ -530,7 +598,10 @@ mod tests {
 
     #[test]
     fn official_keys_map_to_hf() {
-        assert_eq!(official_to_hf_key("token_embedding.weight").unwrap(), "shared.weight");
+        assert_eq!(
+            official_to_hf_key("token_embedding.weight").unwrap(),
+            "shared.weight"
+        );
         assert_eq!(
             official_to_hf_key("blocks.23.ffn.gate.0.weight").unwrap(),
             "encoder.block.23.layer.1.DenseReluDense.wi_0.weight"

@@ -166,7 +166,11 @@ impl VaeConfig {
     /// Number of down stages that halve time.
     pub fn temporal_stages(&self) -> usize {
         let stages = self.dim_mult.len().saturating_sub(1);
-        self.temperal_downsample.iter().take(stages).filter(|&&t| t).count()
+        self.temperal_downsample
+            .iter()
+            .take(stages)
+            .filter(|&&t| t)
+            .count()
     }
 
     /// Pixels per latent pixel (8 for Wan2.1, 16 for Wan2.2).
@@ -195,7 +199,10 @@ impl VaeConfig {
     pub fn validate(&self) -> Result<()> {
         let stages = self.dim_mult.len();
         if stages == 0 || self.dim_mult.contains(&0) {
-            return Err(invalid!("dim_mult: {:?} must be non-empty and positive", self.dim_mult));
+            return Err(invalid!(
+                "dim_mult: {:?} must be non-empty and positive",
+                self.dim_mult
+            ));
         }
         if self.temperal_downsample.len() < stages - 1 {
             return Err(invalid!(
@@ -220,10 +227,12 @@ impl VaeConfig {
             ));
         }
         if self.base_dim == 0 || self.z_dim == 0 || self.num_res_blocks == 0 {
-            return Err(invalid!("base_dim, z_dim and num_res_blocks must be positive"));
+            return Err(invalid!(
+                "base_dim, z_dim and num_res_blocks must be positive"
+            ));
         }
         let p = self.patch();
-        if self.in_channels % (p * p) != 0 || self.out_channels % (p * p) != 0 {
+        if !self.in_channels.is_multiple_of(p * p) || !self.out_channels.is_multiple_of(p * p) {
             return Err(invalid!(
                 "in_channels {} / out_channels {} must be multiples of patch_size² = {}",
                 self.in_channels,
@@ -240,7 +249,9 @@ impl VaeConfig {
             ));
         }
         if self.latents_std.iter().any(|&s| s <= 0.0 || !s.is_finite()) {
-            return Err(invalid!("latents_std: every value must be positive and finite"));
+            return Err(invalid!(
+                "latents_std: every value must be positive and finite"
+            ));
         }
         if let Some(s) = self.scale_factor_spatial {
             if s != self.spatial_stride() {
@@ -266,8 +277,12 @@ impl VaeConfig {
                 .collect();
             for i in 0..stages {
                 let down = i + 1 != stages;
-                let factor = if down { 4 * if self.temperal_downsample[i] { 2 } else { 1 } } else { 1 };
-                if dims[i] * factor % dims[i + 1] != 0 {
+                let factor = if down {
+                    4 * if self.temperal_downsample[i] { 2 } else { 1 }
+                } else {
+                    1
+                };
+                if !(dims[i] * factor).is_multiple_of(dims[i + 1]) {
                     return Err(invalid!(
                         "base_dim/dim_mult: encoder stage {i} ({} -> {} channels) cannot average-down by {factor}",
                         dims[i],
@@ -301,10 +316,16 @@ mod tests {
     fn official_configs_have_the_documented_strides() {
         let a = VaeConfig::wan21();
         a.validate().unwrap();
-        assert_eq!((a.spatial_stride(), a.temporal_stride(), a.z_dim), (8, 4, 16));
+        assert_eq!(
+            (a.spatial_stride(), a.temporal_stride(), a.z_dim),
+            (8, 4, 16)
+        );
         let b = VaeConfig::wan22();
         b.validate().unwrap();
-        assert_eq!((b.spatial_stride(), b.temporal_stride(), b.z_dim), (16, 4, 48));
+        assert_eq!(
+            (b.spatial_stride(), b.temporal_stride(), b.z_dim),
+            (16, 4, 48)
+        );
         assert_eq!(b.image_channels(), 3);
         assert_eq!(a.latent_frames(81), 21);
         assert_eq!(a.decoded_frames(21), 81);
@@ -314,11 +335,19 @@ mod tests {
 
     #[test]
     fn config_json_defaults_and_errors() {
-        let cfg = VaeConfig::from_json(r#"{"_class_name": "AutoencoderKLWan", "base_dim": 96}"#, "c").unwrap();
+        let cfg = VaeConfig::from_json(
+            r#"{"_class_name": "AutoencoderKLWan", "base_dim": 96}"#,
+            "c",
+        )
+        .unwrap();
         assert_eq!(cfg, VaeConfig::wan21());
-        let err = VaeConfig::from_json(r#"{"z_dim": 48}"#, "c").unwrap_err().to_string();
+        let err = VaeConfig::from_json(r#"{"z_dim": 48}"#, "c")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("latents_mean"), "{err}");
-        let err = VaeConfig::from_json(r#"{"attn_scales": [0.5]}"#, "c").unwrap_err().to_string();
+        let err = VaeConfig::from_json(r#"{"attn_scales": [0.5]}"#, "c")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("attn_scales"), "{err}");
     }
 }

@@ -154,7 +154,9 @@ pub fn infer_config(shape: &dyn Fn(&str) -> Option<Vec<usize>>, origin: &str) ->
     let need = |name: &str, dim: usize| -> Result<usize> {
         shape(name)
             .and_then(|s| s.get(dim).copied())
-            .ok_or_else(|| invalid!("{origin}: missing weight `{name}` needed to infer the VAE architecture"))
+            .ok_or_else(|| {
+                invalid!("{origin}: missing weight `{name}` needed to infer the VAE architecture")
+            })
     };
     let base_dim = need("encoder.conv_in.weight", 0)?;
     let in_channels = need("encoder.conv_in.weight", 1)?;
@@ -206,12 +208,14 @@ pub fn infer_config(shape: &dyn Fn(&str) -> Option<Vec<usize>>, origin: &str) ->
         }
     }
     if dim_mult.is_empty() {
-        return Err(invalid!("{origin}: no encoder down blocks found; not a Wan VAE checkpoint"));
+        return Err(invalid!(
+            "{origin}: no encoder down blocks found; not a Wan VAE checkpoint"
+        ));
     }
     // RGB patchified p x p into the channels (Wan2.2: 12 = 3·2·2).
     let patch_size = (2..=8).find(|p| in_channels == 3 * p * p);
-    let (latents_mean, latents_std) = VaeConfig::official_latent_stats(z_dim)
-        .map_err(|e| invalid!("{origin}: {e}"))?;
+    let (latents_mean, latents_std) =
+        VaeConfig::official_latent_stats(z_dim).map_err(|e| invalid!("{origin}: {e}"))?;
     let cfg = VaeConfig {
         base_dim,
         // The decoder's last stage has decoder_base_dim · dim_mult[0] channels.
@@ -231,7 +235,8 @@ pub fn infer_config(shape: &dyn Fn(&str) -> Option<Vec<usize>>, origin: &str) ->
         scale_factor_temporal: None,
         scale_factor_spatial: None,
     };
-    cfg.validate().map_err(|e| invalid!("{origin}: inferred VAE config is inconsistent: {e}"))?;
+    cfg.validate()
+        .map_err(|e| invalid!("{origin}: inferred VAE config is inconsistent: {e}"))?;
     Ok(cfg)
 }
 
@@ -248,13 +253,34 @@ mod tests {
             ("encoder.conv1.weight", "encoder.conv_in.weight"),
             ("decoder.head.0.gamma", "decoder.norm_out.gamma"),
             ("decoder.head.2.bias", "decoder.conv_out.bias"),
-            ("encoder.middle.1.to_qkv.weight", "encoder.mid_block.attentions.0.to_qkv.weight"),
-            ("decoder.middle.2.residual.3.gamma", "decoder.mid_block.resnets.1.norm2.gamma"),
-            ("encoder.downsamples.5.time_conv.weight", "encoder.down_blocks.5.time_conv.weight"),
-            ("encoder.downsamples.3.shortcut.weight", "encoder.down_blocks.3.conv_shortcut.weight"),
-            ("decoder.upsamples.4.shortcut.bias", "decoder.up_blocks.1.resnets.0.conv_shortcut.bias"),
-            ("decoder.upsamples.11.resample.1.weight", "decoder.up_blocks.2.upsamplers.0.resample.1.weight"),
-            ("decoder.upsamples.14.residual.6.weight", "decoder.up_blocks.3.resnets.2.conv2.weight"),
+            (
+                "encoder.middle.1.to_qkv.weight",
+                "encoder.mid_block.attentions.0.to_qkv.weight",
+            ),
+            (
+                "decoder.middle.2.residual.3.gamma",
+                "decoder.mid_block.resnets.1.norm2.gamma",
+            ),
+            (
+                "encoder.downsamples.5.time_conv.weight",
+                "encoder.down_blocks.5.time_conv.weight",
+            ),
+            (
+                "encoder.downsamples.3.shortcut.weight",
+                "encoder.down_blocks.3.conv_shortcut.weight",
+            ),
+            (
+                "decoder.upsamples.4.shortcut.bias",
+                "decoder.up_blocks.1.resnets.0.conv_shortcut.bias",
+            ),
+            (
+                "decoder.upsamples.11.resample.1.weight",
+                "decoder.up_blocks.2.upsamplers.0.resample.1.weight",
+            ),
+            (
+                "decoder.upsamples.14.residual.6.weight",
+                "decoder.up_blocks.3.resnets.2.conv2.weight",
+            ),
             // Wan2.2 nested names
             (
                 "encoder.downsamples.1.downsamples.2.time_conv.bias",
@@ -268,12 +294,18 @@ mod tests {
                 "decoder.upsamples.2.upsamples.3.resample.1.bias",
                 "decoder.up_blocks.2.upsampler.resample.1.bias",
             ),
-            ("first_stage_model.decoder.conv1.bias", "decoder.conv_in.bias"),
+            (
+                "first_stage_model.decoder.conv1.bias",
+                "decoder.conv_in.bias",
+            ),
         ];
         for (official, diffusers) in cases {
             assert_eq!(normalize_key(official, l21), diffusers, "{official}");
         }
         // unknown keys pass through so that strict loading names them
-        assert_eq!(normalize_key("decoder.bogus.weight", l21), "decoder.bogus.weight");
+        assert_eq!(
+            normalize_key("decoder.bogus.weight", l21),
+            "decoder.bogus.weight"
+        );
     }
 }

@@ -26,7 +26,9 @@ pub struct ShapeRecorder {
 
 impl ShapeRecorder {
     fn make(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.record.borrow_mut().push((name.to_string(), shape.to_vec()));
+        self.record
+            .borrow_mut()
+            .push((name.to_string(), shape.to_vec()));
         Ok(Tensor::zeros(1, DType::F32, &Device::Cpu)?
             .reshape(vec![1; shape.len()])?
             .broadcast_as(shape)?)
@@ -150,7 +152,10 @@ pub fn causal_conv3d(
     cache: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (src, zeros) = match cache {
-        Some(c) if front_pad > 0 => (Tensor::cat(&[c, x], 1)?, front_pad.saturating_sub(c.dim(1)?)),
+        Some(c) if front_pad > 0 => (
+            Tensor::cat(&[c, x], 1)?,
+            front_pad.saturating_sub(c.dim(1)?),
+        ),
         _ => (x.clone(), front_pad),
     };
     let (b, n, c, h, w) = src.dims5()?;
@@ -178,10 +183,16 @@ pub fn causal_conv3d(
             let ids: Vec<u32> = (0..count).map(|i| (start + i * stride_t) as u32).collect();
             src.index_select(&Tensor::new(ids, src.device())?, 1)?
         };
-        let y = frames.reshape((b * count, c, h, w))?.conv2d(tap, pad_hw, 1, 1, 1)?;
+        let y = frames
+            .reshape((b * count, c, h, w))?
+            .conv2d(tap, pad_hw, 1, 1, 1)?;
         let (_, co, ho, wo) = y.dims4()?;
         let y = y.reshape((b, count, co, ho, wo))?;
-        let y = if first > 0 { y.pad_with_zeros(1, first, 0)? } else { y };
+        let y = if first > 0 {
+            y.pad_with_zeros(1, first, 0)?
+        } else {
+            y
+        };
         acc = Some(match acc {
             None => y,
             Some(a) => (a + y)?,
@@ -218,7 +229,11 @@ impl CausalConv3d {
         let taps = (0..kt)
             .map(|k| {
                 let tap = weight.narrow(2, k, 1)?.squeeze(2)?;
-                Ok(if vb.is_recording() { tap } else { tap.contiguous()? })
+                Ok(if vb.is_recording() {
+                    tap
+                } else {
+                    tap.contiguous()?
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -236,7 +251,15 @@ impl CausalConv3d {
     }
 
     pub fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
-        causal_conv3d(x, &self.taps, Some(&self.bias), self.front_pad, self.pad_hw, self.stride_t, cache)
+        causal_conv3d(
+            x,
+            &self.taps,
+            Some(&self.bias),
+            self.front_pad,
+            self.pad_hw,
+            self.stride_t,
+            cache,
+        )
     }
 
     /// Runs with the layer's cache slot: the previous chunk's last input frames pad the front,
@@ -293,7 +316,14 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn load(vb: &Vb, c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+    pub fn load(
+        vb: &Vb,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         Ok(Self {
             weight: vb.get("weight", &[c_out, c_in, k, k])?,
             bias: vb.get("bias", &[c_out])?,
@@ -318,7 +348,11 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// `images`: gamma is `[C, 1, 1]` (attention) rather than `[C, 1, 1, 1]`.
     pub fn load(vb: &Vb, dim: usize, images: bool) -> Result<Self> {
-        let shape: &[usize] = if images { &[dim, 1, 1] } else { &[dim, 1, 1, 1] };
+        let shape: &[usize] = if images {
+            &[dim, 1, 1]
+        } else {
+            &[dim, 1, 1, 1]
+        };
         let gamma = vb.get("gamma", shape)?.flatten_all()?;
         Ok(Self {
             scale: (gamma * (dim as f64).sqrt())?,
@@ -328,7 +362,11 @@ impl RmsNorm {
     /// Normalises over `dim` (the channel axis).
     pub fn forward(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
         let dtype = x.dtype();
-        let xf = if dtype == DType::F32 { x.clone() } else { x.to_dtype(DType::F32)? };
+        let xf = if dtype == DType::F32 {
+            x.clone()
+        } else {
+            x.to_dtype(DType::F32)?
+        };
         let norm = xf.sqr()?.sum_keepdim(dim)?.sqrt()?.maximum(1e-12)?;
         let normalized = xf.broadcast_div(&norm)?.to_dtype(dtype)?;
         let mut shape = vec![1; x.rank()];
@@ -359,7 +397,12 @@ impl ResidualBlock {
             norm2: RmsNorm::load(&vb.pp("norm2"), out_dim, false)?,
             conv2: CausalConv3d::load_k(&vb.pp("conv2"), out_dim, out_dim, 3)?,
             shortcut: if in_dim != out_dim {
-                Some(CausalConv3d::load_k(&vb.pp("conv_shortcut"), in_dim, out_dim, 1)?)
+                Some(CausalConv3d::load_k(
+                    &vb.pp("conv_shortcut"),
+                    in_dim,
+                    out_dim,
+                    1,
+                )?)
             } else {
                 None
             },
@@ -398,7 +441,9 @@ impl AttentionBlock {
         let proj = vb.pp("proj");
         Ok(Self {
             norm: RmsNorm::load(&vb.pp("norm"), dim, true)?,
-            qkv_w: qkv.get("weight", &[3 * dim, dim, 1, 1])?.reshape((3 * dim, dim))?,
+            qkv_w: qkv
+                .get("weight", &[3 * dim, dim, 1, 1])?
+                .reshape((3 * dim, dim))?,
             qkv_b: qkv.get("bias", &[3 * dim])?.reshape((3 * dim, 1))?,
             proj_w: proj.get("weight", &[dim, dim, 1, 1])?.reshape((dim, dim))?,
             proj_b: proj.get("bias", &[dim])?.reshape((dim, 1))?,
@@ -409,7 +454,10 @@ impl AttentionBlock {
         let (b, t, c, h, w) = x.dims5()?;
         let hw = h * w;
         let xs = self.norm.forward(&x.reshape((b * t, c, hw))?, 1)?;
-        let qkv = self.qkv_w.broadcast_matmul(&xs)?.broadcast_add(&self.qkv_b)?; // [bt, 3c, hw]
+        let qkv = self
+            .qkv_w
+            .broadcast_matmul(&xs)?
+            .broadcast_add(&self.qkv_b)?; // [bt, 3c, hw]
         let qkv = qkv.to_dtype(DType::F32)?;
         let scale = 1.0 / (c as f64).sqrt();
         let rows = (ATTN_BLOCK_ELEMS / hw).clamp(1, hw);
@@ -428,7 +476,10 @@ impl AttentionBlock {
             frames.push(Tensor::cat(&parts, 0)?.t()?); // [c, hw]
         }
         let o = Tensor::stack(&frames, 0)?.to_dtype(x.dtype())?;
-        let o = self.proj_w.broadcast_matmul(&o)?.broadcast_add(&self.proj_b)?;
+        let o = self
+            .proj_w
+            .broadcast_matmul(&o)?
+            .broadcast_add(&self.proj_b)?;
         Ok((o.reshape((b, t, c, h, w))? + x)?)
     }
 }
@@ -492,7 +543,11 @@ impl Resample {
                     .transpose()?,
             ),
         };
-        Ok(Self { mode, conv, time_conv })
+        Ok(Self {
+            mode,
+            conv,
+            time_conv,
+        })
     }
 
     pub fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
@@ -521,7 +576,9 @@ impl Resample {
                 // nearest-exact at an integer factor 2 is plain pixel duplication
                 self.conv.forward(&f.upsample_nearest2d(2 * h, 2 * w)?)
             }
-            _ => self.conv.forward(&f.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?),
+            _ => self
+                .conv
+                .forward(&f.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?),
         })?;
         if let (ResampleMode::Downsample3d, Some(tc)) = (self.mode, &self.time_conv) {
             let slot = cache.next_slot();
@@ -534,7 +591,10 @@ impl Resample {
                 Slot::Frames(prev) => {
                     let t = x.dim(1)?;
                     let keep = x.narrow(1, t - 1, 1)?.copy()?;
-                    let y = tc.forward(&Tensor::cat(&[&prev.narrow(1, prev.dim(1)? - 1, 1)?, &x], 1)?, None)?;
+                    let y = tc.forward(
+                        &Tensor::cat(&[&prev.narrow(1, prev.dim(1)? - 1, 1)?, &x], 1)?,
+                        None,
+                    )?;
                     *slot = Slot::Frames(keep);
                     y
                 }
@@ -561,10 +621,15 @@ pub struct AvgDown3D {
 }
 
 impl AvgDown3D {
-    pub fn new(in_channels: usize, out_channels: usize, factor_t: usize, factor_s: usize) -> Result<Self> {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        factor_t: usize,
+        factor_s: usize,
+    ) -> Result<Self> {
         let factor = factor_t * factor_s * factor_s;
         ensure!(
-            in_channels * factor % out_channels == 0,
+            (in_channels * factor).is_multiple_of(out_channels),
             "AvgDown3D: {in_channels} channels x {factor} is not divisible by {out_channels}"
         );
         Ok(Self {
@@ -599,10 +664,15 @@ pub struct DupUp3D {
 }
 
 impl DupUp3D {
-    pub fn new(in_channels: usize, out_channels: usize, factor_t: usize, factor_s: usize) -> Result<Self> {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        factor_t: usize,
+        factor_s: usize,
+    ) -> Result<Self> {
         let factor = factor_t * factor_s * factor_s;
         ensure!(
-            out_channels * factor % in_channels == 0,
+            (out_channels * factor).is_multiple_of(in_channels),
             "DupUp3D: {out_channels} channels x {factor} is not divisible by {in_channels}"
         );
         Ok(Self {
@@ -636,8 +706,7 @@ pub fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, t, c, h, w) = x.dims5()?;
-    Ok(x
-        .reshape(vec![b, t, c, h / p, p, w / p, p])?
+    Ok(x.reshape(vec![b, t, c, h / p, p, w / p, p])?
         .permute(vec![0, 1, 2, 6, 4, 3, 5])? // b, t, c, r(w), q(h), h', w'
         .reshape((b, t, c * p * p, h / p, w / p))?)
 }
@@ -649,8 +718,9 @@ pub fn unpatchify(x: &Tensor, p: usize) -> Result<Tensor> {
     }
     let (b, t, cp, h, w) = x.dims5()?;
     let c = cp / (p * p);
-    Ok(x
-        .reshape(vec![b, t, c, p, p, h, w])? // b, t, c, r(w), q(h), h, w
-        .permute(vec![0, 1, 2, 5, 4, 6, 3])?
-        .reshape((b, t, c, h * p, w * p))?)
+    Ok(
+        x.reshape(vec![b, t, c, p, p, h, w])? // b, t, c, r(w), q(h), h, w
+            .permute(vec![0, 1, 2, 5, 4, 6, 3])?
+            .reshape((b, t, c, h * p, w * p))?,
+    )
 }

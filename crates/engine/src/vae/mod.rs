@@ -26,10 +26,10 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 pub use self::config::VaeConfig;
-pub use self::tiling::TileConfig;
 use self::keys::{detect_layout, infer_config, normalize_key};
 use self::layers::{patchify, unpatchify, CausalConv3d, FeatCache, ShapeRecorder, Vb};
 use self::model::{Decoder3d, Encoder3d};
+pub use self::tiling::TileConfig;
 use self::tiling::{plan_axis, Blend};
 use crate::component::{ComponentOptions, Inputs, Outputs, Settings};
 use crate::invalid;
@@ -63,7 +63,8 @@ impl WanVae {
             Some(c) => c,
             None => infer_config(&|name| weights.shape(name), &origin)?,
         };
-        Self::from_weights(config, weights).with_context(|| format!("loading the Wan VAE from {origin}"))
+        Self::from_weights(config, weights)
+            .with_context(|| format!("loading the Wan VAE from {origin}"))
     }
 
     /// Builds the model from canonical (diffusers-named) weights; every weight must be used.
@@ -92,13 +93,22 @@ impl WanVae {
     pub fn expected_weights(config: &VaeConfig) -> Result<Vec<(String, Vec<usize>)>> {
         config.validate()?;
         let recorder = ShapeRecorder::default();
-        Self::build(config, &Vb::from_recorder(&recorder), Device::Cpu, DType::F32)?;
+        Self::build(
+            config,
+            &Vb::from_recorder(&recorder),
+            Device::Cpu,
+            DType::F32,
+        )?;
         Ok(recorder.record.into_inner())
     }
 
     /// Seeded random weights for `config` (the built-in demo model): conv weights ~ N(0, 1/fan_in),
     /// RMS gains 1, biases 0. Deterministic for a seed, on any device.
-    pub fn random_weights(config: &VaeConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+    pub fn random_weights(
+        config: &VaeConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>> {
         Self::expected_weights(config)?
             .into_iter()
             .enumerate()
@@ -109,8 +119,11 @@ impl WanVae {
                     Tensor::zeros(shape.as_slice(), DType::F32, device)?
                 } else {
                     let fan_in: usize = shape[1..].iter().product();
-                    let s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64);
-                    (crate::rng::gaussian_noise(s, shape.as_slice(), device)? / (fan_in.max(1) as f64).sqrt())?
+                    let s = seed
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        .wrapping_add(i as u64);
+                    (crate::rng::gaussian_noise(s, shape.as_slice(), device)?
+                        / (fan_in.max(1) as f64).sqrt())?
                 };
                 Ok((name, t))
             })
@@ -151,8 +164,12 @@ impl WanVae {
         let shape = (1, z, 1, 1, 1);
         let dev = latents.device();
         Ok((
-            Tensor::new(self.latents_mean(), dev)?.reshape(shape)?.to_dtype(latents.dtype())?,
-            Tensor::new(self.latents_std(), dev)?.reshape(shape)?.to_dtype(latents.dtype())?,
+            Tensor::new(self.latents_mean(), dev)?
+                .reshape(shape)?
+                .to_dtype(latents.dtype())?,
+            Tensor::new(self.latents_std(), dev)?
+                .reshape(shape)?
+                .to_dtype(latents.dtype())?,
         ))
     }
 
@@ -188,11 +205,13 @@ impl WanVae {
             return Err(invalid!("sample: shape {dims:?} is not [B, {c}, T, H, W]"));
         };
         if *ch != c || *t == 0 {
-            return Err(invalid!("sample: shape {dims:?} is not [B, {c}, T, H, W] with T ≥ 1"));
+            return Err(invalid!(
+                "sample: shape {dims:?} is not [B, {c}, T, H, W] with T ≥ 1"
+            ));
         }
         // Residual down blocks (and patchify) fold exact blocks; plain strided convs only need room.
         let exact = self.config.is_residual || self.config.patch() > 1 || tiled;
-        if (exact && (h % s != 0 || w % s != 0)) || *h < s || *w < s {
+        if (exact && (!h.is_multiple_of(s) || !w.is_multiple_of(s))) || *h < s || *w < s {
             return Err(invalid!(
                 "sample: height {h} and width {w} must be {} the VAE's spatial stride {s}",
                 if exact { "multiples of" } else { "at least" }
@@ -201,20 +220,29 @@ impl WanVae {
         Ok(())
     }
 
-    /// `[B, C, T, H, W]` -> frame-major, patchified, on the model's device and dtype.
+    /// `[B, C, T, H, W]` -> frame-major `[B, T, C·p², H/p, W/p]`, on the model's device and dtype.
     fn prepare_video(&self, video: &Tensor) -> Result<Tensor> {
         let x = video.to_device(&self.device)?.to_dtype(self.dtype)?;
-        patchify(&x.permute((0, 2, 1, 3, 4))?.contiguous()?, self.config.patch())
+        patchify(
+            &x.permute((0, 2, 1, 3, 4))?.contiguous()?,
+            self.config.patch(),
+        )
     }
 
-    /// Encodes frame-major video chunk by chunk (frame 0, then 4 frames at a time, as diffusers
-    /// `_encode`), handing each chunk's posterior mean `[B, t, z, h, w]` to `sink`.
-    fn encode_stream(&self, x: &Tensor, sink: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
-        let frames = x.dim(1)?;
+    /// Encodes video `[B, C, T, H, W]` (any device/dtype; moved a chunk at a time) chunk by chunk:
+    /// frame 0, then 4 frames at a time, as diffusers `_encode`. Each chunk's posterior mean
+    /// `[B, t, z, h, w]` goes to `sink`.
+    fn encode_stream(
+        &self,
+        video: &Tensor,
+        sink: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let frames = video.dim(2)?;
         let chunks = 1 + (frames - 1) / 4;
         let mut cache = FeatCache::default();
         for i in 0..chunks {
-            let chunk = if i == 0 { x.narrow(1, 0, 1)? } else { x.narrow(1, 1 + 4 * (i - 1), 4)? };
+            let (start, len) = if i == 0 { (0, 1) } else { (1 + 4 * (i - 1), 4) };
+            let chunk = self.prepare_video(&video.narrow(2, start, len)?)?;
             cache.begin_chunk();
             let h = self.encoder.forward(&chunk, &mut cache)?;
             let moments = self.quant_conv.forward(&h, None)?;
@@ -223,13 +251,23 @@ impl WanVae {
         Ok(())
     }
 
-    /// Decodes frame-major latents one latent frame at a time (as diffusers `_decode`), handing each
-    /// chunk of un-patchified, unclamped frames `[B, f, C, H, W]` to `sink`.
-    fn decode_stream(&self, z: &Tensor, sink: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+    /// Decodes latents `[B, z, T, h, w]` (any device/dtype; moved a frame at a time) one latent
+    /// frame at a time, as diffusers `_decode`. Each chunk of un-patchified, unclamped frames
+    /// `[B, f, C, H, W]` goes to `sink`.
+    fn decode_stream(
+        &self,
+        latents: &Tensor,
+        sink: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
         let mut cache = FeatCache::default();
-        for i in 0..z.dim(1)? {
+        for i in 0..latents.dim(2)? {
             cache.begin_chunk();
-            let x = self.post_quant_conv.forward(&z.narrow(1, i, 1)?, None)?;
+            let z = latents
+                .narrow(2, i, 1)?
+                .to_device(&self.device)?
+                .to_dtype(self.dtype)?;
+            let z = z.permute((0, 2, 1, 3, 4))?.contiguous()?;
+            let x = self.post_quant_conv.forward(&z, None)?;
             let out = self.decoder.forward(&x, &mut cache, i == 0)?;
             sink(unpatchify(&out, self.config.patch())?)?;
         }
@@ -240,23 +278,22 @@ impl WanVae {
     /// (un-normalised) posterior mean `[B, z, 1 + (T−1)/4, H/s, W/s]`, in the model's dtype.
     pub fn encode_mean(&self, video: &Tensor) -> Result<Tensor> {
         self.check_video(video, false)?;
-        let x = self.prepare_video(video)?;
         let mut chunks = Vec::new();
-        self.encode_stream(&x, &mut |c| {
+        self.encode_stream(video, &mut |c| {
             chunks.push(c);
             Ok(())
         })?;
-        Ok(Tensor::cat(&chunks, 1)?.permute((0, 2, 1, 3, 4))?.contiguous()?)
+        Ok(Tensor::cat(&chunks, 1)?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?)
     }
 
     /// `AutoencoderKLWan.decode(z).sample`: de-normalised latents `[B, z, T, h, w]` -> video
     /// `[B, C, 1 + 4(T−1), h·s, w·s]` clamped to [-1, 1], in the model's dtype and device.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.check_latents(latents)?;
-        let z = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let z = z.permute((0, 2, 1, 3, 4))?.contiguous()?;
         let mut chunks = Vec::new();
-        self.decode_stream(&z, &mut |c| {
+        self.decode_stream(latents, &mut |c| {
             chunks.push(c);
             Ok(())
         })?;
@@ -275,11 +312,12 @@ impl WanVae {
         let (b, _, t, h, w) = latents.dims5()?;
         let out_c = self.config.out_channels / (self.config.patch() * self.config.patch());
         let mut blend = Blend::new([b, out_c, self.config.decoded_frames(t), h * s, w * s]);
-        let z = latents.permute((0, 2, 1, 3, 4))?;
         for ys in plan_axis(h, tile, overlap, s) {
             for xs in plan_axis(w, tile, overlap, s) {
-                let region = z.narrow(3, ys.start, ys.len)?.narrow(4, xs.start, xs.len)?;
-                let region = region.to_device(&self.device)?.to_dtype(self.dtype)?.contiguous()?;
+                // A view: frames are copied to the device one at a time.
+                let region = latents
+                    .narrow(3, ys.start, ys.len)?
+                    .narrow(4, xs.start, xs.len)?;
                 blend.add_weights(&ys, &xs, s);
                 let mut t0 = 0;
                 self.decode_stream(&region, &mut |chunk| {
@@ -303,13 +341,14 @@ impl WanVae {
         let mut blend = Blend::new([b, self.config.z_dim, self.config.latent_frames(t), lh, lw]);
         for ys in plan_axis(lh, tile, overlap, 1) {
             for xs in plan_axis(lw, tile, overlap, 1) {
-                let region = video
-                    .narrow(3, ys.start * s, ys.len * s)?
-                    .narrow(4, xs.start * s, xs.len * s)?;
-                let x = self.prepare_video(&region)?;
+                let region = video.narrow(3, ys.start * s, ys.len * s)?.narrow(
+                    4,
+                    xs.start * s,
+                    xs.len * s,
+                )?;
                 blend.add_weights(&ys, &xs, 1);
                 let mut t0 = 0;
-                self.encode_stream(&x, &mut |chunk| {
+                self.encode_stream(&region, &mut |chunk| {
                     blend.add_chunk(&chunk, t0, &ys, &xs, 1)?;
                     t0 += chunk.dim(1)?;
                     Ok(())
@@ -353,7 +392,11 @@ fn open_checkpoint(path: &Path) -> Result<(Box<dyn TensorSource>, Option<VaeConf
             )),
         };
     }
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     match ext.as_str() {
         "pth" | "pt" | "ckpt" | "bin" => Ok((Box::new(PthSource::open(path)?), None)),
         "safetensors" => Ok((Box::new(SafetensorsSource::open(path)?), None)),
@@ -371,7 +414,9 @@ fn tile_settings(settings: &Settings) -> Result<Option<TileConfig>> {
     let size = settings.get::<usize>("tile_size")?;
     let overlap = settings.get::<usize>("tile_overlap")?;
     if tiled == Some(false) && (size.is_some() || overlap.is_some()) {
-        return Err(invalid!("--set tile_size/tile_overlap: given with tiled=false"));
+        return Err(invalid!(
+            "--set tile_size/tile_overlap: given with tiled=false"
+        ));
     }
     if tiled != Some(true) && size.is_none() && overlap.is_none() {
         return Ok(None);
@@ -385,7 +430,11 @@ fn tile_settings(settings: &Settings) -> Result<Option<TileConfig>> {
 
 /// `run-component vae-encode`: input `sample` `[B, 3, T, H, W]` in [-1, 1]; output `latent_mean`
 /// (the un-normalised posterior mean, as `AutoencoderKLWan.encode(x).latent_dist.mean`).
-pub fn run_component_encode(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> Result<Outputs> {
+pub fn run_component_encode(
+    model: &Path,
+    inputs: &Inputs,
+    opts: &ComponentOptions,
+) -> Result<Outputs> {
     let sample = inputs.float("sample", &[5])?;
     let tiles = tile_settings(&opts.settings)?;
     let vae = WanVae::load(model, &opts.device, opts.dtype)?;
@@ -398,7 +447,11 @@ pub fn run_component_encode(model: &Path, inputs: &Inputs, opts: &ComponentOptio
 
 /// `run-component vae-decode`: input `latents` `[B, z, T, H, W]`, already de-normalised (as
 /// `AutoencoderKLWan.decode` receives them); output `sample` clamped to [-1, 1].
-pub fn run_component_decode(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> Result<Outputs> {
+pub fn run_component_decode(
+    model: &Path,
+    inputs: &Inputs,
+    opts: &ComponentOptions,
+) -> Result<Outputs> {
     let latents = inputs.float("latents", &[5])?;
     let tiles = tile_settings(&opts.settings)?;
     let vae = WanVae::load(model, &opts.device, opts.dtype)?;

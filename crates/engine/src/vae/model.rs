@@ -5,8 +5,8 @@ use candle_core::Tensor;
 
 use super::config::VaeConfig;
 use super::layers::{
-    silu, AvgDown3D, CausalConv3d, DupUp3D, FeatCache, MidBlock, Resample, ResampleMode, ResidualBlock,
-    RmsNorm, Vb,
+    silu, AvgDown3D, CausalConv3d, DupUp3D, FeatCache, MidBlock, Resample, ResampleMode,
+    ResidualBlock, RmsNorm, Vb,
 };
 
 /// One entry of the encoder's `down_blocks`.
@@ -55,11 +55,17 @@ impl Encoder3d {
                 let temporal = down && cfg.temperal_downsample[i];
                 let mut resnets = Vec::new();
                 for j in 0..cfg.num_res_blocks {
-                    resnets.push(ResidualBlock::load(&p.pp(format!("resnets.{j}")), in_dim, out_dim)?);
+                    resnets.push(ResidualBlock::load(
+                        &p.pp(format!("resnets.{j}")),
+                        in_dim,
+                        out_dim,
+                    )?);
                     in_dim = out_dim;
                 }
                 let downsampler = down
-                    .then(|| Resample::load(&p.pp("downsampler"), out_dim, down_mode(temporal), out_dim))
+                    .then(|| {
+                        Resample::load(&p.pp("downsampler"), out_dim, down_mode(temporal), out_dim)
+                    })
                     .transpose()?;
                 let avg_shortcut = AvgDown3D::new(
                     dims[i],
@@ -81,7 +87,9 @@ impl Encoder3d {
                 if down {
                     let p = vb.pp(format!("down_blocks.{}", down_blocks.len()));
                     let mode = down_mode(cfg.temperal_downsample[i]);
-                    down_blocks.push(DownLayer::Resample(Resample::load(&p, out_dim, mode, out_dim)?));
+                    down_blocks.push(DownLayer::Resample(Resample::load(
+                        &p, out_dim, mode, out_dim,
+                    )?));
                 }
             }
         }
@@ -169,17 +177,31 @@ impl Decoder3d {
             let mut resnets = Vec::new();
             let mut d = in_dim;
             for j in 0..=cfg.num_res_blocks {
-                resnets.push(ResidualBlock::load(&p.pp(format!("resnets.{j}")), d, out_dim)?);
+                resnets.push(ResidualBlock::load(
+                    &p.pp(format!("resnets.{j}")),
+                    d,
+                    out_dim,
+                )?);
                 d = out_dim;
             }
             let (upsampler, dup_shortcut) = match (up, cfg.is_residual) {
                 (false, _) => (None, None),
                 (true, true) => (
                     Some(Resample::load(&p.pp("upsampler"), out_dim, mode, out_dim)?),
-                    Some(DupUp3D::new(in_dim, out_dim, if temporal { 2 } else { 1 }, 2)?),
+                    Some(DupUp3D::new(
+                        in_dim,
+                        out_dim,
+                        if temporal { 2 } else { 1 },
+                        2,
+                    )?),
                 ),
                 (true, false) => (
-                    Some(Resample::load(&p.pp("upsamplers.0"), out_dim, mode, out_dim / 2)?),
+                    Some(Resample::load(
+                        &p.pp("upsamplers.0"),
+                        out_dim,
+                        mode,
+                        out_dim / 2,
+                    )?),
                     None,
                 ),
             };

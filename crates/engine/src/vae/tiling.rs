@@ -35,13 +35,13 @@ impl Default for TileConfig {
 impl TileConfig {
     /// Tile and overlap in latent pixels for a VAE of spatial stride `stride`.
     pub fn latent(&self, stride: usize) -> Result<(usize, usize)> {
-        if self.tile_size == 0 || self.tile_size % stride != 0 {
+        if self.tile_size == 0 || !self.tile_size.is_multiple_of(stride) {
             return Err(invalid!(
                 "tile_size: {} must be a positive multiple of the VAE's spatial stride {stride}",
                 self.tile_size
             ));
         }
-        if self.tile_overlap % stride != 0 || self.tile_overlap >= self.tile_size {
+        if !self.tile_overlap.is_multiple_of(stride) || self.tile_overlap >= self.tile_size {
             return Err(invalid!(
                 "tile_overlap: {} must be a multiple of the spatial stride {stride} and smaller than \
                  tile_size {}",
@@ -124,7 +124,14 @@ impl Blend {
 
     /// Adds one chunk `[B, f, C, th, tw]` of the tile at (`ys`, `xs`), frames from `t0`.
     /// `scale` converts the spans' latent starts to output units.
-    pub fn add_chunk(&mut self, chunk: &Tensor, t0: usize, ys: &Span, xs: &Span, scale: usize) -> Result<()> {
+    pub fn add_chunk(
+        &mut self,
+        chunk: &Tensor,
+        t0: usize,
+        ys: &Span,
+        xs: &Span,
+        scale: usize,
+    ) -> Result<()> {
         let [_, c_all, t_all, h_all, w_all] = self.dims;
         let (b, f, c, th, tw) = chunk.dims5()?;
         anyhow::ensure!(
@@ -176,7 +183,11 @@ impl Blend {
             let x = *v / self.weight_sum[i % plane];
             *v = if clamp { x.clamp(-1.0, 1.0) } else { x };
         }
-        Ok(Tensor::from_vec(self.data, self.dims.to_vec(), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            self.data,
+            self.dims.to_vec(),
+            &Device::Cpu,
+        )?)
     }
 }
 
@@ -199,7 +210,10 @@ mod tests {
                     sum[s.start * 2 + i] += w;
                 }
             }
-            assert!(sum.iter().all(|&w| w > 0.0), "{len} {tile} {overlap}: uncovered");
+            assert!(
+                sum.iter().all(|&w| w > 0.0),
+                "{len} {tile} {overlap}: uncovered"
+            );
         }
         // a single tile blends with weight 1 everywhere
         assert!(plan_axis(5, 8, 2, 3)[0].weights.iter().all(|&w| w == 1.0));
@@ -216,7 +230,11 @@ mod tests {
             tile_size: 256,
             tile_overlap: 256,
         };
-        assert!(t.latent(16).unwrap_err().to_string().contains("tile_overlap"));
+        assert!(t
+            .latent(16)
+            .unwrap_err()
+            .to_string()
+            .contains("tile_overlap"));
         assert_eq!(TileConfig::default().latent(16).unwrap(), (16, 4));
     }
 }

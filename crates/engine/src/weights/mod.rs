@@ -6,6 +6,8 @@
 //! and remembers which keys were used, so that [`WeightMap::finish`] can reject unexpected tensors.
 //! Every failure names the key.
 
+pub mod fp8;
+pub mod gguf;
 pub mod pth;
 pub mod safetensors;
 

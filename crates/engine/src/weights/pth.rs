@@ -110,7 +110,7 @@ impl PthSource {
                 return Err(invalid!(
                     "{}: byteorder `{}` is not supported (only little-endian checkpoints)",
                     path.display(),
-                    String::from_utf8_lossy(&order)
+                    String::from_utf8_lossy(order)
                 ));
             }
         }
@@ -507,9 +507,10 @@ enum Value {
     None,
     Bool(bool),
     Int(i64),
-    Float(f64),
+    /// Floats and bytes occur only in metadata we skip, so their values are not kept.
+    Float,
     Str(String),
-    Bytes(Vec<u8>),
+    Bytes,
     Tuple(Rc<Vec<Value>>),
     List(Rc<RefCell<Vec<Value>>>),
     Dict(Rc<RefCell<Vec<(Value, Value)>>>),
@@ -525,9 +526,9 @@ impl Value {
             Value::None => "None",
             Value::Bool(_) => "bool",
             Value::Int(_) => "int",
-            Value::Float(_) => "float",
+            Value::Float => "float",
             Value::Str(_) => "str",
-            Value::Bytes(_) => "bytes",
+            Value::Bytes => "bytes",
             Value::Tuple(_) => "tuple",
             Value::List(_) => "list",
             Value::Dict(_) => "dict",
@@ -658,7 +659,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             bail!("pickle: SETITEMS with an odd number of items");
         }
         match self.top()? {
@@ -746,8 +747,8 @@ impl<'a> Unpickler<'a> {
                     self.stack.push(Value::Int(v));
                 }
                 b'G' => {
-                    let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
-                    self.stack.push(Value::Float(v));
+                    self.take(8)?;
+                    self.stack.push(Value::Float);
                 }
                 b'X' => {
                     let n = self.u32()? as usize;
@@ -770,8 +771,8 @@ impl<'a> Unpickler<'a> {
                         b'B' => self.u32()? as usize,
                         _ => self.u64()? as usize,
                     };
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
+                    self.take(n)?;
+                    self.stack.push(Value::Bytes);
                 }
                 b')' => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
                 b't' => {
@@ -1005,8 +1006,7 @@ fn dict_keys(obj: &Value) -> Vec<String> {
 /// Descends through wrapper dicts (see module docs); returns the chosen object and its path.
 fn unwrap_state_dict(mut obj: Value) -> (Value, Vec<String>) {
     let mut path = Vec::new();
-    loop {
-        let Value::Dict(d) = &obj else { break };
+    while let Value::Dict(d) = &obj {
         let entries = d.borrow().clone();
         if entries.iter().any(|(_, v)| matches!(v, Value::Tensor(_))) {
             break;
@@ -1039,6 +1039,8 @@ fn key_name(k: &Value) -> Option<String> {
     match k {
         Value::Str(s) => Some(s.clone()),
         Value::Int(i) => Some(i.to_string()),
+        // as Python's str(): dicts keyed by True/False
+        Value::Bool(b) => Some(if *b { "True" } else { "False" }.to_string()),
         _ => None,
     }
 }
@@ -1055,11 +1057,10 @@ fn flatten(obj: &Value, prefix: String, out: &mut BTreeMap<String, TensorRecord>
         Value::Tensor(_) if prefix.is_empty() => {
             bail!("the checkpoint is a single tensor, not a dict of tensors")
         }
-        Value::Tensor(t) => {
-            if out.insert(prefix.clone(), (**t).clone()).is_some() {
-                bail!("tensor name `{prefix}` occurs twice after flattening nested dicts");
-            }
+        Value::Tensor(t) if out.insert(prefix.clone(), (**t).clone()).is_some() => {
+            bail!("tensor name `{prefix}` occurs twice after flattening nested dicts")
         }
+        Value::Tensor(_) => {}
         Value::Dict(d) => {
             for (k, v) in d.borrow().iter() {
                 if !v.holds_tensors() {
