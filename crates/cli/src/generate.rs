@@ -224,8 +224,8 @@ pub fn run_source(
     let started = Instant::now();
     let stages = Stages::new(components, options.device.clone());
     let (positive, negative) = stages.encode_text(&req, sink)?;
-    let first_frame = stages.encode_first_frame(&req, sink)?;
-    let latents = stages.denoise(&req, &positive, negative.as_ref(), first_frame.as_ref(), sink)?;
+    let condition = stages.encode_condition(&req, sink)?;
+    let latents = stages.denoise(&req, &positive, negative.as_ref(), condition.as_ref(), sink)?;
     guard::check_latents(&latents.flatten_all()?.to_vec1::<f32>()?)?;
     let video = stages.decode(&latents, sink)?;
     let (c, t, h, w) = video.dims4()?;

@@ -26,10 +26,30 @@ pub struct Prompts<'a> {
     pub negative: Option<&'a Tensor>,
 }
 
-/// First-frame conditioning (Wan2.2 TI2V with an image): latent frame 0 is held at `latent` and
-/// its tokens get timestep 0.
-pub struct FirstFrame<'a> {
-    pub latent: &'a Tensor,
+/// Image conditioning of the loop.
+pub enum Conditioning<'a> {
+    None,
+    /// Wan2.2 TI2V with an image (diffusers `expand_timesteps`): latent frame 0 is held at this
+    /// normalised latent [B, z, 1, h, w] and its tokens get timestep 0.
+    FirstFrame(&'a Tensor),
+    /// Wan2.2 I2V-A14B: this tensor [B, 4 + z, F, h, w] (mask + image latents, see
+    /// [`i2v_condition`]) is concatenated to the latents on channels at every step.
+    Concat(&'a Tensor),
+}
+
+/// The I2V-A14B condition: a 4-channel mask (1 on latent frame 0, the frame the image fills,
+/// 0 elsewhere) followed by the normalised latents of the video [image, zeros...]
+/// (`WanImageToVideoPipeline.prepare_latents`, wan-facts §7.6).
+pub fn i2v_condition(image_latents: &Tensor) -> Result<Tensor> {
+    let (b, _, f, h, w) = image_latents.dims5()?;
+    let device = image_latents.device();
+    let first = Tensor::ones((b, 4, 1, h, w), DType::F32, device)?;
+    let mask = if f > 1 {
+        Tensor::cat(&[first, Tensor::zeros((b, 4, f - 1, h, w), DType::F32, device)?], 2)?
+    } else {
+        first
+    };
+    Ok(Tensor::cat(&[mask, image_latents.to_dtype(DType::F32)?], 1)?)
 }
 
 pub struct DenoiseOptions {
@@ -94,7 +114,7 @@ pub fn denoise(
     low: Option<&Expert>,
     scheduler: &mut dyn FlowScheduler,
     opts: &DenoiseOptions,
-    first_frame: Option<&FirstFrame>,
+    conditioning: &Conditioning,
     on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<Tensor> {
     if opts.boundary_ratio.is_some() != low.is_some() {
@@ -105,8 +125,10 @@ pub fn denoise(
     let device = high.model.device().clone();
     let mut x = latents.to_device(&device)?.to_dtype(DType::F32)?;
     let dims = x.dims().to_vec();
-    let rope = high.model.rope(&dims)?;
-    let [gf, gh, gw] = high.model.grid(&dims)?;
+    let mut input_dims = dims.clone();
+    input_dims[1] = high.model.config().in_channels;
+    let rope = high.model.rope(&input_dims)?;
+    let [gf, gh, gw] = high.model.grid(&input_dims)?;
     let b = dims[0];
     let timesteps: Vec<f32> = scheduler.timesteps().to_vec();
     // Only the experts that will actually run get their contexts prepared.
@@ -119,13 +141,12 @@ pub fn denoise(
     };
 
     // First-frame conditioning: mask is 0 on latent frame 0, 1 elsewhere.
-    let cond = match first_frame {
-        None => None,
-        Some(ff) => {
-            let z = ff.latent.to_device(&device)?.to_dtype(DType::F32)?;
+    let cond = match conditioning {
+        Conditioning::FirstFrame(latent) => {
+            let z = latent.to_device(&device)?.to_dtype(DType::F32)?;
             let (c, h, w) = (dims[1], dims[3], dims[4]);
             let z = z.reshape((b, c, 1, h, w)).with_context(|| {
-                format!("first-frame latent {:?} does not fit latents {dims:?}", ff.latent.dims())
+                format!("first-frame latent {:?} does not fit latents {dims:?}", latent.dims())
             })?;
             let mask = Tensor::cat(
                 &[
@@ -136,6 +157,20 @@ pub fn denoise(
             )?;
             Some((z, mask))
         }
+        _ => None,
+    };
+    let concat = match conditioning {
+        Conditioning::Concat(y) => {
+            let y = y.to_device(&device)?.to_dtype(DType::F32)?;
+            let yd = y.dims();
+            if yd.len() != 5 || yd[0] != b || yd[2..] != dims[2..] {
+                return Err(invalid!(
+                    "condition: shape {yd:?} does not match latents {dims:?} (expected [B, C, F, H, W] with the same B, F, H, W)"
+                ));
+            }
+            Some(y)
+        }
+        _ => None,
     };
     // x ← z·(1 − mask) + x·mask, with z broadcast over frames
     let apply_cond = |x: &Tensor| -> Result<Tensor> {
@@ -170,7 +205,10 @@ pub fn denoise(
         } else {
             Tensor::full(t, b, &device)?
         };
-        let v = prepared.predict(&x, &t_input, &rope)?;
+        let v = match &concat {
+            Some(y) => prepared.predict(&Tensor::cat(&[&x, y], 1)?, &t_input, &rope)?,
+            None => prepared.predict(&x, &t_input, &rope)?,
+        };
         x = scheduler.step(&v, i, &x)?;
         if cond.is_some() {
             x = apply_cond(&x)?;
@@ -254,6 +292,10 @@ pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> 
     let latents = inputs.float("latents", &[5])?;
     let pos = inputs.float("prompt_embeds", &[3])?;
     let neg = inputs.float_opt("negative_prompt_embeds", &[3])?;
+    // Optional image conditioning, exactly as WanImageToVideoPipeline.prepare_latents returns it:
+    // `condition` [B, 4+z, F, h, w] (I2V-A14B, concatenated on channels) or, for expand_timesteps
+    // pipelines (TI2V), the normalised first-frame latent [B, z, 1, h, w].
+    let condition = inputs.float_opt("condition", &[5])?;
     s.finish()?;
 
     let high_model = dit::load(&model.join("transformer"), &opts.device, opts.dtype)?;
@@ -280,6 +322,11 @@ pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> 
         expand_timesteps: folder.expand_timesteps,
     };
     let prompts = Prompts { positive: &pos, negative: neg.as_ref() };
+    let conditioning = match &condition {
+        None => Conditioning::None,
+        Some(c) if folder.expand_timesteps => Conditioning::FirstFrame(c),
+        Some(c) => Conditioning::Concat(c),
+    };
     let out = denoise(
         &latents,
         &prompts,
@@ -287,7 +334,7 @@ pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> 
         low.as_ref(),
         sched.as_mut(),
         &dopts,
-        None,
+        &conditioning,
         &mut |_, _| Ok(()),
     )?;
     Ok(vec![("latents".to_string(), out)])

@@ -298,17 +298,16 @@ fn expected_weights_and_random_model() {
     assert!(rel_err(&back, &z).unwrap() < 1e-6);
 }
 
-/// bf16 weights and activations (norms and attention in f32): close to the f32 reference.
+/// `--dtype bf16` on CPU runs in f32 (candle has no CPU bf16 matmul; the official VAE is f32), so
+/// it matches the reference as f32 does; on GPU bf16 is used as asked.
 #[test]
-fn bf16_decode_and_encode() {
-    let io = load_io("wan22");
-    let vae = WanVae::load(&dir("wan22").join("diffusers"), &Device::Cpu, DType::BF16).unwrap();
-    let decoded = vae.decode(&io["latents"]).unwrap();
-    assert_eq!(decoded.dtype(), DType::BF16);
-    let e = rel_err(&decoded, &io["decoded"]).unwrap();
-    println!("wan22 bf16 decode: rel err {e:.3e}");
-    assert!(e < 3e-2, "{e}");
-    let e = rel_err(&vae.encode_mean(&io["sample"]).unwrap(), &io["latent_mean"]).unwrap();
-    println!("wan22 bf16 encode: rel err {e:.3e}");
-    assert!(e < 3e-2, "{e}");
+fn bf16_on_cpu_computes_in_f32() {
+    let io = load_io("wan21");
+    let vae = WanVae::load(&dir("wan21").join("diffusers"), &Device::Cpu, DType::BF16).unwrap();
+    assert_eq!(vae.dtype(), DType::F32);
+    check(
+        "wan21 --dtype bf16 on CPU decode",
+        &vae.decode(&io["latents"]).unwrap(),
+        &io["decoded"],
+    );
 }

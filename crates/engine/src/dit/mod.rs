@@ -22,13 +22,15 @@ pub use rope::RopeTable;
 
 use crate::component::{ComponentOptions, Inputs, Outputs};
 use crate::invalid;
-use crate::weights::{SafetensorsSource, TensorSource, WeightMap};
+use crate::weights::WeightMap;
 
 /// Opens a transformer checkpoint as a weight map with canonical names, plus its config file if
 /// there is one. `path`: a folder (`config.json` + safetensors, sharded or not — diffusers
-/// `transformer/`, or an official model folder) or a single `.safetensors` file (ComfyUI repack).
+/// `transformer/`, or an official model folder), or a single file: `.safetensors` (ComfyUI
+/// repack, also scaled-fp8) or `.gguf` (city96/QuantStack quantisations); the config of a single
+/// file is inferred from tensor shapes.
 pub fn open_weights(path: &Path, device: &Device, dtype: DType) -> Result<(WeightMap, DitConfig)> {
-    let source: Box<dyn TensorSource> = Box::new(SafetensorsSource::open(path)?);
+    let source = crate::weights::open_any(path, dtype)?;
     let layout = keys::detect_layout(&source.keys());
     let wm = WeightMap::new(source, |k| Some(keys::canonical_name(k, layout)), device, dtype)?;
     let config_file = if path.is_dir() {

@@ -13,7 +13,7 @@ use super::events::{ProgressEvent, ProgressSink, Stage};
 use super::image::{load_conditioning_image, ImageLimits};
 use super::layout::{ModelLayout, WanVariant};
 use super::request::ResolvedRequest;
-use crate::denoise::{denoise, DenoiseOptions, Expert, FirstFrame, Prompts};
+use crate::denoise::{denoise, i2v_condition, Conditioning, DenoiseOptions, Expert, Prompts};
 use crate::dit::{self, WanTransformer};
 use crate::invalid;
 use crate::scheduler::{self, SchedulerKind, SchedulerSpec};
@@ -108,9 +108,10 @@ impl<'a> Stages<'a> {
         ))
     }
 
-    /// TI2V image conditioning: the image resized/cropped to the request size, VAE-encoded and
-    /// normalised -> the first latent frame [1, z, 1, h, w]. `None` without an image.
-    pub fn encode_first_frame(
+    /// Image conditioning, normalised latents: for TI2V (and the demo) the first latent frame
+    /// [1, z, 1, h, w]; for I2V-A14B the mask + latents of [image, zeros...] [1, 4 + z, F, h, w].
+    /// `None` without an image. The VAE is freed before returning.
+    pub fn encode_condition(
         &self,
         req: &ResolvedRequest,
         sink: &mut dyn ProgressSink,
@@ -118,11 +119,6 @@ impl<'a> Stages<'a> {
         let Some(path) = &req.image else {
             return Ok(None);
         };
-        if self.variant() == Some(WanVariant::Wan22I2vA14B) {
-            return Err(invalid!(
-                "model Wan2.2-I2V-A14B: its mask + image-latent (36-channel) conditioning is not implemented in this build yet; TI2V-5B and the demo model take --image"
-            ));
-        }
         self.stage(sink, Stage::ImageEncode)?;
         let image = load_conditioning_image(
             path,
@@ -132,8 +128,18 @@ impl<'a> Stages<'a> {
             &self.device,
         )?;
         let vae = self.load_vae()?;
-        let video = image.unsqueeze(0)?.unsqueeze(2)?; // [1, 3, 1, H, W]
-        let mean = vae.encode_mean(&video)?;
+        let image = image.unsqueeze(0)?.unsqueeze(2)?; // [1, 3, 1, H, W]
+        if self.variant() == Some(WanVariant::Wan22I2vA14B) {
+            let rest = Tensor::zeros(
+                (1, 3, req.frames as usize - 1, req.height as usize, req.width as usize),
+                image.dtype(),
+                image.device(),
+            )?;
+            let video = Tensor::cat(&[&image, &rest], 2)?;
+            let latents = vae.normalize(&vae.encode_mean(&video)?)?;
+            return Ok(Some(i2v_condition(&latents)?));
+        }
+        let mean = vae.encode_mean(&image)?;
         Ok(Some(vae.normalize(&mean)?.to_dtype(DType::F32)?))
     }
 
@@ -174,7 +180,7 @@ impl<'a> Stages<'a> {
         req: &ResolvedRequest,
         positive: &Tensor,
         negative: Option<&Tensor>,
-        first_frame: Option<&Tensor>,
+        condition: Option<&Tensor>,
         sink: &mut dyn ProgressSink,
     ) -> Result<Tensor> {
         self.stage(sink, Stage::Denoise)?;
@@ -224,7 +230,11 @@ impl<'a> Stages<'a> {
             expand_timesteps,
         };
         let prompts = Prompts { positive, negative };
-        let first = first_frame.map(|latent| FirstFrame { latent });
+        let conditioning = match condition {
+            None => Conditioning::None,
+            Some(c) if self.variant() == Some(WanVariant::Wan22I2vA14B) => Conditioning::Concat(c),
+            Some(c) => Conditioning::FirstFrame(c),
+        };
         let t0 = Instant::now();
         let started = self.elapsed();
         let out = denoise(
@@ -234,7 +244,7 @@ impl<'a> Stages<'a> {
             low.as_ref(),
             sched.as_mut(),
             &opts,
-            first.as_ref(),
+            &conditioning,
             &mut |step, total| {
                 let per_step = t0.elapsed().as_secs_f64() / step as f64;
                 sink.event(ProgressEvent::Step {

@@ -340,7 +340,13 @@ mod tests {
             "c",
         )
         .unwrap();
-        assert_eq!(cfg, VaeConfig::wan21());
+        // Absent scale factors stay None: they are derived from the architecture.
+        let expected = VaeConfig {
+            scale_factor_temporal: None,
+            scale_factor_spatial: None,
+            ..VaeConfig::wan21()
+        };
+        assert_eq!(cfg, expected);
         let err = VaeConfig::from_json(r#"{"z_dim": 48}"#, "c")
             .unwrap_err()
             .to_string();

@@ -54,7 +54,11 @@ impl WanVae {
     /// Loads from a diffusers `vae/` folder (or a pipeline folder containing `vae/`), an official
     /// `.pth`, a folder holding `Wan2.2_VAE.pth` / `Wan2.1_VAE.pth`, or a `.safetensors` file.
     /// Without a config.json the architecture is inferred from the tensor shapes.
+    ///
+    /// `dtype` is the compute dtype on GPU; on CPU the VAE always runs in f32 (candle's CPU
+    /// backend has no bf16/f16 matmul, and the official VAE runs in f32 anyway).
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let dtype = compute_dtype(device, dtype);
         let (source, config) = open_checkpoint(path)?;
         let origin = source.describe();
         let layout = detect_layout(&source.keys(), &origin)?;
@@ -70,6 +74,12 @@ impl WanVae {
     /// Builds the model from canonical (diffusers-named) weights; every weight must be used.
     pub fn from_weights(config: VaeConfig, weights: WeightMap) -> Result<Self> {
         config.validate()?;
+        if compute_dtype(weights.device(), weights.dtype()) != weights.dtype() {
+            return Err(invalid!(
+                "dtype: {:?} is not supported by the VAE on CPU; use f32",
+                weights.dtype()
+            ));
+        }
         let vb = Vb::from_map(&weights);
         let vae = Self::build(&config, &vb, weights.device().clone(), weights.dtype())?;
         weights.finish()?;
@@ -130,8 +140,9 @@ impl WanVae {
             .collect()
     }
 
-    /// A VAE with [`random_weights`](Self::random_weights).
+    /// A VAE with [`random_weights`](Self::random_weights) (f32 on CPU, as [`load`](Self::load)).
     pub fn random(config: VaeConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
+        let dtype = compute_dtype(device, dtype);
         let tensors = Self::random_weights(&config, seed, device)?;
         let source = MemorySource::new(format!("random Wan VAE (seed {seed})"), tensors);
         Self::from_weights(config, WeightMap::plain(Box::new(source), device, dtype)?)
@@ -356,6 +367,15 @@ impl WanVae {
             }
         }
         blend.finish(false)
+    }
+}
+
+/// The dtype the VAE computes in: as asked on GPU, f32 on CPU (no half-precision matmul there).
+pub fn compute_dtype(device: &Device, dtype: DType) -> DType {
+    if device.is_cpu() && dtype != DType::F64 {
+        DType::F32
+    } else {
+        dtype
     }
 }
 

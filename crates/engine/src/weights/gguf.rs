@@ -352,7 +352,7 @@ fn dequantize_blocks<B: GgmlType>(ggml_type: GgufType, raw: &[u8]) -> Result<Vec
     if std::mem::size_of::<B>() != block_bytes || B::BLCK_SIZE != block_elems {
         bail!("internal: candle's {ggml_type:?} block layout differs from ggml's");
     }
-    if raw.len() % block_bytes != 0 {
+    if !raw.len().is_multiple_of(block_bytes) {
         bail!(
             "{} bytes is not a whole number of {ggml_type:?} blocks",
             raw.len()

@@ -21,6 +21,26 @@ use crate::invalid;
 
 pub use self::safetensors::SafetensorsSource;
 
+/// Opens a checkpoint by its format: `.gguf` (GGUF, dequantised on load), `.pth`/`.pt`/`.bin`
+/// (PyTorch zip pickle), otherwise safetensors (a file, an `.index.json` or a folder). ComfyUI
+/// "scaled fp8" checkpoints are detected and presented as dequantised weights (in `dtype`).
+pub fn open_any(path: &std::path::Path, dtype: DType) -> Result<Box<dyn TensorSource>> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    let source: Box<dyn TensorSource> = match ext.as_str() {
+        "gguf" if path.is_file() => Box::new(gguf::GgufSource::open(path)?),
+        "pth" | "pt" | "bin" if path.is_file() => Box::new(pth::PthSource::open(path)?),
+        _ => Box::new(SafetensorsSource::open(path)?),
+    };
+    if fp8::ScaledFp8Source::detect(source.as_ref()) {
+        return Ok(Box::new(fp8::ScaledFp8Source::new(source, dtype)?));
+    }
+    Ok(source)
+}
+
 /// A set of named tensors in some file format, loaded lazily.
 pub trait TensorSource: Send + Sync {
     /// All tensor names as stored.
