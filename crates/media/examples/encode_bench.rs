@@ -1,6 +1,9 @@
 //! Encode speed and file size on a moving synthetic scene.
 //!
-//! `cargo run --release -p vidgen-media --example encode_bench -- WIDTH HEIGHT FRAMES FPS FORMAT [H264_QP VP9_CQ VP9_SPEED]`
+//! `cargo run -p vidgen-media --example encode_bench -- WIDTH HEIGHT FRAMES FPS FORMAT [GRAIN [H264_QP VP9_CQ VP9_SPEED]]`
+//!
+//! GRAIN (default 0) adds ± that many levels of per-frame random grain, for content as hard to
+//! compress as detailed generated footage.
 
 use std::time::Instant;
 
@@ -16,17 +19,18 @@ fn main() -> anyhow::Result<()> {
     let (w, h, n): (usize, usize, usize) = (args[0].parse()?, args[1].parse()?, args[2].parse()?);
     let fps: f64 = args[3].parse()?;
     let format: Format = args[4].parse()?;
+    let grain: f32 = args.get(5).map_or(Ok(0.0), |g| g.parse())?;
     let mut options = EncodeOptions::default();
-    if let Some(qp) = args.get(5) {
+    if let Some(qp) = args.get(6) {
         options.h264_qp = qp.parse()?;
     }
-    if let Some(cq) = args.get(6) {
+    if let Some(cq) = args.get(7) {
         options.vp9_cq_level = cq.parse()?;
     }
-    if let Some(speed) = args.get(7) {
+    if let Some(speed) = args.get(8) {
         options.vp9_speed = speed.parse()?;
     }
-    let frames = scene(w, h, n);
+    let frames = scene(w, h, n, grain);
     let start = Instant::now();
     let bytes = encode_to_vec(&frames, fps, format, &options)?;
     let secs = start.elapsed().as_secs_f64();
@@ -35,7 +39,7 @@ fn main() -> anyhow::Result<()> {
     let (_, decoded) = vidgen_media::decode(&dir)?;
     let psnr = psnr(decoded.data(), frames.data());
     println!(
-        "{format} {w}x{h} {n} frames @ {fps}: {secs:.2} s = {:.1} frames/s, {} bytes ({:.0} kb/s), PSNR {psnr:.2} dB, file {}",
+        "{format} {w}x{h} {n} frames @ {fps}, grain {grain}: {secs:.2} s = {:.1} frames/s, {} bytes ({:.0} kb/s), PSNR {psnr:.2} dB, file {}",
         n as f64 / secs,
         bytes.len(),
         bytes.len() as f64 * 8.0 / (n as f64 / fps) / 1000.0,
@@ -44,9 +48,16 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Smooth shaded background with drifting texture and moving discs.
-fn scene(w: usize, h: usize, n: usize) -> Frames {
+/// Smooth shaded background with drifting texture and moving discs, plus optional grain.
+fn scene(w: usize, h: usize, n: usize, grain: f32) -> Frames {
     let mut data = Vec::with_capacity(w * h * 3 * n);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut noise = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
     for t in 0..n {
         let tf = t as f32;
         for y in 0..h {
@@ -79,7 +90,8 @@ fn scene(w: usize, h: usize, n: usize) -> Frames {
                         rgb[c] = rgb[c] * (1.0 - cover) + colour[c] * cover;
                     }
                 }
-                data.extend(rgb.iter().map(|v| v.round().clamp(0.0, 255.0) as u8));
+                let g = grain * noise();
+                data.extend(rgb.iter().map(|v| (v + g).round().clamp(0.0, 255.0) as u8));
             }
         }
     }

@@ -58,11 +58,11 @@ pub const NOISE_MAX_TEMPORAL_CORR: f32 = 0.15;
 /// Share of the luma gradient's power at the 8- or 16-px stride bins (and harmonics) above which a
 /// frame has a grid pattern. Natural-like frames measured ≤ 0.003 (≤ 0.010 with the blocking of
 /// H.264 at QP 34, 0.008 for the 8-bit steps of a smooth ramp); a ±3-level 8-px stride tile 0.44
-/// (0.05..0.11 after H.264 at QP 20), a ±4-level 8-px block checkerboard 0.28.
+/// (0.31..0.57 after H.264/VP9), a ±4-level 8-px block checkerboard 0.28.
 pub const CHECKER_MIN_STRIDE_POWER: f32 = 0.03;
 /// Ratio (mean gradient across 8/16-px block borders + 1) / (mean gradient inside blocks + 1)
 /// above which a frame shows block edges. Natural-like frames measured 0.83..1.10 (≤ 1.22 after
-/// coarse H.264/VP9); ±4-level block checkerboards 1.98..2.01 (≥ 1.8 after encoding at ±6).
+/// coarse H.264/VP9); ±4-level block checkerboards 1.98..2.01 (≥ 2.4 after H.264/VP9 at ±6).
 pub const CHECKER_MIN_BORDER_RATIO: f32 = 1.5;
 
 /// What to do with suspicious output (`--quality-guard fail|warn|off`).
@@ -331,7 +331,7 @@ impl fmt::Display for Report {
 pub fn inspect(frames: &Frames) -> Report {
     let (width, height) = (frames.width(), frames.height());
     let mut colours = ColourSet::new();
-    let mut previous: Option<Vec<f32>> = None;
+    let mut previous: Option<(Vec<f32>, f32, f32)> = None;
     let mut stats = Vec::with_capacity(frames.len());
     for index in 0..frames.len() {
         let rgb = frames.frame(index);
@@ -341,17 +341,13 @@ pub fn inspect(frames: &Frames) -> Report {
             .collect();
         let (mean, var) = mean_var(&luma);
         let (temporal_diff, temporal_corr) = match &previous {
-            Some(prev) => {
-                let diff = luma
-                    .iter()
-                    .zip(prev)
-                    .map(|(a, b)| (a - b).abs())
-                    .sum::<f32>()
-                    / luma.len() as f32;
-                (Some(diff), correlation(&luma, prev))
+            Some((prev, prev_mean, prev_var)) => {
+                let (diff, corr) = temporal(&luma, mean, var, prev, *prev_mean, *prev_var);
+                (Some(diff), corr)
             }
             None => (None, None),
         };
+        let gradients = Gradients::measure(&luma, width, height);
         stats.push(FrameStats {
             index,
             mean,
@@ -359,16 +355,16 @@ pub fn inspect(frames: &Frames) -> Report {
             unique_colours: colours.count(rgb),
             temporal_diff,
             temporal_corr,
-            neighbour_corr: neighbour_correlation(&luma, width, height, var),
+            neighbour_corr: gradients.neighbour_correlation(var),
             coarse_fraction: coarse_fraction(&luma, width, height, mean, var),
-            stride_power_8: stride_power(&luma, width, height, 8),
-            stride_power_16: stride_power(&luma, width, height, 16),
-            border_ratio_8: border_ratio(&luma, width, height, 8),
-            border_ratio_16: border_ratio(&luma, width, height, 16),
+            stride_power_8: gradients.stride_power(8),
+            stride_power_16: gradients.stride_power(16),
+            border_ratio_8: gradients.border_ratio(8),
+            border_ratio_16: gradients.border_ratio(16),
             class: FrameClass::Fine,
             reason: String::new(),
         });
-        previous = Some(luma);
+        previous = Some((luma, mean, var));
     }
     classify(&mut stats);
     Report {
@@ -468,47 +464,25 @@ fn mean_var(values: &[f32]) -> (f32, f32) {
     (mean as f32, var as f32)
 }
 
-fn correlation(a: &[f32], b: &[f32]) -> Option<f32> {
-    let (ma, va) = mean_var(a);
-    let (mb, vb) = mean_var(b);
-    if va < 1e-6 || vb < 1e-6 {
-        return None;
+/// Mean absolute difference and correlation between a frame and the previous one (correlation
+/// `None` when either is flat).
+fn temporal(
+    a: &[f32],
+    mean_a: f32,
+    var_a: f32,
+    b: &[f32],
+    mean_b: f32,
+    var_b: f32,
+) -> (f32, Option<f32>) {
+    let (mut diff, mut cov) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        diff += (x - y).abs() as f64;
+        cov += ((x - mean_a) * (y - mean_b)) as f64;
     }
-    let cov = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - ma as f64) * (y as f64 - mb as f64))
-        .sum::<f64>()
-        / a.len() as f64;
-    Some((cov / (va as f64 * vb as f64).sqrt()) as f32)
-}
-
-/// `1 - E[(Y(p) - Y(p+1))²] / (2 var)`, over horizontal and vertical neighbour pairs.
-fn neighbour_correlation(luma: &[f32], width: usize, height: usize, var: f32) -> f32 {
-    if var < 1e-6 {
-        return 1.0;
-    }
-    let (mut sum, mut count) = (0f64, 0usize);
-    for y in 0..height {
-        let row = &luma[y * width..][..width];
-        for x in 1..width {
-            sum += ((row[x] - row[x - 1]) as f64).powi(2);
-        }
-        count += width - 1;
-        if y > 0 {
-            let above = &luma[(y - 1) * width..][..width];
-            sum += row
-                .iter()
-                .zip(above)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum::<f64>();
-            count += width;
-        }
-    }
-    if count == 0 {
-        return 1.0;
-    }
-    (1.0 - sum / count as f64 / (2.0 * var as f64)) as f32
+    let n = a.len() as f64;
+    let corr = (var_a > 1e-6 && var_b > 1e-6)
+        .then(|| (cov / n / (var_a as f64 * var_b as f64).sqrt()) as f32);
+    ((diff / n) as f32, corr)
 }
 
 /// Variance of the means of 32×32 blocks (smaller for small frames) over the pixel variance.
@@ -522,135 +496,196 @@ fn coarse_fraction(luma: &[f32], width: usize, height: usize, mean: f32, var: f3
         return 1.0; // too small to judge
     }
     let mut sum = 0f64;
+    let mut block_sums = vec![0f64; bw];
     for by in 0..bh {
-        for bx in 0..bw {
-            let mut acc = 0f64;
-            for y in by * block..(by + 1) * block {
-                acc += luma[y * width + bx * block..][..block]
-                    .iter()
-                    .map(|&v| v as f64)
-                    .sum::<f64>();
+        block_sums.iter_mut().for_each(|b| *b = 0.0);
+        for y in by * block..(by + 1) * block {
+            let row = &luma[y * width..][..bw * block];
+            for (b, chunk) in block_sums.iter_mut().zip(row.chunks_exact(block)) {
+                *b += chunk.iter().map(|&v| v as f64).sum::<f64>();
             }
-            let m = acc / (block * block) as f64 - mean as f64;
+        }
+        for b in &block_sums {
+            let m = b / (block * block) as f64 - mean as f64;
             sum += m * m;
         }
     }
     (sum / (bw * bh) as f64 / var as f64) as f32
 }
 
-/// Share of the image gradient's variance that repeats every `period` px: the DFT power of the
-/// horizontal and vertical differences at the bins that are multiples of the stride frequency
-/// `(W/p, H/p)` (the VAE-stride peak and its harmonics), over their total power; the larger of the
-/// two directions.
+/// Fold size for the stride measures: 16 px, whose folds also give the 8-px ones.
+const FOLD: usize = 16;
+
+/// Horizontal and vertical luma differences of one frame, folded by position phase (one pass).
+struct Gradients {
+    /// Per direction: sums and counts of the signed differences by `(y mod 16, x mod 16)`.
+    folds: [PhaseFold; 2],
+    /// Per direction: sum of |difference| by the phase across which it is taken (x mod 16 for
+    /// horizontal differences, y mod 16 for vertical ones), and how many.
+    abs_by_phase: [[f64; FOLD]; 2],
+    abs_counts: [[usize; FOLD]; 2],
+    /// Sum of squared differences over both directions, and how many.
+    squares: f64,
+    count: usize,
+    /// The smaller frame side: stride measures need at least two periods.
+    min_side: usize,
+}
+
+impl Gradients {
+    fn measure(luma: &[f32], width: usize, height: usize) -> Self {
+        let mut g = Gradients {
+            folds: [PhaseFold::new(), PhaseFold::new()],
+            abs_by_phase: [[0.0; FOLD]; 2],
+            abs_counts: [[0; FOLD]; 2],
+            squares: 0.0,
+            count: 0,
+            min_side: width.min(height),
+        };
+        for y in 0..height {
+            let row = &luma[y * width..][..width];
+            let py = y % FOLD;
+            for x in 1..width {
+                let d = row[x] - row[x - 1];
+                let px = x % FOLD;
+                g.folds[0].add(py, px, d);
+                g.abs_by_phase[0][px] += d.abs() as f64;
+                g.abs_counts[0][px] += 1;
+                g.squares += (d * d) as f64;
+            }
+            g.count += width - 1;
+            if y > 0 {
+                let above = &luma[(y - 1) * width..][..width];
+                for (x, (&v, &u)) in row.iter().zip(above).enumerate() {
+                    let d = v - u;
+                    g.folds[1].add(py, x % FOLD, d);
+                    g.abs_by_phase[1][py] += d.abs() as f64;
+                    g.squares += (d * d) as f64;
+                }
+                g.abs_counts[1][py] += width;
+                g.count += width;
+            }
+        }
+        g
+    }
+
+    /// Lag-1 spatial autocorrelation: `1 - E[(Y(p) - Y(p+1))²] / (2 var)`, both directions pooled.
+    fn neighbour_correlation(&self, var: f32) -> f32 {
+        if var < 1e-6 || self.count == 0 {
+            return 1.0;
+        }
+        (1.0 - self.squares / self.count as f64 / (2.0 * var as f64)) as f32
+    }
+
+    /// Share of the gradient's power that repeats every `period` px: the DFT power of the
+    /// horizontal and vertical differences at the bins that are multiples of the stride frequency
+    /// `(W/p, H/p)` (the VAE-stride peak and its harmonics), over their total power; the larger
+    /// of the two directions. Differences rather than pixel values, so that smooth ramps (whose
+    /// sawtooth folds into the same bins) do not count.
+    fn stride_power(&self, period: usize) -> f32 {
+        if self.min_side < 2 * period {
+            return 0.0;
+        }
+        self.folds[0]
+            .fraction(period)
+            .max(self.folds[1].fraction(period))
+    }
+
+    /// (Mean |gradient| across `period`-px block borders + 1) over (mean |gradient| elsewhere + 1);
+    /// the one level added to both keeps sub-level steps (8-bit quantisation of a smooth ramp) in
+    /// an almost featureless frame from reading as block edges.
+    fn border_ratio(&self, period: usize) -> f32 {
+        if self.min_side < 2 * period {
+            return 1.0;
+        }
+        let (mut border, mut border_n, mut inner, mut inner_n) = (0f64, 0usize, 0f64, 0usize);
+        for dir in 0..2 {
+            for phase in 0..FOLD {
+                if phase % period == 0 {
+                    border += self.abs_by_phase[dir][phase];
+                    border_n += self.abs_counts[dir][phase];
+                } else {
+                    inner += self.abs_by_phase[dir][phase];
+                    inner_n += self.abs_counts[dir][phase];
+                }
+            }
+        }
+        if border_n == 0 || inner_n == 0 {
+            return 1.0;
+        }
+        ((border / border_n as f64 + 1.0) / (inner / inner_n as f64 + 1.0)) as f32
+    }
+}
+
+/// Sums of a signal by position phase `(y mod 16, x mod 16)`.
 ///
-/// Differences rather than pixel values, so that smooth ramps (whose sawtooth folds into the same
-/// bins) do not count. Averaging over every position with the same `(x mod p, y mod p)` phase
-/// gives a p×p tile whose energy equals that DFT power divided by the sample count, without an FFT
-/// (exact when p divides the size; the unit test checks it).
-fn stride_power(luma: &[f32], width: usize, height: usize, period: usize) -> f32 {
-    if width < 2 * period || height < 2 * period {
-        return 0.0;
-    }
-    let horizontal =
-        |x: usize, y: usize| (x >= 1).then(|| luma[y * width + x] - luma[y * width + x - 1]);
-    let vertical =
-        |x: usize, y: usize| (y >= 1).then(|| luma[y * width + x] - luma[(y - 1) * width + x]);
-    let h = periodic_fraction(width, height, period, horizontal);
-    let v = periodic_fraction(width, height, period, vertical);
-    h.max(v)
+/// Averaging every sample with the same phase modulo `p` gives a p×p tile whose energy (the
+/// overall mean removed) equals the signal's DFT power at the bins that are multiples of `(W/p,
+/// H/p)`, divided by the sample count squared, without an FFT (exact when p divides the size; the
+/// unit test checks it against a DFT).
+struct PhaseFold {
+    sums: [f64; FOLD * FOLD],
+    counts: [usize; FOLD * FOLD],
+    sum_sq: f64,
 }
 
-/// Energy of the phase-folded mean of `sample(x, y)` over its variance, minus the energy that
-/// uncorrelated samples would leave (variance / samples per phase), so noise scores ~0 at any size.
-fn periodic_fraction(
-    width: usize,
-    height: usize,
-    period: usize,
-    sample: impl Fn(usize, usize) -> Option<f32>,
-) -> f32 {
-    let mut sums = vec![0f64; period * period];
-    let mut counts = vec![0usize; period * period];
-    let (mut total, mut total_sq, mut n) = (0f64, 0f64, 0usize);
-    for y in 0..height {
-        for x in 0..width {
-            if let Some(v) = sample(x, y) {
-                let v = v as f64;
-                let phase = (y % period) * period + x % period;
-                sums[phase] += v;
-                counts[phase] += 1;
-                total += v;
-                total_sq += v * v;
-                n += 1;
-            }
+impl PhaseFold {
+    fn new() -> Self {
+        Self {
+            sums: [0.0; FOLD * FOLD],
+            counts: [0; FOLD * FOLD],
+            sum_sq: 0.0,
         }
     }
-    if n == 0 {
-        return 0.0;
+
+    fn add(&mut self, phase_y: usize, phase_x: usize, value: f32) {
+        let i = phase_y * FOLD + phase_x;
+        self.sums[i] += value as f64;
+        self.counts[i] += 1;
+        self.sum_sq += (value * value) as f64;
     }
-    let mean = total / n as f64;
-    let var = total_sq / n as f64 - mean * mean;
-    if var < 1e-9 {
-        return 0.0;
-    }
-    let energy = sums
-        .iter()
-        .zip(&counts)
-        .map(|(s, &c)| {
-            if c == 0 {
-                0.0
-            } else {
-                (s / c as f64 - mean).powi(2)
+
+    /// Energy of the `period`-phase tile (`period` divides 16) over the signal's variance, minus
+    /// the energy uncorrelated samples would leave (variance / samples per phase), so noise scores
+    /// ~0 at any size; measured against at least [`GRADIENT_VAR_FLOOR`], so that a sub-level
+    /// pattern in an almost featureless frame does not count.
+    fn fraction(&self, period: usize) -> f32 {
+        let mut sums = vec![0f64; period * period];
+        let mut counts = vec![0usize; period * period];
+        for py in 0..FOLD {
+            for px in 0..FOLD {
+                let (i, j) = (py * FOLD + px, (py % period) * period + px % period);
+                sums[j] += self.sums[i];
+                counts[j] += self.counts[i];
             }
-        })
-        .sum::<f64>()
-        / (period * period) as f64;
-    let per_phase = n as f64 / (period * period) as f64;
-    // Relative to at least GRADIENT_VAR_FLOOR, so that a sub-level pattern in an almost featureless
-    // frame (8-bit quantisation steps of a smooth ramp) does not count.
-    ((energy - var / per_phase).max(0.0) / var.max(GRADIENT_VAR_FLOOR)) as f32
+        }
+        let n: usize = counts.iter().sum();
+        if n == 0 {
+            return 0.0;
+        }
+        let mean = sums.iter().sum::<f64>() / n as f64;
+        let var = self.sum_sq / n as f64 - mean * mean;
+        if var < 1e-9 {
+            return 0.0;
+        }
+        let energy = sums
+            .iter()
+            .zip(&counts)
+            .map(|(s, &c)| {
+                if c == 0 {
+                    0.0
+                } else {
+                    (s / c as f64 - mean).powi(2)
+                }
+            })
+            .sum::<f64>()
+            / (period * period) as f64;
+        let per_phase = n as f64 / (period * period) as f64;
+        ((energy - var / per_phase).max(0.0) / var.max(GRADIENT_VAR_FLOOR)) as f32
+    }
 }
 
-/// Gradient variance (levels²) below which [`periodic_fraction`] measures against this floor.
+/// Gradient variance (levels²) below which [`PhaseFold::fraction`] measures against this floor.
 const GRADIENT_VAR_FLOOR: f64 = 4.0;
-
-/// (Mean |gradient| across `period`-px block borders + 1) over (mean |gradient| elsewhere + 1).
-fn border_ratio(luma: &[f32], width: usize, height: usize, period: usize) -> f32 {
-    let (mut border, mut border_n, mut inner, mut inner_n) = (0f64, 0usize, 0f64, 0usize);
-    for y in 0..height {
-        let row = &luma[y * width..][..width];
-        for x in 1..width {
-            let g = (row[x] - row[x - 1]).abs() as f64;
-            if x % period == 0 {
-                border += g;
-                border_n += 1;
-            } else {
-                inner += g;
-                inner_n += 1;
-            }
-        }
-        if y > 0 {
-            let above = &luma[(y - 1) * width..][..width];
-            let g: f64 = row
-                .iter()
-                .zip(above)
-                .map(|(a, b)| (a - b).abs() as f64)
-                .sum();
-            if y % period == 0 {
-                border += g;
-                border_n += width;
-            } else {
-                inner += g;
-                inner_n += width;
-            }
-        }
-    }
-    if border_n == 0 || inner_n == 0 {
-        return 1.0;
-    }
-    // One level added to both sides: sub-level steps (8-bit quantisation of a smooth ramp) in an
-    // almost featureless frame must not read as block edges.
-    ((border / border_n as f64 + 1.0) / (inner / inner_n as f64 + 1.0)) as f32
-}
 
 /// Counts distinct RGB colours with a 2^24-bit set, cleared between frames.
 struct ColourSet {
@@ -686,8 +721,9 @@ mod tests {
     #[test]
     fn folded_energy_equals_dft_power_at_stride_bins() {
         // A 32x16 signal with content at assorted frequencies: the folded-tile energy must equal
-        // the DFT power at the bins (k*W/p, l*H/p), (k,l) != (0,0), over N², as the docs claim.
-        let (w, h, p) = (32usize, 16usize, 8usize);
+        // the DFT power at the bins (k*W/p, l*H/p), (k,l) != (0,0), over N², as the docs claim,
+        // for p = 16 and for p = 8 derived from the 16-fold.
+        let (w, h) = (32usize, 16usize);
         let signal: Vec<f32> = (0..w * h)
             .map(|i| {
                 let (x, y) = ((i % w) as f32, (i / w) as f32);
@@ -697,33 +733,40 @@ mod tests {
                     + 10.0 * (i as f32 * 0.37).sin()
             })
             .collect();
-        let ours = periodic_fraction(w, h, p, |x, y| Some(signal[y * w + x])) as f64;
-        let (_, var) = mean_var(&signal);
-        let mut power = 0f64;
-        for ky in (0..h).step_by(h / p) {
-            for kx in (0..w).step_by(w / p) {
-                if kx == 0 && ky == 0 {
-                    continue;
-                }
-                let (mut re, mut im) = (0f64, 0f64);
-                for (i, &v) in signal.iter().enumerate() {
-                    let (x, y) = ((i % w) as f64, (i / w) as f64);
-                    let phase = -2.0
-                        * std::f64::consts::PI
-                        * (kx as f64 * x / w as f64 + ky as f64 * y / h as f64);
-                    re += v as f64 * phase.cos();
-                    im += v as f64 * phase.sin();
-                }
-                power += re * re + im * im;
-            }
+        let mut fold = PhaseFold::new();
+        for (i, &v) in signal.iter().enumerate() {
+            fold.add((i / w) % FOLD, (i % w) % FOLD, v);
         }
-        let n = (w * h) as f64;
-        let dft = power / (n * n) / var as f64 - (p * p) as f64 / n; // minus the noise correction
-        assert!(
-            (ours - dft.max(0.0)).abs() < 1e-4,
-            "fold {ours} vs DFT {dft}"
-        );
-        assert!(ours > 0.1, "the (x + 2y) mod 8 ramp is 8-periodic: {ours}");
+        let (_, var) = mean_var(&signal);
+        for p in [8usize, 16] {
+            let ours = fold.fraction(p) as f64;
+            let mut power = 0f64;
+            for ky in (0..h).step_by(h / p) {
+                for kx in (0..w).step_by(w / p) {
+                    if kx == 0 && ky == 0 {
+                        continue;
+                    }
+                    let (mut re, mut im) = (0f64, 0f64);
+                    for (i, &v) in signal.iter().enumerate() {
+                        let (x, y) = ((i % w) as f64, (i / w) as f64);
+                        let phase = -2.0
+                            * std::f64::consts::PI
+                            * (kx as f64 * x / w as f64 + ky as f64 * y / h as f64);
+                        re += v as f64 * phase.cos();
+                        im += v as f64 * phase.sin();
+                    }
+                    power += re * re + im * im;
+                }
+            }
+            let n = (w * h) as f64;
+            // Minus the noise correction, as `fraction` does.
+            let dft = power / (n * n) / var as f64 - (p * p) as f64 / n;
+            assert!(
+                (ours - dft.max(0.0)).abs() < 1e-4,
+                "p={p}: fold {ours} vs DFT {dft}"
+            );
+            assert!(ours > 0.1, "the (x + 2y) mod 8 ramp is 8-periodic: {ours}");
+        }
     }
 
     #[test]
@@ -732,11 +775,15 @@ mod tests {
         let ramp: Vec<f32> = (0..w * h)
             .map(|i| (i % w) as f32 * 3.0 + (i / w) as f32)
             .collect();
-        assert!(stride_power(&ramp, w, h, 16) < 1e-6);
+        let g = Gradients::measure(&ramp, w, h);
+        assert!(g.stride_power(16) < 1e-6 && g.stride_power(8) < 1e-6);
+        // Border and inner sets mix the two directions in slightly different shares.
+        assert!((g.border_ratio(8) - 1.0).abs() < 0.02);
         let tiled: Vec<f32> = (0..w * h)
             .map(|i| ramp[i] + if (i % w) % 8 == 0 { 10.0 } else { 0.0 })
             .collect();
-        assert!(stride_power(&tiled, w, h, 8) > 0.5);
+        let g = Gradients::measure(&tiled, w, h);
+        assert!(g.stride_power(8) > 0.5 && g.border_ratio(8) > 2.0);
     }
 
     #[test]

@@ -400,6 +400,9 @@ impl Cursor<'_> {
 }
 
 fn parse_moov(moov: &[u8]) -> Result<Mp4Video> {
+    if find(moov, b"mvex")?.is_some() {
+        bail!("fragmented MP4 (samples in moof boxes) is not supported; remux it with `-movflags faststart`");
+    }
     for child in children(moov) {
         let (kind, trak) = child?;
         if &kind != b"trak" {

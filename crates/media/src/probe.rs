@@ -173,14 +173,16 @@ fn info(container: &Container, file_bytes: u64) -> Result<ProbeInfo> {
         }
     };
     if info.fps_num > 0 {
-        // ffprobe shows 1e9/41666667 ns as 24/1; snap near-integer rates the same way.
+        // WebM stores the frame duration in whole nanoseconds (1e9/24 → 41666667 ns): recover the
+        // exact rate the way ffprobe does, as an integer or an NTSC n*1000/1001 rate.
         let fps = info.fps_num as f64 / info.fps_den as f64;
-        if (fps - fps.round()).abs() < 1e-4
-            && info.fps_den != 1
-            && fps.round() > 0.0
-            && info.format == Format::Webm
-        {
-            (info.fps_num, info.fps_den) = (fps.round() as u64, 1);
+        let ntsc = fps * 1.001;
+        if info.format == Format::Webm && info.fps_den != 1 {
+            if (fps - fps.round()).abs() < 1e-4 * fps && fps.round() > 0.0 {
+                (info.fps_num, info.fps_den) = (fps.round() as u64, 1);
+            } else if (ntsc - ntsc.round()).abs() < 1e-4 * ntsc && ntsc.round() > 0.0 {
+                (info.fps_num, info.fps_den) = (ntsc.round() as u64 * 1000, 1001);
+            }
         }
         info.fps = info.fps_num as f64 / info.fps_den as f64;
     }

@@ -272,7 +272,6 @@ pub fn mux_packets(
 /// The first video track of a WebM/Matroska file, as `probe` needs it.
 #[derive(Clone, Debug)]
 pub struct WebmVideo {
-    pub doc_type: String,
     /// Matroska codec ID: `V_VP9`, `V_VP8`, `V_AV1`, ...
     pub codec_id: String,
     pub width: u32,
@@ -396,7 +395,6 @@ impl WebmVideo {
         let seg_end = seg_size.map_or(data.len(), |s| (seg_start + s as usize).min(data.len()));
 
         let mut video = WebmVideo {
-            doc_type,
             codec_id: String::new(),
             width: 0,
             height: 0,

@@ -80,21 +80,29 @@ pub struct YuvPlanes<'a> {
 
 impl YuvPlanes<'_> {
     /// Appends the picture as RGB to `out` (nearest chroma sample, which is enough for the guard's
-    /// statistics and thumbnails of decoded files).
+    /// statistics and thumbnails of decoded files). Fixed point, 8 fractional bits.
     pub fn append_rgb(&self, out: &mut Vec<u8>) {
+        // Y' scale 255/219 and the BT.709 chroma weights scaled by 255/224, times 256.
+        const Y: i32 = 298;
+        const R_V: i32 = 459;
+        const G_U: i32 = 55;
+        const G_V: i32 = 136;
+        const B_U: i32 = 541;
         out.reserve(self.width * self.height * 3);
         for row in 0..self.height {
             let y_row = &self.y[row * self.y_stride..][..self.width];
-            let u_row = &self.u[(row / 2) * self.uv_stride..];
-            let v_row = &self.v[(row / 2) * self.uv_stride..];
+            let u_row = &self.u[(row / 2) * self.uv_stride..][..self.width.div_ceil(2)];
+            let v_row = &self.v[(row / 2) * self.uv_stride..][..self.width.div_ceil(2)];
             for (col, &luma) in y_row.iter().enumerate() {
-                let yf = (luma as f32 - 16.0) * (255.0 / 219.0);
-                let pb = (u_row[col / 2] as f32 - 128.0) * (255.0 / 224.0);
-                let pr = (v_row[col / 2] as f32 - 128.0) * (255.0 / 224.0);
-                let r = yf + 2.0 * (1.0 - KR) * pr;
-                let b = yf + 2.0 * (1.0 - KB) * pb;
-                let g = (yf - KR * r - KB * b) / KG;
-                out.extend_from_slice(&[quantize(r), quantize(g), quantize(b)]);
+                let c = Y * (luma as i32 - 16) + 128;
+                let d = u_row[col / 2] as i32 - 128;
+                let e = v_row[col / 2] as i32 - 128;
+                let clamp = |v: i32| (v >> 8).clamp(0, 255) as u8;
+                out.extend_from_slice(&[
+                    clamp(c + R_V * e),
+                    clamp(c - G_U * d - G_V * e),
+                    clamp(c + B_U * d),
+                ]);
             }
         }
     }

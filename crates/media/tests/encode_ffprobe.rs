@@ -153,7 +153,7 @@ fn mp4_counts_sizes_and_durations_are_exact() {
     check(Format::Mp4, 320, 192, 5, 24, true);
     check(Format::Mp4, 250, 138, 81, 16, true); // not multiples of 16
     check(Format::Mp4, 202, 114, 121, 24, false);
-    check(Format::Mp4, 832, 480, 5, 16, false);
+    check(Format::Mp4, 832, 480, 81, 16, false); // Wan 480p
 }
 
 #[test]
@@ -215,6 +215,12 @@ fn ntsc_rate_is_exact() {
         if format == Format::Mp4 {
             assert_eq!(str_field(&json["streams"][0], "r_frame_rate"), "24000/1001");
         }
+        let info = probe(&path).unwrap();
+        assert_eq!(
+            (info.fps_num, info.fps_den, info.frames),
+            (24000, 1001, 10),
+            "{format}"
+        );
     }
 }
 
