@@ -157,8 +157,12 @@ impl Inputs {
         if !path.exists() {
             return Err(invalid!("--inputs: {} does not exist", path.display()));
         }
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| invalid!("--inputs: {} is not a readable safetensors file: {e}", path.display()))?;
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+            invalid!(
+                "--inputs: {} is not a readable safetensors file: {e}",
+                path.display()
+            )
+        })?;
         Ok(Self::new(path.display().to_string(), tensors))
     }
 
@@ -245,7 +249,12 @@ impl Inputs {
 pub type Outputs = Vec<(String, Tensor)>;
 
 /// Runs `component` from the model at `model` on `inputs`.
-pub fn run(component: &str, model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> Result<Outputs> {
+pub fn run(
+    component: &str,
+    model: &Path,
+    inputs: &Inputs,
+    opts: &ComponentOptions,
+) -> Result<Outputs> {
     if !model.exists() {
         return Err(invalid!("--model: {} does not exist", model.display()));
     }
@@ -271,9 +280,15 @@ pub fn run(component: &str, model: &Path, inputs: &Inputs, opts: &ComponentOptio
 pub fn write_outputs(path: &Path, outputs: &Outputs) -> Result<()> {
     let mut map = HashMap::new();
     for (name, t) in outputs {
-        map.insert(name.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+        map.insert(
+            name.clone(),
+            t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+        );
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
@@ -307,13 +322,35 @@ mod tests {
     #[test]
     fn inputs_name_missing_and_wrong_dtype() {
         let mut m = HashMap::new();
-        m.insert("ids".to_string(), Tensor::zeros((1, 3), DType::I64, &Device::Cpu).unwrap());
-        m.insert("x".to_string(), Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap());
+        m.insert(
+            "ids".to_string(),
+            Tensor::zeros((1, 3), DType::I64, &Device::Cpu).unwrap(),
+        );
+        m.insert(
+            "x".to_string(),
+            Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
         let inp = Inputs::new("in.safetensors", m);
-        assert!(inp.float("missing", &[2]).unwrap_err().to_string().contains("`missing`"));
-        assert!(inp.float("ids", &[2]).unwrap_err().to_string().contains("dtype"));
-        assert!(inp.int("x", &[2]).unwrap_err().to_string().contains("dtype"));
-        assert!(inp.float("x", &[5]).unwrap_err().to_string().contains("rank 5"));
+        assert!(inp
+            .float("missing", &[2])
+            .unwrap_err()
+            .to_string()
+            .contains("`missing`"));
+        assert!(inp
+            .float("ids", &[2])
+            .unwrap_err()
+            .to_string()
+            .contains("dtype"));
+        assert!(inp
+            .int("x", &[2])
+            .unwrap_err()
+            .to_string()
+            .contains("dtype"));
+        assert!(inp
+            .float("x", &[5])
+            .unwrap_err()
+            .to_string()
+            .contains("rank 5"));
         assert_eq!(inp.int("ids", &[2]).unwrap().dims(), &[1, 3]);
     }
 

@@ -45,11 +45,20 @@ pub fn i2v_condition(image_latents: &Tensor) -> Result<Tensor> {
     let device = image_latents.device();
     let first = Tensor::ones((b, 4, 1, h, w), DType::F32, device)?;
     let mask = if f > 1 {
-        Tensor::cat(&[first, Tensor::zeros((b, 4, f - 1, h, w), DType::F32, device)?], 2)?
+        Tensor::cat(
+            &[
+                first,
+                Tensor::zeros((b, 4, f - 1, h, w), DType::F32, device)?,
+            ],
+            2,
+        )?
     } else {
         first
     };
-    Ok(Tensor::cat(&[mask, image_latents.to_dtype(DType::F32)?], 1)?)
+    Ok(Tensor::cat(
+        &[mask, image_latents.to_dtype(DType::F32)?],
+        1,
+    )?)
 }
 
 pub struct DenoiseOptions {
@@ -88,7 +97,11 @@ impl<'a> Prepared<'a> {
         } else {
             None
         };
-        Ok(Self { expert, cond, uncond })
+        Ok(Self {
+            expert,
+            cond,
+            uncond,
+        })
     }
 
     /// Guided velocity: uncond + g·(cond − uncond); guidance 1 skips the unconditional pass.
@@ -134,7 +147,11 @@ pub fn denoise(
     // Only the experts that will actually run get their contexts prepared.
     let need_low = timesteps.iter().any(|&t| !uses_high_noise_expert(t, opts));
     let need_high = timesteps.iter().any(|&t| uses_high_noise_expert(t, opts));
-    let prepared_high = if need_high { Some(Prepared::new(high, prompts)?) } else { None };
+    let prepared_high = if need_high {
+        Some(Prepared::new(high, prompts)?)
+    } else {
+        None
+    };
     let prepared_low = match (low, need_low) {
         (Some(l), true) => Some(Prepared::new(l, prompts)?),
         _ => None,
@@ -146,7 +163,10 @@ pub fn denoise(
             let z = latent.to_device(&device)?.to_dtype(DType::F32)?;
             let (c, h, w) = (dims[1], dims[3], dims[4]);
             let z = z.reshape((b, c, 1, h, w)).with_context(|| {
-                format!("first-frame latent {:?} does not fit latents {dims:?}", latent.dims())
+                format!(
+                    "first-frame latent {:?} does not fit latents {dims:?}",
+                    latent.dims()
+                )
             })?;
             let mask = Tensor::cat(
                 &[
@@ -267,7 +287,10 @@ pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> 
     let guidance: f64 = s.get("guidance_scale")?.unwrap_or(5.0);
     let guidance_2: Option<f64> = s.get("guidance_scale_2")?;
     let boundary_ratio: Option<f64> = s.get::<f64>("boundary_ratio")?.or(folder.boundary_ratio);
-    for (name, g) in [("guidance_scale", Some(guidance)), ("guidance_scale_2", guidance_2)] {
+    for (name, g) in [
+        ("guidance_scale", Some(guidance)),
+        ("guidance_scale_2", guidance_2),
+    ] {
         if let Some(g) = g {
             if !g.is_finite() || g < 0.0 {
                 return Err(invalid!("--set {name}: {g} must be a finite number ≥ 0"));
@@ -300,7 +323,11 @@ pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> 
 
     let high_model = dit::load(&model.join("transformer"), &opts.device, opts.dtype)?;
     let low_model = match (boundary_ratio, folder.has_transformer_2) {
-        (Some(_), true) => Some(dit::load(&model.join("transformer_2"), &opts.device, opts.dtype)?),
+        (Some(_), true) => Some(dit::load(
+            &model.join("transformer_2"),
+            &opts.device,
+            opts.dtype,
+        )?),
         (Some(_), false) => {
             return Err(invalid!(
                 "boundary_ratio is set but {} has no transformer_2/",
@@ -309,7 +336,10 @@ pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> 
         }
         (None, _) => None,
     };
-    let high = Expert { model: &high_model, guidance };
+    let high = Expert {
+        model: &high_model,
+        guidance,
+    };
     let low = low_model.as_ref().map(|m| Expert {
         model: m,
         // diffusers: guidance_scale_2 defaults to guidance_scale
@@ -321,7 +351,10 @@ pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> 
         num_train_timesteps: spec.num_train_timesteps,
         expand_timesteps: folder.expand_timesteps,
     };
-    let prompts = Prompts { positive: &pos, negative: neg.as_ref() };
+    let prompts = Prompts {
+        positive: &pos,
+        negative: neg.as_ref(),
+    };
     let conditioning = match &condition {
         None => Conditioning::None,
         Some(c) if folder.expand_timesteps => Conditioning::FirstFrame(c),

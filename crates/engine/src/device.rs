@@ -18,7 +18,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
             };
             cuda_device(ordinal)
         }
-        other => Err(invalid!("--device: `{other}` is not one of cpu, cuda, cuda:N")),
+        other => Err(invalid!(
+            "--device: `{other}` is not one of cpu, cuda, cuda:N"
+        )),
     }
 }
 

@@ -50,7 +50,10 @@ mod tests {
         assert!((var - 1.0).abs() < 0.05, "var {var}");
         // The stream is pinned: these values must never change (seeds must keep their videos).
         let first: Vec<f32> = va[..2].to_vec();
-        let again = gaussian_noise(42, 2, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let again = gaussian_noise(42, 2, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(first, again);
     }
 }

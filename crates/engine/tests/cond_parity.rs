@@ -11,7 +11,9 @@ use vidgen_engine::tensor_util::rel_err;
 use vidgen_engine::vae::WanVae;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/cond").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/cond")
+        .join(name)
 }
 
 fn io(name: &str) -> HashMap<String, Tensor> {
@@ -39,7 +41,12 @@ fn i2v_condition_equals_diffusers() {
     let vae = vae();
     let latents = vae.normalize(&vae.encode_mean(&video).unwrap()).unwrap();
     let cond = i2v_condition(&latents).unwrap();
-    check("I2V condition (mask + image latents)", &cond, &io["condition"], 1e-4);
+    check(
+        "I2V condition (mask + image latents)",
+        &cond,
+        &io["condition"],
+        1e-4,
+    );
 }
 
 #[test]
@@ -60,14 +67,23 @@ fn denoise(name: &str, settings: &[(&str, &str)]) {
         ..ComponentOptions::cpu_f32()
     };
     let out = component::run("denoise", &fixture(name), &inputs, &opts).unwrap();
-    check(&format!("{name} conditioned denoise"), &out[0].1, &reference, 1e-3);
+    check(
+        &format!("{name} conditioned denoise"),
+        &out[0].1,
+        &reference,
+        1e-3,
+    );
 }
 
 #[test]
 fn i2v_a14b_conditioned_denoise() {
     denoise(
         "i2v_a14b",
-        &[("steps", "5"), ("guidance_scale", "4.0"), ("guidance_scale_2", "3.0")],
+        &[
+            ("steps", "5"),
+            ("guidance_scale", "4.0"),
+            ("guidance_scale_2", "3.0"),
+        ],
     );
 }
 

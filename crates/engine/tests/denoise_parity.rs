@@ -10,7 +10,9 @@ use vidgen_engine::error::is_invalid_input;
 use vidgen_engine::tensor_util::rel_err;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dit").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/dit")
+        .join(name)
 }
 
 fn run(pipe: &str, settings: &[(&str, &str)]) -> anyhow::Result<(Tensor, Tensor)> {
@@ -33,7 +35,11 @@ fn a14b_two_experts_unipc_cfg_switch() {
     // then 3 low-noise steps at guidance 3 (boundary 0.875).
     let (ours, reference) = run(
         "pipe_a14b_unipc",
-        &[("steps", "6"), ("guidance_scale", "4.0"), ("guidance_scale_2", "3.0")],
+        &[
+            ("steps", "6"),
+            ("guidance_scale", "4.0"),
+            ("guidance_scale_2", "3.0"),
+        ],
     )
     .unwrap();
     let e = rel_err(&ours, &reference).unwrap();
@@ -43,8 +49,11 @@ fn a14b_two_experts_unipc_cfg_switch() {
 
 #[test]
 fn ti2v_expand_timesteps_euler() {
-    let (ours, reference) =
-        run("pipe_ti2v_euler", &[("steps", "4"), ("guidance_scale", "5.0")]).unwrap();
+    let (ours, reference) = run(
+        "pipe_ti2v_euler",
+        &[("steps", "4"), ("guidance_scale", "5.0")],
+    )
+    .unwrap();
     let e = rel_err(&ours, &reference).unwrap();
     println!("denoise TI2V (4 steps, Euler, per-token timesteps, CFG): rel err {e:.3e}");
     assert!(e <= 1e-3, "rel err {e:.3e}");
@@ -65,7 +74,10 @@ fn the_switch_matters() {
     )
     .unwrap();
     let e = rel_err(&ours, &reference).unwrap();
-    assert!(e > 1e-2, "rel err {e:.3e} should be large with the switch disabled");
+    assert!(
+        e > 1e-2,
+        "rel err {e:.3e} should be large with the switch disabled"
+    );
 }
 
 #[test]

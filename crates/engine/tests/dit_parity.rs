@@ -9,7 +9,9 @@ use vidgen_engine::dit::{self, model::timestep_embedding};
 use vidgen_engine::tensor_util::rel_err;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dit").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/dit")
+        .join(name)
 }
 
 fn io(variant: &str) -> HashMap<String, Tensor> {
@@ -29,7 +31,12 @@ fn full_forward(variant: &str, model_dir: &Path) {
     let rope = dit.rope(x.dims()).unwrap();
     let ctx = dit.prepare_context(&io["encoder_hidden_states"]).unwrap();
     let out = dit.forward(x, &io["timestep"], &ctx, &rope).unwrap();
-    check(&format!("{variant} forward ({})", model_dir.display()), &out, &io["output"], 1e-4);
+    check(
+        &format!("{variant} forward ({})", model_dir.display()),
+        &out,
+        &io["output"],
+        1e-4,
+    );
 }
 
 #[test]
@@ -67,10 +74,16 @@ fn time_embedding_matches() {
     // cos first (flip_sin_to_cos): t=937 at j=0 -> cos(937)
     let v: Vec<Vec<f32>> = s.to_vec2().unwrap();
     assert!((v[0][0] - 937f32.cos()).abs() < 1e-4 && (v[0][128] - 937f32.sin()).abs() < 1e-4);
-    let (wm, cfg) = dit::open_weights(&fixture("t2v/transformer"), &Device::Cpu, DType::F32).unwrap();
+    let (wm, cfg) =
+        dit::open_weights(&fixture("t2v/transformer"), &Device::Cpu, DType::F32).unwrap();
     let dit = dit::WanTransformer::from_weights(cfg, &wm).unwrap();
     let (temb, tproj) = dit.time_embedding(t).unwrap();
-    check("time embedding (temb)", &temb.squeeze(1).unwrap(), &io["ref_temb"], 1e-5);
+    check(
+        "time embedding (temb)",
+        &temb.squeeze(1).unwrap(),
+        &io["ref_temb"],
+        1e-5,
+    );
     check(
         "time projection (6-way modulation)",
         &tproj.flatten_from(1).unwrap(),
@@ -87,7 +100,13 @@ fn rope_table_matches() {
     // diffusers stores cos/sin repeated per channel pair: [1, L, 1, 128]; take the even channels.
     let l = rope.cos.dim(0).unwrap();
     for (ours, name) in [(&rope.cos, "ref_rope_cos"), (&rope.sin, "ref_rope_sin")] {
-        let r = io[name].reshape((l, 64, 2)).unwrap().narrow(2, 0, 1).unwrap().squeeze(2).unwrap();
+        let r = io[name]
+            .reshape((l, 64, 2))
+            .unwrap()
+            .narrow(2, 0, 1)
+            .unwrap()
+            .squeeze(2)
+            .unwrap();
         check(name, ours, &r, 1e-6);
     }
 }
@@ -100,7 +119,9 @@ fn one_block_matches() {
     let rope = dit.rope(x.dims()).unwrap();
     let ctx = dit.prepare_context(&io["encoder_hidden_states"]).unwrap();
     let (_, tproj) = dit.time_embedding(&io["timestep"]).unwrap();
-    let out = dit.block_forward(0, &io["ref_block0_in"], &tproj, &rope, &ctx).unwrap();
+    let out = dit
+        .block_forward(0, &io["ref_block0_in"], &tproj, &rope, &ctx)
+        .unwrap();
     check("block 0", &out, &io["ref_block0_out"], 1e-4);
 }
 
@@ -112,5 +133,10 @@ fn bf16_forward_close_to_f32_reference() {
     let rope = dit.rope(x.dims()).unwrap();
     let ctx = dit.prepare_context(&io["encoder_hidden_states"]).unwrap();
     let out = dit.forward(x, &io["timestep"], &ctx, &rope).unwrap();
-    check("t2v forward bf16 vs f32 reference", &out, &io["output"], 2e-2);
+    check(
+        "t2v forward bf16 vs f32 reference",
+        &out,
+        &io["output"],
+        2e-2,
+    );
 }

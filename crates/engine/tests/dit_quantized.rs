@@ -12,12 +12,15 @@ use vidgen_engine::weights::fp8::{Fp8Granularity, Fp8Weight};
 use vidgen_engine::weights::{MemorySource, WeightMap};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dit").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/dit")
+        .join(name)
 }
 
 /// The t2v model with every 2-D linear weight passed through FP8 storage.
 fn fp8_forward(granularity: Fp8Granularity) -> f64 {
-    let (wm, cfg) = dit::open_weights(&fixture("t2v/transformer"), &Device::Cpu, DType::F32).unwrap();
+    let (wm, cfg) =
+        dit::open_weights(&fixture("t2v/transformer"), &Device::Cpu, DType::F32).unwrap();
     let mut tensors = HashMap::new();
     for name in wm.names().cloned().collect::<Vec<_>>() {
         let t = wm.get_unchecked(&name).unwrap();
@@ -31,8 +34,12 @@ fn fp8_forward(granularity: Fp8Granularity) -> f64 {
         };
         tensors.insert(name, t);
     }
-    let wm = WeightMap::plain(Box::new(MemorySource::new("fp8", tensors)), &Device::Cpu, DType::F32)
-        .unwrap();
+    let wm = WeightMap::plain(
+        Box::new(MemorySource::new("fp8", tensors)),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
     let model = WanTransformer::from_weights(cfg, &wm).unwrap();
     forward_err(&model)
 }
@@ -51,7 +58,8 @@ fn forward_err(model: &WanTransformer) -> f64 {
 fn fp8_and_bf16_accuracy_on_fixture() {
     let per_channel = fp8_forward(Fp8Granularity::PerChannel);
     let per_tensor = fp8_forward(Fp8Granularity::PerTensor);
-    let bf16 = forward_err(&dit::load(&fixture("t2v/transformer"), &Device::Cpu, DType::BF16).unwrap());
+    let bf16 =
+        forward_err(&dit::load(&fixture("t2v/transformer"), &Device::Cpu, DType::BF16).unwrap());
     println!("DiT forward rel err vs f32 reference: bf16 {bf16:.3e}, fp8 per-channel {per_channel:.3e}, fp8 per-tensor {per_tensor:.3e}");
     // e4m3 keeps 3 mantissa bits (~2.6% per weight on Gaussians); the forward averages that down.
     assert!(per_channel < 5e-2 && per_tensor < 5e-2);

@@ -76,8 +76,15 @@ impl DitConfig {
         let eps = v.get("eps").and_then(|e| e.as_f64()).unwrap_or(1e-6);
         let patch = match v.get("patch_size") {
             Some(serde_json::Value::Array(a)) if a.len() == 3 => {
-                let p: Vec<usize> = a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect();
-                anyhow::ensure!(p.len() == 3, invalid!("{origin}: `patch_size` must be 3 integers"));
+                let p: Vec<usize> = a
+                    .iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as usize)
+                    .collect();
+                anyhow::ensure!(
+                    p.len() == 3,
+                    invalid!("{origin}: `patch_size` must be 3 integers")
+                );
                 [p[0], p[1], p[2]]
             }
             None => [1, 2, 2],
@@ -112,15 +119,21 @@ impl DitConfig {
                 freq_dim: get("freq_dim", 256)?,
                 ffn_dim: get("ffn_dim", 13824)?,
                 num_layers: get("num_layers", 40)?,
-                cross_attn_norm: v.get("cross_attn_norm").and_then(|b| b.as_bool()).unwrap_or(true),
+                cross_attn_norm: v
+                    .get("cross_attn_norm")
+                    .and_then(|b| b.as_bool())
+                    .unwrap_or(true),
                 eps,
                 rope_max_seq_len: get("rope_max_seq_len", 1024)?,
             }
         } else if let Some(dim) = int("dim")? {
             // official WanModel
-            let heads = int("num_heads")?.ok_or_else(|| invalid!("{origin}: missing `num_heads`"))?;
+            let heads =
+                int("num_heads")?.ok_or_else(|| invalid!("{origin}: missing `num_heads`"))?;
             if dim % heads != 0 {
-                return Err(invalid!("{origin}: `dim` {dim} is not divisible by `num_heads` {heads}"));
+                return Err(invalid!(
+                    "{origin}: `dim` {dim} is not divisible by `num_heads` {heads}"
+                ));
             }
             let cin = int("in_dim")?.unwrap_or(16);
             Self {
@@ -134,7 +147,10 @@ impl DitConfig {
                 ffn_dim: int("ffn_dim")?.ok_or_else(|| invalid!("{origin}: missing `ffn_dim`"))?,
                 num_layers: int("num_layers")?
                     .ok_or_else(|| invalid!("{origin}: missing `num_layers`"))?,
-                cross_attn_norm: v.get("cross_attn_norm").and_then(|b| b.as_bool()).unwrap_or(true),
+                cross_attn_norm: v
+                    .get("cross_attn_norm")
+                    .and_then(|b| b.as_bool())
+                    .unwrap_or(true),
                 eps,
                 rope_max_seq_len: 1024,
             }
@@ -148,7 +164,8 @@ impl DitConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_json(&text, &path.display().to_string())
     }
 
@@ -160,7 +177,13 @@ impl DitConfig {
                 .ok_or_else(|| invalid!("{}: cannot infer the DiT config: no `{k}`", wm.describe()))
         };
         let pe = shape("patch_embedding.weight")?;
-        anyhow::ensure!(pe.len() == 5, invalid!("{}: patch_embedding.weight must be 5-D, got {pe:?}", wm.describe()));
+        anyhow::ensure!(
+            pe.len() == 5,
+            invalid!(
+                "{}: patch_embedding.weight must be 5-D, got {pe:?}",
+                wm.describe()
+            )
+        );
         let dim = pe[0];
         let ffn = shape("blocks.0.ffn.net.0.proj.weight")?[0];
         let text_dim = shape("condition_embedder.text_embedder.linear_1.weight")?[1];
@@ -174,7 +197,10 @@ impl DitConfig {
         let head_dim = 128;
         anyhow::ensure!(
             dim % head_dim == 0,
-            invalid!("{}: dim {dim} is not a multiple of the Wan head dim 128", wm.describe())
+            invalid!(
+                "{}: dim {dim} is not a multiple of the Wan head dim 128",
+                wm.describe()
+            )
         );
         let cfg = Self {
             patch_size: patch,
@@ -196,16 +222,21 @@ impl DitConfig {
 
     fn validate(&self, origin: &str) -> Result<()> {
         if self.num_layers == 0 || self.num_attention_heads == 0 {
-            return Err(invalid!("{origin}: a transformer needs at least one layer and one head"));
+            return Err(invalid!(
+                "{origin}: a transformer needs at least one layer and one head"
+            ));
         }
-        if self.attention_head_dim % 2 != 0 || self.attention_head_dim < 6 {
+        if !self.attention_head_dim.is_multiple_of(2) || self.attention_head_dim < 6 {
             return Err(invalid!(
                 "{origin}: attention_head_dim {} must be even and ≥ 6 for the 3-axis RoPE",
                 self.attention_head_dim
             ));
         }
-        if self.freq_dim % 2 != 0 {
-            return Err(invalid!("{origin}: freq_dim {} must be even", self.freq_dim));
+        if !self.freq_dim.is_multiple_of(2) {
+            return Err(invalid!(
+                "{origin}: freq_dim {} must be even",
+                self.freq_dim
+            ));
         }
         Ok(())
     }

@@ -23,7 +23,10 @@ fn strip_prefix(key: &str) -> &str {
 pub fn detect_layout<'a>(keys: impl IntoIterator<Item = &'a String>) -> KeyLayout {
     for k in keys {
         let k = strip_prefix(k);
-        if k.starts_with("head.head.") || k.contains(".self_attn.") || k.starts_with("text_embedding.") {
+        if k.starts_with("head.head.")
+            || k.contains(".self_attn.")
+            || k.starts_with("text_embedding.")
+        {
             return KeyLayout::Official;
         }
     }
@@ -32,10 +35,22 @@ pub fn detect_layout<'a>(keys: impl IntoIterator<Item = &'a String>) -> KeyLayou
 
 /// Official substring → diffusers substring, applied in order (norm2/norm3 swap through a placeholder).
 const OFFICIAL_TO_DIFFUSERS: &[(&str, &str)] = &[
-    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
-    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
-    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
-    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    (
+        "time_embedding.0",
+        "condition_embedder.time_embedder.linear_1",
+    ),
+    (
+        "time_embedding.2",
+        "condition_embedder.time_embedder.linear_2",
+    ),
+    (
+        "text_embedding.0",
+        "condition_embedder.text_embedder.linear_1",
+    ),
+    (
+        "text_embedding.2",
+        "condition_embedder.text_embedder.linear_2",
+    ),
     ("time_projection.1", "condition_embedder.time_proj"),
     ("head.modulation", "scale_shift_table"),
     ("head.head", "proj_out"),
@@ -84,7 +99,10 @@ mod tests {
     fn official_names_map_to_diffusers() {
         let cases = [
             ("blocks.3.self_attn.q.weight", "blocks.3.attn1.to_q.weight"),
-            ("blocks.3.self_attn.norm_q.weight", "blocks.3.attn1.norm_q.weight"),
+            (
+                "blocks.3.self_attn.norm_q.weight",
+                "blocks.3.attn1.norm_q.weight",
+            ),
             ("blocks.3.cross_attn.o.bias", "blocks.3.attn2.to_out.0.bias"),
             ("blocks.3.norm3.weight", "blocks.3.norm2.weight"),
             ("blocks.3.modulation", "blocks.3.scale_shift_table"),
@@ -92,12 +110,25 @@ mod tests {
             ("blocks.3.ffn.2.bias", "blocks.3.ffn.net.2.bias"),
             ("head.modulation", "scale_shift_table"),
             ("head.head.weight", "proj_out.weight"),
-            ("time_projection.1.weight", "condition_embedder.time_proj.weight"),
-            ("text_embedding.2.bias", "condition_embedder.text_embedder.linear_2.bias"),
-            ("model.diffusion_model.patch_embedding.weight", "patch_embedding.weight"),
+            (
+                "time_projection.1.weight",
+                "condition_embedder.time_proj.weight",
+            ),
+            (
+                "text_embedding.2.bias",
+                "condition_embedder.text_embedder.linear_2.bias",
+            ),
+            (
+                "model.diffusion_model.patch_embedding.weight",
+                "patch_embedding.weight",
+            ),
         ];
         for (official, diffusers) in cases {
-            assert_eq!(canonical_name(official, KeyLayout::Official), diffusers, "{official}");
+            assert_eq!(
+                canonical_name(official, KeyLayout::Official),
+                diffusers,
+                "{official}"
+            );
         }
         let keys = vec!["model.diffusion_model.head.head.weight".to_string()];
         assert_eq!(detect_layout(&keys), KeyLayout::Official);

@@ -32,7 +32,12 @@ use crate::weights::WeightMap;
 pub fn open_weights(path: &Path, device: &Device, dtype: DType) -> Result<(WeightMap, DitConfig)> {
     let source = crate::weights::open_any(path, dtype)?;
     let layout = keys::detect_layout(&source.keys());
-    let wm = WeightMap::new(source, |k| Some(keys::canonical_name(k, layout)), device, dtype)?;
+    let wm = WeightMap::new(
+        source,
+        |k| Some(keys::canonical_name(k, layout)),
+        device,
+        dtype,
+    )?;
     let config_file = if path.is_dir() {
         Some(path.join("config.json")).filter(|p| p.exists())
     } else {

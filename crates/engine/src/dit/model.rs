@@ -46,7 +46,10 @@ pub fn weight_shapes(cfg: &DitConfig) -> Vec<(String, Vec<usize>)> {
         lin(&format!("blocks.{i}.ffn.net.2"), cfg.ffn_dim, d);
     }
     let [pt, ph, pw] = cfg.patch_size;
-    v.push(("patch_embedding.weight".into(), vec![d, cfg.in_channels, pt, ph, pw]));
+    v.push((
+        "patch_embedding.weight".into(),
+        vec![d, cfg.in_channels, pt, ph, pw],
+    ));
     v.push(("patch_embedding.bias".into(), vec![d]));
     v.push(("scale_shift_table".into(), vec![1, 2, d]));
     for i in 0..cfg.num_layers {
@@ -172,7 +175,10 @@ impl Attention {
     fn key_value(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
         let k = self.split_heads(&self.norm_k.forward(&self.to_k.forward(context)?)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        Ok((k.transpose(1, 2)?.contiguous()?, v.transpose(1, 2)?.contiguous()?))
+        Ok((
+            k.transpose(1, 2)?.contiguous()?,
+            v.transpose(1, 2)?.contiguous()?,
+        ))
     }
 
     fn self_attention(&self, x: &Tensor, rope: &RopeTable) -> Result<Tensor> {
@@ -183,7 +189,8 @@ impl Attention {
         let k = rope.apply(&k)?.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let out = attention(&q, &k, &v)?;
-        self.to_out.forward(&self.merge_heads(&out)?)
+        self.to_out
+            .forward(&self.merge_heads(&out)?)
             .map_err(Into::into)
     }
 
@@ -191,7 +198,8 @@ impl Attention {
         let q = self.split_heads(&self.norm_q.forward(&self.to_q.forward(x)?)?)?;
         let q = q.transpose(1, 2)?.contiguous()?;
         let out = attention(&q, &kv.0, &kv.1)?;
-        self.to_out.forward(&self.merge_heads(&out)?)
+        self.to_out
+            .forward(&self.merge_heads(&out)?)
             .map_err(Into::into)
     }
 }
@@ -244,7 +252,9 @@ impl Block {
         kv: &(Tensor, Tensor),
     ) -> Result<Tensor> {
         let dtype = x.dtype();
-        let m = self.scale_shift_table.broadcast_add(&tproj.to_dtype(DType::F32)?)?;
+        let m = self
+            .scale_shift_table
+            .broadcast_add(&tproj.to_dtype(DType::F32)?)?;
         let part = |i: usize| -> Result<Tensor> { Ok(m.narrow(2, i, 1)?.squeeze(2)?) };
         let (shift, scale, gate) = (part(0)?, part(1)?, part(2)?);
         let (c_shift, c_scale, c_gate) = (part(3)?, part(4)?, part(5)?);
@@ -378,7 +388,9 @@ impl WanTransformer {
                 self.cfg.text_dim
             ));
         }
-        let ctx = encoder_hidden_states.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let ctx = encoder_hidden_states
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
         let ctx = self.text_linear_1.forward(&ctx)?.gelu()?;
         let ctx = self.text_linear_2.forward(&ctx)?;
         let kv = self
@@ -427,7 +439,11 @@ impl WanTransformer {
         let (b, lt) = match timestep.dims() {
             [b] => (*b, 1),
             [b, l] => (*b, *l),
-            other => return Err(invalid!("timestep: shape {other:?}, expected [B] or [B, L]")),
+            other => {
+                return Err(invalid!(
+                    "timestep: shape {other:?}, expected [B] or [B, L]"
+                ))
+            }
         };
         let d = self.cfg.dim();
         let t = timestep.to_device(&self.device)?.flatten_all()?;
@@ -471,10 +487,14 @@ impl WanTransformer {
         let [pt, ph, pw] = self.cfg.patch_size;
         let c = self.cfg.in_channels;
         if context.kv.len() != self.blocks.len() {
-            return Err(invalid!("text context was prepared by a different transformer"));
+            return Err(invalid!(
+                "text context was prepared by a different transformer"
+            ));
         }
         if rope.cos.dim(0)? != l {
-            return Err(invalid!("RoPE table was built for a different latent shape"));
+            return Err(invalid!(
+                "RoPE table was built for a different latent shape"
+            ));
         }
         // per-sample or per-token timesteps
         let lt = match timestep.dims() {
@@ -521,4 +541,3 @@ impl WanTransformer {
         Ok(out.to_dtype(DType::F32)?)
     }
 }
-

@@ -10,12 +10,18 @@ use super::model::weight_shapes;
 
 /// Weights ~ N(0, 1/fan_in) for matrices, norm gains 1, biases and modulation tables small
 /// N(0, 0.02²); deterministic for a seed (the host RNG of [`crate::rng`]).
-pub fn random_weights(cfg: &DitConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn random_weights(
+    cfg: &DitConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     weight_shapes(cfg)
         .into_iter()
         .enumerate()
         .map(|(i, (name, shape))| {
-            let s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64);
+            let s = seed
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(i as u64);
             let t = if name.contains("norm") && name.ends_with("weight") {
                 Tensor::ones(shape.as_slice(), DType::F32, device)?
             } else if shape.len() >= 2 && !name.ends_with("scale_shift_table") {

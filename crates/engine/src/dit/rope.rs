@@ -24,7 +24,12 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
-    pub fn new(head_dim: usize, grid: [usize; 3], max_seq_len: usize, device: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        grid: [usize; 3],
+        max_seq_len: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let widths = axis_widths(head_dim);
         for (axis, &n) in grid.iter().enumerate() {
             anyhow::ensure!(

@@ -84,7 +84,9 @@ fn check_byte_size(len: u64, limits: &ImageLimits) -> Result<()> {
         ));
     }
     if len == 0 {
-        return Err(invalid!("image: the file is empty (valid formats: {ACCEPTED_FORMATS})"));
+        return Err(invalid!(
+            "image: the file is empty (valid formats: {ACCEPTED_FORMATS})"
+        ));
     }
     Ok(())
 }
@@ -221,7 +223,8 @@ pub fn load_conditioning_image(
     device: &Device,
 ) -> Result<Tensor> {
     let bytes = read_image_file(path, limits)?;
-    let image = decode_image(&bytes, limits).with_context(|| format!("image {}", path.display()))?;
+    let image =
+        decode_image(&bytes, limits).with_context(|| format!("image {}", path.display()))?;
     image_to_tensor(&resize_center_crop(&image, width, height), device)
 }
 
@@ -272,7 +275,10 @@ mod tests {
     use image::codecs::webp::WebPEncoder;
     use image::{ExtendedColorType, ImageEncoder, Rgb, RgbaImage};
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/image_resize");
+    const FIXTURES: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/image_resize"
+    );
 
     #[test]
     fn python_round_ties_to_even() {
@@ -329,7 +335,14 @@ mod tests {
         let t = image_to_tensor(&img, &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[3, 1, 2]);
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        let expect = [-1.0, 1.0, 1.0, -1.0, 51.0 / 127.5 - 1.0, 204.0 / 127.5 - 1.0];
+        let expect = [
+            -1.0,
+            1.0,
+            1.0,
+            -1.0,
+            51.0 / 127.5 - 1.0,
+            204.0 / 127.5 - 1.0,
+        ];
         for (a, b) in v.iter().zip(expect) {
             assert!((a - b).abs() < 1e-6, "{v:?}");
         }
@@ -347,7 +360,9 @@ mod tests {
     ];
 
     fn blocks() -> RgbImage {
-        RgbImage::from_fn(48, 32, |x, y| Rgb(BLOCK_COLOURS[(y / 16 * 3 + x / 16) as usize]))
+        RgbImage::from_fn(48, 32, |x, y| {
+            Rgb(BLOCK_COLOURS[(y / 16 * 3 + x / 16) as usize])
+        })
     }
 
     /// The stored pixel that orientation `o` shows at display position (x, y), per the EXIF spec
@@ -368,8 +383,20 @@ mod tests {
 
     /// A TIFF-format EXIF block with one IFD entry: Orientation (0x0112, SHORT).
     fn exif_orientation(value: u16, big_endian: bool) -> Vec<u8> {
-        let u16b = |v: u16| if big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
-        let u32b = |v: u32| if big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
+        let u16b = |v: u16| {
+            if big_endian {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
+        let u32b = |v: u32| {
+            if big_endian {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
         let mut t = Vec::new();
         t.extend_from_slice(if big_endian { b"MM" } else { b"II" });
         t.extend_from_slice(&u16b(42));
@@ -388,7 +415,12 @@ mod tests {
     fn jpeg_with_orientation(img: &RgbImage, orientation: u16, big_endian: bool) -> Vec<u8> {
         let mut plain = Vec::new();
         JpegEncoder::new_with_quality(&mut plain, 95)
-            .write_image(img.as_raw(), img.width(), img.height(), ExtendedColorType::Rgb8)
+            .write_image(
+                img.as_raw(),
+                img.width(),
+                img.height(),
+                ExtendedColorType::Rgb8,
+            )
             .unwrap();
         let mut payload = b"Exif\0\0".to_vec();
         payload.extend(exif_orientation(orientation, big_endian));
@@ -441,15 +473,27 @@ mod tests {
         for orientation in [3u16, 6, 7] {
             let mut png = Vec::new();
             let mut enc = PngEncoder::new(&mut png);
-            enc.set_exif_metadata(exif_orientation(orientation, false)).unwrap();
-            enc.write_image(src.as_raw(), 48, 32, ExtendedColorType::Rgb8).unwrap();
-            assert_oriented(&decode_image(&png, &ImageLimits::default()).unwrap(), orientation, 0);
+            enc.set_exif_metadata(exif_orientation(orientation, false))
+                .unwrap();
+            enc.write_image(src.as_raw(), 48, 32, ExtendedColorType::Rgb8)
+                .unwrap();
+            assert_oriented(
+                &decode_image(&png, &ImageLimits::default()).unwrap(),
+                orientation,
+                0,
+            );
 
             let mut webp = Vec::new();
             let mut enc = WebPEncoder::new_lossless(&mut webp);
-            enc.set_exif_metadata(exif_orientation(orientation, true)).unwrap();
-            enc.write_image(src.as_raw(), 48, 32, ExtendedColorType::Rgb8).unwrap();
-            assert_oriented(&decode_image(&webp, &ImageLimits::default()).unwrap(), orientation, 0);
+            enc.set_exif_metadata(exif_orientation(orientation, true))
+                .unwrap();
+            enc.write_image(src.as_raw(), 48, 32, ExtendedColorType::Rgb8)
+                .unwrap();
+            assert_oriented(
+                &decode_image(&webp, &ImageLimits::default()).unwrap(),
+                orientation,
+                0,
+            );
         }
     }
 
@@ -458,7 +502,11 @@ mod tests {
         for &b in bytes {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -480,7 +528,10 @@ mod tests {
         ihdr.extend_from_slice(&h.to_be_bytes());
         ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
         png.extend(png_chunk(b"IHDR", &ihdr));
-        png.extend(png_chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+        png.extend(png_chunk(
+            b"IDAT",
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ));
         png.extend(png_chunk(b"IEND", &[]));
         png
     }
@@ -498,12 +549,27 @@ mod tests {
             let err = result.unwrap_err();
             assert!(is_invalid_input(&err), "{err:#}");
             let msg = format!("{err:#}");
-            assert!(msg.contains("100000x100000") && msg.contains("megapixels"), "{msg}");
+            assert!(
+                msg.contains("100000x100000") && msg.contains("megapixels"),
+                "{msg}"
+            );
         }
-        assert!(started.elapsed().as_secs_f64() < 1.0, "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed().as_secs_f64() < 1.0,
+            "took {:?}",
+            started.elapsed()
+        );
         // Just within the limit: the header passes, the (fake) data then fails to decode.
-        let limits = ImageLimits { max_bytes: 1 << 20, max_pixels: 64 * 64 };
-        assert_eq!(probe_image(&png_header_only(64, 64), &limits).unwrap().width, 64);
+        let limits = ImageLimits {
+            max_bytes: 1 << 20,
+            max_pixels: 64 * 64,
+        };
+        assert_eq!(
+            probe_image(&png_header_only(64, 64), &limits)
+                .unwrap()
+                .width,
+            64
+        );
         assert!(probe_image(&png_header_only(65, 64), &limits).is_err());
     }
 
@@ -512,18 +578,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big.png");
         let mut png = Vec::new();
-        blocks().write_to(&mut Cursor::new(&mut png), ImageFormat::Png).unwrap();
+        blocks()
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
         std::fs::write(&path, &png).unwrap();
-        let tight = ImageLimits { max_bytes: 100, max_pixels: 1 << 20 };
+        let tight = ImageLimits {
+            max_bytes: 100,
+            max_pixels: 1 << 20,
+        };
         let err = read_image_file(&path, &tight).unwrap_err();
-        assert!(is_invalid_input(&err) && err.to_string().contains("limit"), "{err}");
+        assert!(
+            is_invalid_input(&err) && err.to_string().contains("limit"),
+            "{err}"
+        );
         assert!(decode_image(&png, &tight).is_err());
         assert!(read_image_file(&path, &ImageLimits::default()).is_ok());
 
-        let missing = read_image_file(&dir.path().join("nope.jpg"), &ImageLimits::default()).unwrap_err();
-        assert!(is_invalid_input(&missing) && missing.to_string().starts_with("image:"), "{missing}");
+        let missing =
+            read_image_file(&dir.path().join("nope.jpg"), &ImageLimits::default()).unwrap_err();
+        assert!(
+            is_invalid_input(&missing) && missing.to_string().starts_with("image:"),
+            "{missing}"
+        );
 
-        for junk in [&b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"[..], b"hello, this is not an image"] {
+        for junk in [
+            &b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"[..],
+            b"hello, this is not an image",
+        ] {
             let err = decode_image(junk, &ImageLimits::default()).unwrap_err();
             assert!(is_invalid_input(&err), "{err:#}");
             assert!(format!("{err:#}").contains("JPEG, PNG, WebP"), "{err:#}");
@@ -542,7 +623,8 @@ mod tests {
     fn alpha_is_dropped_not_composited() {
         let rgba = RgbaImage::from_fn(4, 4, |x, _| image::Rgba([200, 100, 50, (x * 60) as u8]));
         let mut png = Vec::new();
-        rgba.write_to(&mut Cursor::new(&mut png), ImageFormat::Png).unwrap();
+        rgba.write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
         let rgb = decode_image(&png, &ImageLimits::default()).unwrap();
         assert!(rgb.pixels().all(|p| p.0 == [200, 100, 50]));
     }
@@ -567,14 +649,17 @@ mod tests {
         let mut enc = PngEncoder::new(&mut png);
         enc.set_exif_metadata(exif_orientation(6, true)).unwrap();
         let _ = enc.set_icc_profile(vec![0u8; 200]);
-        enc.write_image(src.as_raw(), 48, 32, ExtendedColorType::Rgb8).unwrap();
+        enc.write_image(src.as_raw(), 48, 32, ExtendedColorType::Rgb8)
+            .unwrap();
         assert!(png_chunk_types(&png).iter().any(|t| t == "eXIf"));
         let jpeg = jpeg_with_orientation(&src, 8, false);
         for (input, orientation, tolerance) in [(png, 6, 0), (jpeg, 8, 12)] {
             let clean = sanitize_to_png(&input, &ImageLimits::default()).unwrap();
             let types = png_chunk_types(&clean);
             assert!(
-                types.iter().all(|t| matches!(t.as_str(), "IHDR" | "IDAT" | "IEND")),
+                types
+                    .iter()
+                    .all(|t| matches!(t.as_str(), "IHDR" | "IDAT" | "IEND")),
                 "{types:?}"
             );
             let back = decode_image(&clean, &ImageLimits::default()).unwrap();
@@ -588,7 +673,8 @@ mod tests {
         let path = dir.path().join("photo.jpg");
         std::fs::write(&path, jpeg_with_orientation(&blocks(), 6, true)).unwrap();
         // Oriented 32×48 portrait covering 64×32: scale 2 → 64×96, crop rows 32..64.
-        let t = load_conditioning_image(&path, 64, 32, &ImageLimits::default(), &Device::Cpu).unwrap();
+        let t =
+            load_conditioning_image(&path, 64, 32, &ImageLimits::default(), &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[3, 32, 64]);
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         assert!(v.iter().all(|x| (-1.0..=1.0).contains(x)));

@@ -106,7 +106,11 @@ impl WanVariant {
     }
 
     fn supported_list() -> String {
-        Self::ALL.iter().map(|v| v.name()).collect::<Vec<_>>().join(", ")
+        Self::ALL
+            .iter()
+            .map(|v| v.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -215,7 +219,10 @@ pub fn from_components(paths: &ComponentPaths) -> Result<ModelLayout> {
 
 /// Detects `dir` (if given) and replaces its components by the explicit `overrides`. Without a
 /// folder, `dit`, `vae`, `text_encoder` and `tokenizer` must all be given.
-pub fn detect_with_overrides(dir: Option<&Path>, overrides: &ComponentPaths) -> Result<ModelLayout> {
+pub fn detect_with_overrides(
+    dir: Option<&Path>,
+    overrides: &ComponentPaths,
+) -> Result<ModelLayout> {
     for (flag, path) in [
         ("--dit", &overrides.dit),
         ("--dit-2", &overrides.dit_2),
@@ -292,10 +299,17 @@ pub fn detect_with_overrides(dir: Option<&Path>, overrides: &ComponentPaths) -> 
         });
     }
 
-    let dit_signature = scan.dit_signature.clone().expect("dit scanned when not missing");
+    let dit_signature = scan
+        .dit_signature
+        .clone()
+        .expect("dit scanned when not missing");
     if let Some(sig2) = &scan.dit_2_signature {
         if (sig2.dim, sig2.in_channels, sig2.num_layers)
-            != (dit_signature.dim, dit_signature.in_channels, dit_signature.num_layers)
+            != (
+                dit_signature.dim,
+                dit_signature.in_channels,
+                dit_signature.num_layers,
+            )
         {
             return Err(invalid!(
                 "model: the two experts differ (high-noise: dim {}, in_channels {}, {} layers; low-noise: dim {}, in_channels {}, {} layers)",
@@ -368,7 +382,11 @@ pub fn model_info_from_preset(p: &ModelPreset) -> ModelInfo {
             .map(|s| (s.width, s.height))
             .filter(|s| *s != default),
     );
-    let max_pixels = sizes.iter().map(|&(w, h)| u64::from(w) * u64::from(h)).max().unwrap_or(0);
+    let max_pixels = sizes
+        .iter()
+        .map(|&(w, h)| u64::from(w) * u64::from(h))
+        .max()
+        .unwrap_or(0);
     let default_frames = p.default_frames as u32;
     let steps = p.steps as u32;
     ModelInfo {
@@ -453,16 +471,22 @@ fn scan_folder(dir: &Path, overrides: &ComponentPaths) -> Result<(LayoutKind, Sc
 }
 
 fn rel(dir: &Path, path: &Path) -> String {
-    path.strip_prefix(dir)
-        .unwrap_or(path)
-        .display()
-        .to_string()
+    path.strip_prefix(dir).unwrap_or(path).display().to_string()
 }
 
 /// A DiT folder (`config.json` + safetensors): records its signature or what is missing.
-fn scan_dit_folder(root: &Path, folder: &Path, component: Component, scan: &mut Scan) -> Result<()> {
+fn scan_dit_folder(
+    root: &Path,
+    folder: &Path,
+    component: Component,
+    scan: &mut Scan,
+) -> Result<()> {
     let name = rel(root, folder);
-    let shown = if name.is_empty() { String::new() } else { format!("{name}/") };
+    let shown = if name.is_empty() {
+        String::new()
+    } else {
+        format!("{name}/")
+    };
     if !folder.is_dir() {
         scan.miss(component, format!("{shown} (DiT folder)"));
         return Ok(());
@@ -480,7 +504,10 @@ fn scan_dit_folder(root: &Path, folder: &Path, component: Component, scan: &mut 
         ok = false;
     }
     if let Err(detail) = dit_weight_files(folder) {
-        scan.miss(component, format!("{shown}diffusion_pytorch_model*.safetensors{detail}"));
+        scan.miss(
+            component,
+            format!("{shown}diffusion_pytorch_model*.safetensors{detail}"),
+        );
         ok = false;
     }
     if ok {
@@ -538,14 +565,24 @@ fn scan_official(dir: &Path, overrides: &ComponentPaths) -> Result<Scan> {
         .dit_signature
         .as_ref()
         .filter(|_| overrides.dit.is_none())
-        .map(|s| if s.out_channels == 48 { OFFICIAL_VAE_22 } else { OFFICIAL_VAE_21 });
+        .map(|s| {
+            if s.out_channels == 48 {
+                OFFICIAL_VAE_22
+            } else {
+                OFFICIAL_VAE_21
+            }
+        });
     match wanted {
         Some(name) => {
             let path = dir.join(name);
             if path.is_file() {
                 scan.vae = Some(path);
             } else {
-                let other = if name == OFFICIAL_VAE_22 { &vae21 } else { &vae22 };
+                let other = if name == OFFICIAL_VAE_22 {
+                    &vae21
+                } else {
+                    &vae22
+                };
                 let note = if other.is_file() {
                     format!(
                         " ({} is there, but it belongs to models with {} latent channels)",
@@ -561,9 +598,10 @@ fn scan_official(dir: &Path, overrides: &ComponentPaths) -> Result<Scan> {
         None => match (vae22.is_file(), vae21.is_file()) {
             (true, _) => scan.vae = Some(vae22),
             (false, true) => scan.vae = Some(vae21),
-            (false, false) => {
-                scan.miss(Component::Vae, format!("{OFFICIAL_VAE_22} or {OFFICIAL_VAE_21}"))
-            }
+            (false, false) => scan.miss(
+                Component::Vae,
+                format!("{OFFICIAL_VAE_22} or {OFFICIAL_VAE_21}"),
+            ),
         },
     }
     let t5 = dir.join(OFFICIAL_T5);
@@ -589,7 +627,12 @@ fn scan_tokenizer(root: &Path, folder: &Path, scan: &mut Scan) {
 }
 
 /// A Diffusers component folder with `config.json` and safetensors weights.
-fn scan_diffusers_component(root: &Path, name: &str, component: Component, scan: &mut Scan) -> Option<PathBuf> {
+fn scan_diffusers_component(
+    root: &Path,
+    name: &str,
+    component: Component,
+    scan: &mut Scan,
+) -> Option<PathBuf> {
     let folder = root.join(name);
     if !folder.is_dir() {
         scan.miss(component, format!("{name}/"));
@@ -601,7 +644,13 @@ fn scan_diffusers_component(root: &Path, name: &str, component: Component, scan:
         ok = false;
     }
     if let Err(e) = resolve_files(&folder) {
-        scan.miss(component, format!("{name}/*.safetensors ({})", strip_path(&e.to_string(), &folder)));
+        scan.miss(
+            component,
+            format!(
+                "{name}/*.safetensors ({})",
+                strip_path(&e.to_string(), &folder)
+            ),
+        );
         ok = false;
     }
     ok.then_some(folder)
@@ -642,7 +691,9 @@ fn scan_diffusers(dir: &Path, overrides: &ComponentPaths) -> Result<Scan> {
         scan.dit = Some(folder);
     }
     if listed("transformer_2") || dir.join("transformer_2").exists() {
-        if let Some(folder) = scan_diffusers_component(dir, "transformer_2", Component::Dit2, &mut scan) {
+        if let Some(folder) =
+            scan_diffusers_component(dir, "transformer_2", Component::Dit2, &mut scan)
+        {
             scan.dit_2_signature = Some(signature_from_config(&folder.join("config.json"))?);
             scan.dit_2 = Some(folder);
         }
@@ -653,7 +704,8 @@ fn scan_diffusers(dir: &Path, overrides: &ComponentPaths) -> Result<Scan> {
         }
         scan.vae = Some(folder);
     }
-    scan.text_encoder = scan_diffusers_component(dir, "text_encoder", Component::TextEncoder, &mut scan);
+    scan.text_encoder =
+        scan_diffusers_component(dir, "text_encoder", Component::TextEncoder, &mut scan);
     scan_tokenizer(dir, &dir.join("tokenizer"), &mut scan);
     let scheduler = dir.join("scheduler").join("scheduler_config.json");
     scan.scheduler_config = scheduler.is_file().then_some(scheduler);
@@ -663,7 +715,8 @@ fn scan_diffusers(dir: &Path, overrides: &ComponentPaths) -> Result<Scan> {
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| invalid!("model: cannot read {}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| invalid!("model: {} is not valid JSON: {e}", path.display()))
+    serde_json::from_str(&text)
+        .map_err(|e| invalid!("model: {} is not valid JSON: {e}", path.display()))
 }
 
 /// `z_dim` of a Diffusers `vae/config.json` (16 when absent, the `AutoencoderKLWan` default).
@@ -706,7 +759,11 @@ fn signature_from_weights(path: &Path) -> Result<DitSignature> {
         ));
     }
     let source = SafetensorsSource::open(path)?;
-    if source.keys().iter().any(|k| k.contains("img_emb.") || k.contains("image_embedder.")) {
+    if source
+        .keys()
+        .iter()
+        .any(|k| k.contains("img_emb.") || k.contains("image_embedder."))
+    {
         return Err(invalid!(
             "--dit: {} has a CLIP image branch (Wan2.1 I2V/FLF2V), which is not supported; supported: {}",
             path.display(),
@@ -802,7 +859,15 @@ mod tests {
 
     /// Official `config.json` (WanModel) of a variant.
     #[allow(clippy::too_many_arguments)]
-    fn official_config(dim: usize, heads: usize, ffn: usize, layers: usize, in_dim: usize, out_dim: usize, model_type: &str) -> String {
+    fn official_config(
+        dim: usize,
+        heads: usize,
+        ffn: usize,
+        layers: usize,
+        in_dim: usize,
+        out_dim: usize,
+        model_type: &str,
+    ) -> String {
         format!(
             r#"{{"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": {dim}, "eps": 1e-06, "ffn_dim": {ffn}, "freq_dim": 256, "in_dim": {in_dim}, "model_type": "{model_type}", "num_heads": {heads}, "num_layers": {layers}, "out_dim": {out_dim}, "text_len": 512}}"#
         )
@@ -821,7 +886,10 @@ mod tests {
             .collect();
         write(
             &folder.join("diffusion_pytorch_model.safetensors.index.json"),
-            &format!(r#"{{"metadata": {{}}, "weight_map": {{{}}}}}"#, map.join(", ")),
+            &format!(
+                r#"{{"metadata": {{}}, "weight_map": {{{}}}}}"#,
+                map.join(", ")
+            ),
         );
         for n in names {
             touch(&folder.join(n));
@@ -837,7 +905,11 @@ mod tests {
     }
 
     fn official_ti2v(dir: &Path) {
-        sharded_dit(dir, &official_config(3072, 24, 14336, 30, 48, 48, "ti2v"), 3);
+        sharded_dit(
+            dir,
+            &official_config(3072, 24, 14336, 30, 48, 48, "ti2v"),
+            3,
+        );
         official_common(dir, OFFICIAL_VAE_22);
     }
 
@@ -870,7 +942,10 @@ mod tests {
         let info = l.model_info().unwrap();
         assert_eq!(info.task, Task::Ti2v);
         assert_eq!(info.sizes, vec![(1280, 704), (704, 1280)]);
-        assert_eq!((info.fps, info.default_frames, info.default_steps), (24, 121, 50));
+        assert_eq!(
+            (info.fps, info.default_frames, info.default_steps),
+            (24, 121, 50)
+        );
         assert_eq!((info.size_multiple, info.free_size), (32, false));
         assert_eq!(info.default_guidance_2, None);
         assert!(info.default_negative_prompt.starts_with("色调艳丽"));
@@ -896,14 +971,20 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         official_a14b(tmp.path(), 16, "t2v");
         let info = detect(tmp.path()).unwrap().model_info().unwrap();
-        assert_eq!((info.default_guidance, info.default_guidance_2), (4.0, Some(3.0)));
+        assert_eq!(
+            (info.default_guidance, info.default_guidance_2),
+            (4.0, Some(3.0))
+        );
         assert_eq!((info.default_steps, info.default_shift), (40, 12.0));
     }
 
     #[test]
     fn official_wan21_single_file_dit() {
         let tmp = tempfile::tempdir().unwrap();
-        write(&tmp.path().join("config.json"), &official_config(1536, 12, 8960, 30, 16, 16, "t2v"));
+        write(
+            &tmp.path().join("config.json"),
+            &official_config(1536, 12, 8960, 30, 16, 16, "t2v"),
+        );
         touch(&tmp.path().join("diffusion_pytorch_model.safetensors"));
         official_common(tmp.path(), OFFICIAL_VAE_21);
         let l = detect(tmp.path()).unwrap();
@@ -912,12 +993,18 @@ mod tests {
 
         // Wan2.1 I2V-14B (CLIP) is named and refused.
         let tmp = tempfile::tempdir().unwrap();
-        write(&tmp.path().join("config.json"), &official_config(5120, 40, 13824, 40, 36, 16, "i2v"));
+        write(
+            &tmp.path().join("config.json"),
+            &official_config(5120, 40, 13824, 40, 36, 16, "i2v"),
+        );
         touch(&tmp.path().join("diffusion_pytorch_model.safetensors"));
         touch(&tmp.path().join(OFFICIAL_CLIP));
         official_common(tmp.path(), OFFICIAL_VAE_21);
         let msg = err_text(detect(tmp.path()));
-        assert!(msg.contains("Wan2.1 I2V") && msg.contains("Wan2.2-TI2V-5B"), "{msg}");
+        assert!(
+            msg.contains("Wan2.1 I2V") && msg.contains("Wan2.2-TI2V-5B"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -925,20 +1012,37 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         official_ti2v(tmp.path());
         std::fs::remove_file(tmp.path().join(OFFICIAL_T5)).unwrap();
-        std::fs::remove_file(tmp.path().join("diffusion_pytorch_model-00002-of-00003.safetensors")).unwrap();
+        std::fs::remove_file(
+            tmp.path()
+                .join("diffusion_pytorch_model-00002-of-00003.safetensors"),
+        )
+        .unwrap();
         let msg = err_text(detect(tmp.path()));
         assert!(msg.contains("incomplete official"), "{msg}");
         assert!(msg.contains("missing: "), "{msg}");
         assert!(msg.contains(OFFICIAL_T5), "{msg}");
-        assert!(msg.contains("diffusion_pytorch_model-00002-of-00003.safetensors"), "{msg}");
-        assert!(msg.contains("found: ") && msg.contains("Wan2.2_VAE.pth") && msg.contains("google/"), "{msg}");
+        assert!(
+            msg.contains("diffusion_pytorch_model-00002-of-00003.safetensors"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("found: ") && msg.contains("Wan2.2_VAE.pth") && msg.contains("google/"),
+            "{msg}"
+        );
 
         // The wrong VAE for the DiT is pointed out.
         let tmp = tempfile::tempdir().unwrap();
         official_ti2v(tmp.path());
-        std::fs::rename(tmp.path().join(OFFICIAL_VAE_22), tmp.path().join(OFFICIAL_VAE_21)).unwrap();
+        std::fs::rename(
+            tmp.path().join(OFFICIAL_VAE_22),
+            tmp.path().join(OFFICIAL_VAE_21),
+        )
+        .unwrap();
         let msg = err_text(detect(tmp.path()));
-        assert!(msg.contains("missing: Wan2.2_VAE.pth (Wan2.1_VAE.pth is there"), "{msg}");
+        assert!(
+            msg.contains("missing: Wan2.2_VAE.pth (Wan2.1_VAE.pth is there"),
+            "{msg}"
+        );
 
         // One expert only; no tokenizer.
         let tmp = tempfile::tempdir().unwrap();
@@ -947,8 +1051,14 @@ mod tests {
         std::fs::remove_dir_all(tmp.path().join("google")).unwrap();
         let msg = err_text(detect(tmp.path()));
         assert!(msg.contains("low_noise_model/"), "{msg}");
-        assert!(msg.contains("google/umt5-xxl/ (tokenizer.json or spiece.model)"), "{msg}");
-        assert!(msg.contains("found: README.md, Wan2.1_VAE.pth, high_noise_model/"), "{msg}");
+        assert!(
+            msg.contains("google/umt5-xxl/ (tokenizer.json or spiece.model)"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("found: README.md, Wan2.1_VAE.pth, high_noise_model/"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -956,7 +1066,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         touch(&tmp.path().join("notes.txt"));
         let msg = err_text(detect(tmp.path()));
-        assert!(msg.contains("not a Wan model folder") && msg.contains("found: notes.txt"), "{msg}");
+        assert!(
+            msg.contains("not a Wan model folder") && msg.contains("found: notes.txt"),
+            "{msg}"
+        );
         assert!(msg.contains("--dit"), "{msg}");
         let msg = err_text(detect(&tmp.path().join("missing")));
         assert!(msg.contains("does not exist"), "{msg}");
@@ -965,8 +1078,21 @@ mod tests {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn diffusers_folder(dir: &Path, heads: usize, ffn: usize, layers: usize, cin: usize, z: usize, two: bool, extra: &str) {
-        let t2 = if two { r#"["diffusers", "WanTransformer3DModel"]"# } else { "[null, null]" };
+    fn diffusers_folder(
+        dir: &Path,
+        heads: usize,
+        ffn: usize,
+        layers: usize,
+        cin: usize,
+        z: usize,
+        two: bool,
+        extra: &str,
+    ) {
+        let t2 = if two {
+            r#"["diffusers", "WanTransformer3DModel"]"#
+        } else {
+            "[null, null]"
+        };
         write(
             &dir.join("model_index.json"),
             &format!(
@@ -983,18 +1109,36 @@ mod tests {
         for t in transformers {
             sharded_dit(&dir.join(t), &tcfg, 2);
         }
-        write(&dir.join("vae/config.json"), &format!(r#"{{"_class_name": "AutoencoderKLWan", "z_dim": {z}}}"#));
+        write(
+            &dir.join("vae/config.json"),
+            &format!(r#"{{"_class_name": "AutoencoderKLWan", "z_dim": {z}}}"#),
+        );
         touch(&dir.join("vae/diffusion_pytorch_model.safetensors"));
-        write(&dir.join("text_encoder/config.json"), r#"{"d_model": 4096}"#);
+        write(
+            &dir.join("text_encoder/config.json"),
+            r#"{"d_model": 4096}"#,
+        );
         touch(&dir.join("text_encoder/model-00001-of-00001.safetensors"));
         touch(&dir.join("tokenizer/tokenizer.json"));
-        write(&dir.join("scheduler/scheduler_config.json"), r#"{"flow_shift": 5.0}"#);
+        write(
+            &dir.join("scheduler/scheduler_config.json"),
+            r#"{"flow_shift": 5.0}"#,
+        );
     }
 
     #[test]
     fn diffusers_repos() {
         let tmp = tempfile::tempdir().unwrap();
-        diffusers_folder(tmp.path(), 24, 14336, 30, 48, 48, false, r#""boundary_ratio": null, "expand_timesteps": true,"#);
+        diffusers_folder(
+            tmp.path(),
+            24,
+            14336,
+            30,
+            48,
+            48,
+            false,
+            r#""boundary_ratio": null, "expand_timesteps": true,"#,
+        );
         let l = detect(tmp.path()).unwrap();
         assert_eq!(l.kind, LayoutKind::Diffusers);
         assert_eq!(l.variant, Some(WanVariant::Wan22Ti2v5B));
@@ -1003,10 +1147,22 @@ mod tests {
         assert_eq!(l.vae, tmp.path().join("vae"));
         assert_eq!(l.text_encoder, tmp.path().join("text_encoder"));
         assert_eq!(l.tokenizer, tmp.path().join("tokenizer"));
-        assert_eq!(l.scheduler_config, Some(tmp.path().join("scheduler/scheduler_config.json")));
+        assert_eq!(
+            l.scheduler_config,
+            Some(tmp.path().join("scheduler/scheduler_config.json"))
+        );
 
         let tmp = tempfile::tempdir().unwrap();
-        diffusers_folder(tmp.path(), 40, 13824, 40, 16, 16, true, r#""boundary_ratio": 0.875,"#);
+        diffusers_folder(
+            tmp.path(),
+            40,
+            13824,
+            40,
+            16,
+            16,
+            true,
+            r#""boundary_ratio": 0.875,"#,
+        );
         let l = detect(tmp.path()).unwrap();
         assert_eq!(l.variant, Some(WanVariant::Wan22T2vA14B));
         assert_eq!(l.dit_2, Some(tmp.path().join("transformer_2")));
@@ -1014,7 +1170,10 @@ mod tests {
 
         let tmp = tempfile::tempdir().unwrap();
         diffusers_folder(tmp.path(), 12, 8960, 30, 16, 16, false, "");
-        assert_eq!(detect(tmp.path()).unwrap().variant, Some(WanVariant::Wan21T2v1_3B));
+        assert_eq!(
+            detect(tmp.path()).unwrap().variant,
+            Some(WanVariant::Wan21T2v1_3B)
+        );
     }
 
     #[test]
@@ -1022,13 +1181,20 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         diffusers_folder(tmp.path(), 40, 13824, 40, 16, 16, true, "");
         std::fs::remove_dir_all(tmp.path().join("transformer_2")).unwrap();
-        std::fs::remove_file(tmp.path().join("text_encoder/model-00001-of-00001.safetensors")).unwrap();
+        std::fs::remove_file(
+            tmp.path()
+                .join("text_encoder/model-00001-of-00001.safetensors"),
+        )
+        .unwrap();
         std::fs::remove_file(tmp.path().join("tokenizer/tokenizer.json")).unwrap();
         let msg = err_text(detect(tmp.path()));
         assert!(msg.contains("incomplete Diffusers"), "{msg}");
         assert!(msg.contains("transformer_2/"), "{msg}");
         assert!(msg.contains("text_encoder/*.safetensors"), "{msg}");
-        assert!(msg.contains("tokenizer/ (tokenizer.json or spiece.model)"), "{msg}");
+        assert!(
+            msg.contains("tokenizer/ (tokenizer.json or spiece.model)"),
+            "{msg}"
+        );
         assert!(msg.contains("found: model_index.json, scheduler/, text_encoder/, tokenizer/, transformer/, vae/"), "{msg}");
 
         let tmp = tempfile::tempdir().unwrap();
@@ -1043,7 +1209,10 @@ mod tests {
         let l = detect(tmp.path()).unwrap();
         assert_eq!(l.variant, None);
         let err = l.model_info().unwrap_err();
-        assert!(is_invalid_input(&err) && err.to_string().contains("dim 256"), "{err}");
+        assert!(
+            is_invalid_input(&err) && err.to_string().contains("dim 256"),
+            "{err}"
+        );
     }
 
     /// A DiT safetensors file with only the tensors detection reads (official ComfyUI names).
@@ -1051,10 +1220,19 @@ mod tests {
         let cpu = Device::Cpu;
         let mut t = HashMap::new();
         let p = "model.diffusion_model.";
-        t.insert(format!("{p}patch_embedding.weight"), Tensor::zeros((dim, cin, 1, 2, 2), DType::F16, &cpu).unwrap());
-        t.insert(format!("{p}head.head.weight"), Tensor::zeros((4 * cout, 1), DType::F16, &cpu).unwrap());
+        t.insert(
+            format!("{p}patch_embedding.weight"),
+            Tensor::zeros((dim, cin, 1, 2, 2), DType::F16, &cpu).unwrap(),
+        );
+        t.insert(
+            format!("{p}head.head.weight"),
+            Tensor::zeros((4 * cout, 1), DType::F16, &cpu).unwrap(),
+        );
         for i in 0..layers {
-            t.insert(format!("{p}blocks.{i}.self_attn.q.weight"), Tensor::zeros((1, 1), DType::F16, &cpu).unwrap());
+            t.insert(
+                format!("{p}blocks.{i}.self_attn.q.weight"),
+                Tensor::zeros((1, 1), DType::F16, &cpu).unwrap(),
+            );
         }
         candle_core::safetensors::save(&t, path).unwrap();
     }
@@ -1063,10 +1241,20 @@ mod tests {
     fn explicit_single_files() {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path();
-        comfy_dit(&d.join("wan2.1_t2v_1.3B_fp16.safetensors"), 1536, 16, 16, 30);
+        comfy_dit(
+            &d.join("wan2.1_t2v_1.3B_fp16.safetensors"),
+            1536,
+            16,
+            16,
+            30,
+        );
         comfy_dit(&d.join("high.safetensors"), 5120, 36, 16, 40);
         comfy_dit(&d.join("low.safetensors"), 5120, 36, 16, 40);
-        for f in ["wan_2.1_vae.safetensors", "umt5_xxl_fp16.safetensors", "tokenizer.json"] {
+        for f in [
+            "wan_2.1_vae.safetensors",
+            "umt5_xxl_fp16.safetensors",
+            "tokenizer.json",
+        ] {
             touch(&d.join(f));
         }
         let mut paths = ComponentPaths {
@@ -1077,12 +1265,18 @@ mod tests {
             tokenizer: Some(d.join("tokenizer.json")),
         };
         let l = from_components(&paths).unwrap();
-        assert_eq!((l.kind, l.variant, l.root.clone()), (LayoutKind::Explicit, Some(WanVariant::Wan21T2v1_3B), None));
+        assert_eq!(
+            (l.kind, l.variant, l.root.clone()),
+            (LayoutKind::Explicit, Some(WanVariant::Wan21T2v1_3B), None)
+        );
         assert_eq!(l.dit_signature.num_layers, 30);
 
         paths.dit = Some(d.join("high.safetensors"));
         paths.dit_2 = Some(d.join("low.safetensors"));
-        assert_eq!(from_components(&paths).unwrap().variant, Some(WanVariant::Wan22I2vA14B));
+        assert_eq!(
+            from_components(&paths).unwrap().variant,
+            Some(WanVariant::Wan22I2vA14B)
+        );
         // A single 36-channel 14B DiT would be Wan2.1 I2V: refused by name.
         paths.dit_2 = None;
         assert!(err_text(from_components(&paths)).contains("Wan2.1 I2V"));
@@ -1092,7 +1286,10 @@ mod tests {
         assert!(msg.contains("missing: --tokenizer PATH"), "{msg}");
         paths.tokenizer = Some(d.join("nope.json"));
         let msg = err_text(from_components(&paths));
-        assert!(msg.contains("--tokenizer") && msg.contains("does not exist"), "{msg}");
+        assert!(
+            msg.contains("--tokenizer") && msg.contains("does not exist"),
+            "{msg}"
+        );
         paths.tokenizer = Some(d.join("tokenizer.json"));
         touch(&d.join("model.gguf"));
         paths.dit = Some(d.join("model.gguf"));
@@ -1108,8 +1305,14 @@ mod tests {
         let vae = elsewhere.path().join("wan2.2_vae.safetensors");
         touch(&vae);
         assert!(detect(tmp.path()).is_err());
-        let overrides = ComponentPaths { vae: Some(vae.clone()), ..Default::default() };
+        let overrides = ComponentPaths {
+            vae: Some(vae.clone()),
+            ..Default::default()
+        };
         let l = detect_with_overrides(Some(tmp.path()), &overrides).unwrap();
-        assert_eq!((l.kind, l.vae.clone(), l.variant), (LayoutKind::Official, vae, Some(WanVariant::Wan22Ti2v5B)));
+        assert_eq!(
+            (l.kind, l.vae.clone(), l.variant),
+            (LayoutKind::Official, vae, Some(WanVariant::Wan22Ti2v5B))
+        );
     }
 }

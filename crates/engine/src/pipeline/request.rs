@@ -121,9 +121,15 @@ impl ModelInfo {
         let s = self.frame_step;
         let valid = |v: u32| v >= self.min_frames && v <= self.max_frames;
         // Valid counts at the ends of the range (frame_step·k + 1 within min..=max).
-        let lowest = Some(self.min_frames.saturating_sub(1).div_ceil(s) * s + 1).filter(|&v| valid(v));
+        let lowest =
+            Some(self.min_frames.saturating_sub(1).div_ceil(s) * s + 1).filter(|&v| valid(v));
         let highest = Some(self.max_frames.saturating_sub(1) / s * s + 1).filter(|&v| valid(v));
-        let below = if n >= 1 { Some((n - 1) / s * s + 1) } else { None }.filter(|&b| valid(b));
+        let below = if n >= 1 {
+            Some((n - 1) / s * s + 1)
+        } else {
+            None
+        }
+        .filter(|&b| valid(b));
         let above = Some((n.saturating_sub(1)).div_ceil(s) * s + 1).filter(|&a| valid(a));
         match (lowest, highest) {
             (_, Some(h)) if n > h => (Some(h), None),
@@ -141,7 +147,7 @@ impl ModelInfo {
     }
 
     fn frames_valid(&self, n: u32) -> bool {
-        n >= self.min_frames && n <= self.max_frames && (n - 1) % self.frame_step == 0
+        n >= self.min_frames && n <= self.max_frames && (n - 1).is_multiple_of(self.frame_step)
     }
 
     fn sizes_text(&self) -> String {
@@ -186,7 +192,12 @@ impl ModelInfo {
         let (width, height) = match (req.width, req.height) {
             (None, None) => self.sizes[0],
             (Some(w), Some(h)) => (w, h),
-            _ => return Err(invalid!("size: give both width and height (e.g. {})", self.sizes_text())),
+            _ => {
+                return Err(invalid!(
+                    "size: give both width and height (e.g. {})",
+                    self.sizes_text()
+                ))
+            }
         };
         let m = self.size_multiple;
         if self.free_size {
@@ -274,11 +285,16 @@ impl ModelInfo {
 
         let steps = req.steps.unwrap_or(self.default_steps);
         if steps == 0 || steps > self.max_steps {
-            return Err(invalid!("steps: {steps} is out of range 1..={}", self.max_steps));
+            return Err(invalid!(
+                "steps: {steps} is out of range 1..={}",
+                self.max_steps
+            ));
         }
         let check_guidance = |name: &str, g: f64| -> anyhow::Result<f64> {
             if !g.is_finite() || !(1.0..=30.0).contains(&g) {
-                return Err(invalid!("{name}: {g} is out of range 1.0..=30.0 (1.0 disables guidance)"));
+                return Err(invalid!(
+                    "{name}: {g} is out of range 1.0..=30.0 (1.0 disables guidance)"
+                ));
             }
             Ok(g)
         };

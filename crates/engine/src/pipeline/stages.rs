@@ -37,7 +37,11 @@ pub struct Stages<'a> {
 
 impl<'a> Stages<'a> {
     pub fn new(components: Components<'a>, device: Device) -> Self {
-        let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        };
         Self {
             components,
             device,
@@ -74,9 +78,16 @@ impl<'a> Stages<'a> {
 
     fn load_text(&self) -> Result<(TextEncoder, Tokenizer)> {
         match self.components {
-            Components::Demo => Ok((demo::text_encoder(&self.device, DType::F32)?, demo::tokenizer()?)),
+            Components::Demo => Ok((
+                demo::text_encoder(&self.device, DType::F32)?,
+                demo::tokenizer()?,
+            )),
             Components::Layout(l) => {
-                let dtype = if self.device.is_cpu() { DType::F32 } else { DType::BF16 };
+                let dtype = if self.device.is_cpu() {
+                    DType::F32
+                } else {
+                    DType::BF16
+                };
                 Ok((
                     TextEncoder::load(&l.text_encoder, &self.device, dtype)?,
                     Tokenizer::from_file(&l.tokenizer)?,
@@ -97,7 +108,11 @@ impl<'a> Stages<'a> {
         let positive = text::encode_prompts(&encoder, &tokenizer, &[&req.prompt])?;
         let guided = req.guidance > 1.0 || req.guidance_2.is_some_and(|g| g > 1.0);
         let negative = if guided {
-            Some(text::encode_prompts(&encoder, &tokenizer, &[&req.negative_prompt])?)
+            Some(text::encode_prompts(
+                &encoder,
+                &tokenizer,
+                &[&req.negative_prompt],
+            )?)
         } else {
             None
         };
@@ -131,7 +146,13 @@ impl<'a> Stages<'a> {
         let image = image.unsqueeze(0)?.unsqueeze(2)?; // [1, 3, 1, H, W]
         if self.variant() == Some(WanVariant::Wan22I2vA14B) {
             let rest = Tensor::zeros(
-                (1, 3, req.frames as usize - 1, req.height as usize, req.width as usize),
+                (
+                    1,
+                    3,
+                    req.frames as usize - 1,
+                    req.height as usize,
+                    req.width as usize,
+                ),
                 image.dtype(),
                 image.device(),
             )?;
@@ -192,7 +213,13 @@ impl<'a> Stages<'a> {
                 let preset = l.variant.map(|v| v.preset());
                 (
                     high_model.config().out_channels,
-                    preset.map(|p| p.vae_stride[1]).unwrap_or(if high_model.config().out_channels == 48 { 16 } else { 8 }),
+                    preset.map(|p| p.vae_stride[1]).unwrap_or(
+                        if high_model.config().out_channels == 48 {
+                            16
+                        } else {
+                            8
+                        },
+                    ),
                 )
             }
         };
@@ -204,7 +231,9 @@ impl<'a> Stages<'a> {
             (Components::Layout(l), Some(_)) => Some(
                 l.boundary_ratio
                     .or(l.variant.and_then(|v| v.preset().boundary_ratio))
-                    .ok_or_else(|| invalid!("two experts but no boundary_ratio in model_index.json or preset"))?,
+                    .ok_or_else(|| {
+                        invalid!("two experts but no boundary_ratio in model_index.json or preset")
+                    })?,
             ),
             _ => None,
         };
@@ -276,6 +305,9 @@ impl<'a> Stages<'a> {
             vae.decode(&z)?
         };
         drop(vae);
-        Ok(video.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.squeeze(0)?)
+        Ok(video
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .squeeze(0)?)
     }
 }

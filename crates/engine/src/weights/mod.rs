@@ -180,7 +180,11 @@ impl WeightMap {
         }
         self.used.lock().unwrap().insert(name.to_string());
         let t = self.source.load(stored, &self.device)?;
-        Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
+        Ok(if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        })
     }
 
     /// Loads `name` with whatever shape it has (for shape inference); still marks it used.
@@ -295,7 +299,10 @@ mod tests {
         assert!(err.to_string().contains("model.diffusion_model.b"), "{err}");
         // wrong shape names the key and both shapes
         let err = wm.get("b", &[5]).unwrap_err().to_string();
-        assert!(err.contains("`model.diffusion_model.b`") && err.contains("[4]"), "{err}");
+        assert!(
+            err.contains("`model.diffusion_model.b`") && err.contains("[4]"),
+            "{err}"
+        );
         // missing key
         let err = wm.get("c", &[1]).unwrap_err().to_string();
         assert!(err.contains("missing weight `c`"), "{err}");

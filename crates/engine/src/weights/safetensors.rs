@@ -45,7 +45,9 @@ pub fn resolve_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_dir() {
         let mut index = Vec::new();
         let mut shards = Vec::new();
-        for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+        for entry in
+            std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?
+        {
             let p = entry?.path();
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.ends_with(".safetensors.index.json") {
@@ -72,8 +74,8 @@ pub fn resolve_files(path: &Path) -> Result<Vec<PathBuf>> {
     }
     let name = path.to_string_lossy();
     if name.ends_with(".index.json") {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| invalid!("{}: not valid JSON: {e}", path.display()))?;
         let map = json
@@ -83,9 +85,9 @@ pub fn resolve_files(path: &Path) -> Result<Vec<PathBuf>> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut files = BTreeSet::new();
         for v in map.values() {
-            let f = v
-                .as_str()
-                .ok_or_else(|| invalid!("{}: weight_map values must be file names", path.display()))?;
+            let f = v.as_str().ok_or_else(|| {
+                invalid!("{}: weight_map values must be file names", path.display())
+            })?;
             files.insert(dir.join(f));
         }
         let missing: Vec<String> = files
