@@ -16,7 +16,7 @@ use vidgen_engine::invalid;
 use vidgen_engine::pipeline::image::{probe_image, read_image_file, ImageLimits};
 use vidgen_engine::pipeline::layout::{self, ComponentPaths, ModelLayout};
 use vidgen_engine::pipeline::{
-    GenerateRequest, ModelInfo, ProgressEvent, ProgressSink, ResolvedRequest, Stage, Task,
+    GenerateRequest, ModelInfo, ProgressEvent, ProgressSink, ResolvedRequest, Stage,
 };
 use vidgen_media::{Format, GuardPolicy};
 
@@ -115,6 +115,8 @@ pub struct GenerateSummary {
 }
 
 /// A model to run: the built-in demo, or a detected folder / explicit component files.
+// One value per run: the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ModelSource {
     Demo,
@@ -296,12 +298,18 @@ fn default_output(dir: &Path, seed: u64) -> PathBuf {
 fn check_output(path: &Path) -> anyhow::Result<()> {
     Format::from_path(path)?;
     if path.is_dir() {
-        return Err(invalid!("output: {} is a directory; give a file name such as out.mp4", path.display()));
+        return Err(invalid!(
+            "output: {} is a directory; give a file name such as out.mp4",
+            path.display()
+        ));
     }
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(dir) = parent {
         if !dir.is_dir() {
-            return Err(invalid!("output: directory {} does not exist", dir.display()));
+            return Err(invalid!(
+                "output: directory {} does not exist",
+                dir.display()
+            ));
         }
     }
     Ok(())
@@ -365,10 +373,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(image) = &resolved.image {
         check_image(image)?;
     }
-    let device = vidgen_engine::device::parse_device(args.device.as_deref().unwrap_or(default_device()))?;
+    let device =
+        vidgen_engine::device::parse_device(args.device.as_deref().unwrap_or(default_device()))?;
     // The pipeline resolves the request again: pin the seed so both agree (and it is reported).
     request.seed = Some(resolved.seed);
-    let output = args.output.clone().unwrap_or_else(|| default_output(Path::new(""), resolved.seed));
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(Path::new(""), resolved.seed));
 
     let mut messages: Vec<String> = Vec::new();
     if matches!(source, ModelSource::Demo) {
@@ -381,9 +393,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     messages.extend(resolved.notes.iter().cloned());
 
     if args.json {
-        run_json(&args, &source, &request, &resolved, &messages, RunOptions { device, quality_guard }, &output, started)
+        run_json(
+            &args,
+            &source,
+            &request,
+            &resolved,
+            &messages,
+            RunOptions {
+                device,
+                quality_guard,
+            },
+            &output,
+            started,
+        )
     } else {
-        run_human(&args, &source, &info, &request, &resolved, &messages, RunOptions { device, quality_guard }, &output, started)
+        run_human(
+            &args,
+            &source,
+            &info,
+            &request,
+            &resolved,
+            &messages,
+            RunOptions {
+                device,
+                quality_guard,
+            },
+            &output,
+            started,
+        )
     }
 }
 
@@ -398,9 +435,11 @@ fn run_json(
     output: &Path,
     started: Instant,
 ) -> anyhow::Result<()> {
-    let mut sink = JsonProgress::default();
+    let mut sink = JsonProgress;
     for message in messages {
-        sink.event(ProgressEvent::Warning { message: message.clone() })?;
+        sink.event(ProgressEvent::Warning {
+            message: message.clone(),
+        })?;
     }
     if args.dry_run {
         let mut line = serde_json::to_value(resolved)?;
@@ -491,7 +530,11 @@ fn human_duration(d: Duration) -> String {
     } else if s < 3600.0 {
         format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
     } else {
-        format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+        format!(
+            "{}h{:02}m",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
     }
 }
 
@@ -597,13 +640,21 @@ impl ProgressSink for BarProgress {
                 ..
             } => {
                 let eta = eta_s
-                    .map(|s| format!("ETA {}", human_duration(Duration::from_secs_f64(s.max(0.0)))))
+                    .map(|s| {
+                        format!(
+                            "ETA {}",
+                            human_duration(Duration::from_secs_f64(s.max(0.0)))
+                        )
+                    })
                     .unwrap_or_default();
                 if !self.terminal {
                     eprintln!("{} {step}/{total} {eta}", stage_label(stage));
                     return Ok(());
                 }
-                let needs_bar = self.bar.as_ref().is_none_or(|b| b.length() != Some(u64::from(total)));
+                let needs_bar = self
+                    .bar
+                    .as_ref()
+                    .is_none_or(|b| b.length() != Some(u64::from(total)));
                 if needs_bar {
                     if let Some(old) = self.bar.take() {
                         old.finish_and_clear();
@@ -654,6 +705,9 @@ mod tests {
         let first = default_output(dir.path(), 7);
         assert_eq!(first, dir.path().join("vidgen-7.mp4"));
         std::fs::write(&first, b"x").unwrap();
-        assert_eq!(default_output(dir.path(), 7), dir.path().join("vidgen-7-2.mp4"));
+        assert_eq!(
+            default_output(dir.path(), 7),
+            dir.path().join("vidgen-7-2.mp4")
+        );
     }
 }

@@ -50,7 +50,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for entry in config.model_entries() {
         let info = crate::generate::model_info(&entry.path)
             .with_context(|| format!("model `{}` ({})", entry.name, entry.path))?;
-        models.push(ModelSlot { name: entry.name, path: entry.path, info });
+        models.push(ModelSlot {
+            name: entry.name,
+            path: entry.path,
+            info,
+        });
     }
     let worker_exe = std::env::current_exe().context("locating the vidgen executable")?;
     vidgen_server::serve_blocking(config, ServerEnv { worker_exe, models })
@@ -59,7 +63,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests calling run twice in one process) keeps the first subscriber.
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }

@@ -94,17 +94,25 @@ fn run_job(job: &WorkerJob) -> WorkerEnd {
     let result = generate_job(job, &mut sink);
     match result {
         Ok(output) => WorkerEnd::Done(output),
-        Err(_) if cancelled() => {
-            WorkerEnd::Failed { code: codes::CANCELLED.into(), message: "cancelled while running".into() }
-        }
+        Err(_) if cancelled() => WorkerEnd::Failed {
+            code: codes::CANCELLED.into(),
+            message: "cancelled while running".into(),
+        },
         Err(e) => {
-            let message = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+            let message = e
+                .chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
             let code = if vidgen_engine::error::is_invalid_input(&e) {
                 codes::INVALID_REQUEST
             } else {
                 codes::GENERATION_FAILED
             };
-            WorkerEnd::Failed { code: code.into(), message }
+            WorkerEnd::Failed {
+                code: code.into(),
+                message,
+            }
         }
     }
 }
@@ -133,12 +141,22 @@ fn generate_job(
     // result is the source followed by the segment, in one file.
     let (_, source_frames) = vidgen_media::decode(source)
         .with_context(|| format!("decoding the source video {}", source.display()))?;
-    let image = job.request.image.as_ref().context("an extension job has an image path")?;
-    let last = source_frames.len().checked_sub(1).context("the source video has no frames")?;
+    let image = job
+        .request
+        .image
+        .as_ref()
+        .context("an extension job has an image path")?;
+    let last = source_frames
+        .len()
+        .checked_sub(1)
+        .context("the source video has no frames")?;
     vidgen_media::thumbnail_frame(&source_frames, last, image)?;
     let segment = job.output.with_file_name(format!(
         "segment.{}",
-        job.output.extension().and_then(|e| e.to_str()).unwrap_or("mp4")
+        job.output
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("mp4")
     ));
     let summary = crate::generate::run_request(&job.model, &job.request, &segment, sink)?;
     let (_, new_frames) = vidgen_media::decode(&segment)
@@ -195,7 +213,9 @@ fn still_images(
         }
     };
     let mut warn = |what: &str, e: anyhow::Error| {
-        let _ = sink.event(ProgressEvent::Warning { message: format!("no {what}: {e:#}") });
+        let _ = sink.event(ProgressEvent::Warning {
+            message: format!("no {what}: {e:#}"),
+        });
         false
     };
     let thumbnail = vidgen_media::thumbnail(&frames, &job.thumbnail)

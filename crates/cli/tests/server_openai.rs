@@ -33,7 +33,10 @@ fn openai_flow_on_the_demo_model() {
     );
     assert_eq!(v["object"], "video");
     assert!(v["id"].as_str().unwrap().starts_with("video_"), "{v}");
-    assert!(v["status"] == "queued" || v["status"] == "in_progress", "{v}");
+    assert!(
+        v["status"] == "queued" || v["status"] == "in_progress",
+        "{v}"
+    );
     assert_eq!(v["model"], "demo");
     assert_eq!(v["size"], "256x256");
     // 1 s at 16 fps -> 17 frames (the 4k+1 count nearest to 16), reported as what will be made.
@@ -46,8 +49,15 @@ fn openai_flow_on_the_demo_model() {
     // 2. Poll: while not finished, retrieve carries openai-poll-after-ms for create_and_poll.
     let first = server.get(&format!("/v1/videos/{id}"));
     assert_eq!(first.status, 200);
-    if matches!(first.json()["status"].as_str(), Some("queued" | "in_progress")) {
-        let ms: u64 = first.header("openai-poll-after-ms").expect("poll header").parse().unwrap();
+    if matches!(
+        first.json()["status"].as_str(),
+        Some("queued" | "in_progress")
+    ) {
+        let ms: u64 = first
+            .header("openai-poll-after-ms")
+            .expect("poll header")
+            .parse()
+            .unwrap();
         assert!((100..=10_000).contains(&ms), "{ms}");
     }
     let done = server.wait_finished(&id, JOB_TIMEOUT);
@@ -66,17 +76,30 @@ fn openai_flow_on_the_demo_model() {
     std::fs::write(&file, &content.body).unwrap();
     let (frames, fps) = ffprobe(&file);
     assert_eq!(frames, done["frames"].as_u64().unwrap() as u32, "{done}");
-    assert!((fps - done["fps"].as_f64().unwrap()).abs() < 1e-6, "{fps} vs {done}");
+    assert!(
+        (fps - done["fps"].as_f64().unwrap()).abs() < 1e-6,
+        "{fps} vs {done}"
+    );
     let expected_seconds = f64::from(frames) / fps;
     let reported: f64 = done["seconds"].as_str().unwrap().parse().unwrap();
-    assert!((reported - expected_seconds).abs() < 1e-3, "{reported} vs {expected_seconds}");
+    assert!(
+        (reported - expected_seconds).abs() < 1e-3,
+        "{reported} vs {expected_seconds}"
+    );
     // Range requests work (the portal's player seeks).
-    let part = server.request("GET", &format!("/v1/videos/{id}/content"), &[("Range", "bytes=0-99")], b"");
+    let part = server.request(
+        "GET",
+        &format!("/v1/videos/{id}/content"),
+        &[("Range", "bytes=0-99")],
+        b"",
+    );
     assert_eq!(part.status, 206);
     assert_eq!(part.body.len(), 100);
     assert_eq!(&part.body[..], &content.body[..100]);
     // Unknown variants are refused by name.
-    let msg = server.get(&format!("/v1/videos/{id}/content?variant=poster")).expect_error(400);
+    let msg = server
+        .get(&format!("/v1/videos/{id}/content?variant=poster"))
+        .expect_error(400);
     assert!(msg.contains("video, thumbnail, spritesheet"), "{msg}");
 
     // 4. JSON create with the native knobs, and a data-URL image (TI2V takes an image).
@@ -91,12 +114,26 @@ fn openai_flow_on_the_demo_model() {
     );
     assert_eq!(resp.status, 200, "{}", resp.text());
     let j = resp.json();
-    assert_eq!((j["frames"].as_u64(), j["steps"].as_u64(), j["seed"].as_u64()), (Some(5), Some(2), Some(42)));
+    assert_eq!(
+        (
+            j["frames"].as_u64(),
+            j["steps"].as_u64(),
+            j["seed"].as_u64()
+        ),
+        (Some(5), Some(2), Some(42))
+    );
     assert_eq!(j["scheduler"], "euler");
     assert_eq!(j["has_image"], true);
     let json_id = j["id"].as_str().unwrap().to_string();
-    let stored = server.data_dir().join("jobs").join(&json_id).join("input.png");
-    assert!(stored.exists(), "sanitised upload stored under a server-made name");
+    let stored = server
+        .data_dir()
+        .join("jobs")
+        .join(&json_id)
+        .join("input.png");
+    assert!(
+        stored.exists(),
+        "sanitised upload stored under a server-made name"
+    );
 
     // 5. Multipart upload of an image file with a hostile file name: stored as input.png only.
     let img = png(40, 24);
@@ -112,16 +149,29 @@ fn openai_flow_on_the_demo_model() {
     assert_eq!(m["has_image"], true);
     let up_id = m["id"].as_str().unwrap().to_string();
     let job_files = files_under(&server.data_dir().join("jobs").join(&up_id));
-    assert!(job_files.iter().any(|p| p.to_str() == Some("input.png")), "{job_files:?}");
+    assert!(
+        job_files.iter().any(|p| p.to_str() == Some("input.png")),
+        "{job_files:?}"
+    );
     assert!(!server.dir.path().join("evil.png").exists());
 
     // 6. Remix: the source's settings (seed included) with a new prompt.
-    let r = server.post_json(&format!("/v1/videos/{id}/remix"), &json!({"prompt": "a blue fox"}));
+    let r = server.post_json(
+        &format!("/v1/videos/{id}/remix"),
+        &json!({"prompt": "a blue fox"}),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let r = r.json();
     assert_eq!(r["remixed_from_video_id"], id.as_str());
     assert_eq!(r["prompt"], "a blue fox");
-    assert_eq!((r["seed"].clone(), r["frames"].clone(), r["size"].clone()), (done["seed"].clone(), done["frames"].clone(), done["size"].clone()));
+    assert_eq!(
+        (r["seed"].clone(), r["frames"].clone(), r["size"].clone()),
+        (
+            done["seed"].clone(),
+            done["frames"].clone(),
+            done["size"].clone()
+        )
+    );
     let remix_id = r["id"].as_str().unwrap().to_string();
 
     for other in [&json_id, &up_id, &remix_id] {
@@ -148,52 +198,89 @@ fn openai_flow_on_the_demo_model() {
         }
         after = Some(seen.last().unwrap().clone());
     }
-    assert_eq!(seen, vec![id.clone(), json_id.clone(), up_id.clone(), remix_id.clone()]);
+    assert_eq!(
+        seen,
+        vec![id.clone(), json_id.clone(), up_id.clone(), remix_id.clone()]
+    );
     let desc = server.get("/v1/videos").json();
-    let ids: Vec<&str> = desc["data"].as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = desc["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, [&remix_id, &up_id, &json_id, &id].map(String::as_str));
     assert_eq!(desc["has_more"], false);
     server.get("/v1/videos?limit=0").expect_error(400);
     server.get("/v1/videos?order=sideways").expect_error(400);
-    server.get("/v1/videos?after=video_00000000000000000000000000000000").expect_error(400);
+    server
+        .get("/v1/videos?after=video_00000000000000000000000000000000")
+        .expect_error(400);
     server.get("/v1/videos?colour=red").expect_error(400);
 
     // 8. Delete: the object, then 404, and its files are gone.
     let del = server.request("DELETE", &format!("/v1/videos/{json_id}"), &[], b"");
     assert_eq!(del.status, 200, "{}", del.text());
-    assert_eq!(del.json(), json!({"id": json_id, "object": "video.deleted", "deleted": true}));
-    server.get(&format!("/v1/videos/{json_id}")).expect_error(404);
-    server.request("DELETE", &format!("/v1/videos/{json_id}"), &[], b"").expect_error(404);
+    assert_eq!(
+        del.json(),
+        json!({"id": json_id, "object": "video.deleted", "deleted": true})
+    );
+    server
+        .get(&format!("/v1/videos/{json_id}"))
+        .expect_error(404);
+    server
+        .request("DELETE", &format!("/v1/videos/{json_id}"), &[], b"")
+        .expect_error(404);
     assert!(!server.data_dir().join("jobs").join(&json_id).exists());
 
     // 9. Cancel of a finished job is a conflict, not a silent success.
-    server.request("POST", &format!("/v1/videos/{id}/cancel"), &[], b"").expect_error(409);
+    server
+        .request("POST", &format!("/v1/videos/{id}/cancel"), &[], b"")
+        .expect_error(409);
 
     // 10. Metrics saw it all.
     let metrics = server.get("/metrics").text();
-    assert!(metrics.contains("vidgen_jobs_completed_total 4"), "{metrics}");
+    assert!(
+        metrics.contains("vidgen_jobs_completed_total 4"),
+        "{metrics}"
+    );
     assert!(metrics.contains("vidgen_queue_depth 0"), "{metrics}");
-    assert!(metrics.contains("vidgen_stage_duration_seconds_count{stage=\"denoise\"}"), "{metrics}");
+    assert!(
+        metrics.contains("vidgen_stage_duration_seconds_count{stage=\"denoise\"}"),
+        "{metrics}"
+    );
 }
 
 #[test]
 fn validation_happens_before_queueing_with_the_models_rules() {
     let server = Server::start("");
     // Sizes: the model's message lists what it can make.
-    let msg = server.post_json("/v1/videos", &json!({"prompt": "p", "size": "250x250"})).expect_error(400);
+    let msg = server
+        .post_json("/v1/videos", &json!({"prompt": "p", "size": "250x250"}))
+        .expect_error(400);
     assert!(msg.contains("size") && msg.contains("256x256"), "{msg}");
-    let msg = server.post_json("/v1/videos", &json!({"prompt": "p", "size": "big"})).expect_error(400);
+    let msg = server
+        .post_json("/v1/videos", &json!({"prompt": "p", "size": "big"}))
+        .expect_error(400);
     assert!(msg.contains("WIDTHxHEIGHT"), "{msg}");
     // Frames: the 4k+1 rule with the nearest valid counts.
-    let msg = server.post_json("/v1/videos", &json!({"prompt": "p", "frames": 16})).expect_error(400);
+    let msg = server
+        .post_json("/v1/videos", &json!({"prompt": "p", "frames": 16}))
+        .expect_error(400);
     assert!(msg.contains("frames") && msg.contains("13 or 17"), "{msg}");
     // Too long for the model.
-    let msg = server.post_json("/v1/videos", &json!({"prompt": "p", "seconds": "60"})).expect_error(400);
+    let msg = server
+        .post_json("/v1/videos", &json!({"prompt": "p", "seconds": "60"}))
+        .expect_error(400);
     assert!(msg.contains("seconds"), "{msg}");
     // A parameter that would be ignored fails instead (single-expert model).
-    let msg = server.post_json("/v1/videos", &json!({"prompt": "p", "guidance_2": 3.0})).expect_error(400);
+    let msg = server
+        .post_json("/v1/videos", &json!({"prompt": "p", "guidance_2": 3.0}))
+        .expect_error(400);
     assert!(msg.contains("guidance_2"), "{msg}");
-    let msg = server.post_json("/v1/videos", &json!({"prompt": "p", "model": "sora-2"})).expect_error(400);
+    let msg = server
+        .post_json("/v1/videos", &json!({"prompt": "p", "model": "sora-2"}))
+        .expect_error(400);
     assert!(msg.contains("demo"), "{msg}");
     let e = server.post_json("/v1/videos", &json!({"prompt": "p", "steps": 0}));
     assert_eq!(e.json()["error"]["param"], "steps");
@@ -207,7 +294,7 @@ fn models_openapi_portal_and_health() {
     let models = server.get("/v1/models").json();
     let demo = &models["data"][0];
     assert_eq!(demo["id"], "demo");
-    assert_eq!(demo["sizes"], json!(["256x256"]));
+    assert_eq!(demo["sizes"], json!(["256x256", "320x192", "192x320"]));
     assert_eq!(demo["frames"]["rule"], "4k+1");
     assert_eq!(demo["fps"], 16);
     assert_eq!(demo["image_conditioning"], true);
@@ -226,11 +313,17 @@ fn models_openapi_portal_and_health() {
         "/v1/models",
         "/metrics",
     ] {
-        assert!(spec["paths"][path].is_object(), "{path} missing from openapi.json");
+        assert!(
+            spec["paths"][path].is_object(),
+            "{path} missing from openapi.json"
+        );
     }
     let page = server.get("/");
     assert_eq!(page.status, 200);
-    assert!(page.header("content-type").unwrap().starts_with("text/html"));
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
     assert!(page.text().contains("/app.js"));
     assert_eq!(server.get("/app.js").status, 200);
     assert_eq!(server.get("/healthz").json()["status"], "ok");
@@ -242,8 +335,20 @@ fn api_keys_are_required_when_configured() {
     let server = Server::start("api_keys = [\"sk-test-0123456789\"]");
     let msg = server.get("/v1/videos").expect_error(401);
     assert!(msg.contains("API key"), "{msg}");
-    server.request("GET", "/v1/videos", &[("Authorization", "Bearer sk-wrong-0123456789")], b"").expect_error(401);
-    let ok = server.request("GET", "/v1/videos", &[("Authorization", "Bearer sk-test-0123456789")], b"");
+    server
+        .request(
+            "GET",
+            "/v1/videos",
+            &[("Authorization", "Bearer sk-wrong-0123456789")],
+            b"",
+        )
+        .expect_error(401);
+    let ok = server.request(
+        "GET",
+        "/v1/videos",
+        &[("Authorization", "Bearer sk-test-0123456789")],
+        b"",
+    );
     assert_eq!(ok.status, 200, "{}", ok.text());
     server.get("/metrics").expect_error(401);
     // The portal page itself loads (it asks for the key).
@@ -267,7 +372,11 @@ fn base64_encode(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

@@ -27,7 +27,11 @@ impl Driver {
             std::path::Path::new(CHROMIUM).exists() && std::path::Path::new(CHROMEDRIVER).exists(),
             "the portal test needs Debian's chromium and chromium-driver (.ci/run installs them)"
         );
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -37,11 +41,19 @@ impl Driver {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let start = Instant::now();
         while std::net::TcpStream::connect(addr).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(30), "chromedriver did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "chromedriver did not start"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         let profile = tempfile::tempdir().unwrap();
-        let mut driver = Driver { child, addr, session: String::new(), _profile: profile };
+        let mut driver = Driver {
+            child,
+            addr,
+            session: String::new(),
+            _profile: profile,
+        };
         let args = [
             "--headless",
             "--no-sandbox",
@@ -56,19 +68,29 @@ impl Driver {
         ]
         .iter()
         .map(|s| s.to_string())
-        .chain([format!("--user-data-dir={}", driver._profile.path().display())])
+        .chain([format!(
+            "--user-data-dir={}",
+            driver._profile.path().display()
+        )])
         .collect::<Vec<_>>();
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
         }}});
         let resp = driver.call("POST", "/session", &caps);
-        driver.session = resp["sessionId"].as_str().unwrap_or_else(|| panic!("{resp}")).to_string();
+        driver.session = resp["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{resp}"))
+            .to_string();
         driver
     }
 
     fn call(&self, method: &str, path: &str, body: &Value) -> Value {
-        let body = if method == "GET" { Vec::new() } else { body.to_string().into_bytes() };
+        let body = if method == "GET" {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
         let resp = request(
             self.addr,
             method,
@@ -86,18 +108,33 @@ impl Driver {
     }
 
     fn script(&self, script: &str) -> Value {
-        self.session_call("POST", "/execute/sync", &json!({"script": script, "args": []}))
+        self.session_call(
+            "POST",
+            "/execute/sync",
+            &json!({"script": script, "args": []}),
+        )
     }
 
     fn element(&self, css: &str) -> String {
-        let v = self.session_call("POST", "/element", &json!({"using": "css selector", "value": css}));
-        v["element-6066-11e4-a52e-4f735466cecf"].as_str().unwrap().to_string()
+        let v = self.session_call(
+            "POST",
+            "/element",
+            &json!({"using": "css selector", "value": css}),
+        );
+        v["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     fn type_into(&self, css: &str, text: &str) {
         let el = self.element(css);
         self.session_call("POST", &format!("/element/{el}/clear"), &json!({}));
-        self.session_call("POST", &format!("/element/{el}/value"), &json!({"text": text}));
+        self.session_call(
+            "POST",
+            &format!("/element/{el}/value"),
+            &json!({"text": text}),
+        );
     }
 
     fn wait_until(&self, what: &str, timeout: Duration, script: &str) -> Value {
@@ -109,7 +146,10 @@ impl Driver {
             }
             if start.elapsed() > timeout {
                 let page = self.script("return document.body.innerText;");
-                panic!("timed out waiting for {what}; page text:\n{}", page.as_str().unwrap_or(""));
+                panic!(
+                    "timed out waiting for {what}; page text:\n{}",
+                    page.as_str().unwrap_or("")
+                );
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -119,7 +159,13 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         if !self.session.is_empty() {
-            let _ = request(self.addr, "DELETE", &format!("/session/{}", self.session), &[], b"");
+            let _ = request(
+                self.addr,
+                "DELETE",
+                &format!("/session/{}", self.session),
+                &[],
+                b"",
+            );
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -130,7 +176,11 @@ impl Drop for Driver {
 fn portal_submits_a_job_and_plays_the_result() {
     let server = Server::start("");
     let driver = Driver::start();
-    driver.session_call("POST", "/url", &json!({"url": format!("http://{}/", server.addr)}));
+    driver.session_call(
+        "POST",
+        "/url",
+        &json!({"url": format!("http://{}/", server.addr)}),
+    );
 
     // The form is filled from /v1/models.
     driver.wait_until(
@@ -139,8 +189,14 @@ fn portal_submits_a_job_and_plays_the_result() {
         "return document.querySelectorAll('#model option').length > 0 && \
                 document.getElementById('frames').value !== '';",
     );
-    assert_eq!(driver.script("return document.getElementById('model').value;"), "demo");
-    assert_eq!(driver.script("return document.getElementById('size').value;"), "256x256");
+    assert_eq!(
+        driver.script("return document.getElementById('model').value;"),
+        "demo"
+    );
+    assert_eq!(
+        driver.script("return document.getElementById('size').value;"),
+        "256x256"
+    );
 
     driver.type_into("#prompt", "a paper boat on a pond");
     driver.type_into("#frames", "9");
@@ -168,15 +224,26 @@ fn portal_submits_a_job_and_plays_the_result() {
     assert_eq!(outcome, true, "{outcome}");
     let duration = driver.script("return document.querySelector('.job video').duration;");
     let duration = duration.as_f64().unwrap();
-    assert!((duration - 9.0 / 16.0).abs() < 0.1, "player duration {duration}");
+    assert!(
+        (duration - 9.0 / 16.0).abs() < 0.1,
+        "player duration {duration}"
+    );
     let meta = driver.script("return document.querySelector('.job .meta').textContent;");
     assert!(meta.as_str().unwrap().contains("9 frames"), "{meta}");
-    let download = driver.script("return document.querySelector('.job a.download').getAttribute('download');");
+    let download =
+        driver.script("return document.querySelector('.job a.download').getAttribute('download');");
     assert_eq!(download, format!("{id}.mp4").as_str());
 
     // The server agrees.
     let v = server.get(&format!("/v1/videos/{id}")).json();
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(v["prompt"], "a paper boat on a pond");
-    assert_eq!((v["frames"].as_u64(), v["steps"].as_u64(), v["seed"].as_u64()), (Some(9), Some(3), Some(7)));
+    assert_eq!(
+        (
+            v["frames"].as_u64(),
+            v["steps"].as_u64(),
+            v["seed"].as_u64()
+        ),
+        (Some(9), Some(3), Some(7))
+    );
 }

@@ -29,23 +29,44 @@ fn full_queue_cancel_and_events() {
     let server = Server::start("[queue]\nmax_queued = 2\ncancel_grace_s = 2");
     let running = create(&server, &long_job());
     wait_running(&server, &running);
-    let a = create(&server, &json!({"prompt": "queued a", "frames": 5, "steps": 1}));
-    let b = create(&server, &json!({"prompt": "queued b", "frames": 5, "steps": 1}));
+    let a = create(
+        &server,
+        &json!({"prompt": "queued a", "frames": 5, "steps": 1}),
+    );
+    let b = create(
+        &server,
+        &json!({"prompt": "queued b", "frames": 5, "steps": 1}),
+    );
 
     // The third waiting job is refused with 429 and a Retry-After, and is not stored.
     let full = server.post_json("/v1/videos", &json!({"prompt": "one too many"}));
     let msg = full.expect_error(429);
     assert!(msg.contains("queue"), "{msg}");
-    let retry: u64 = full.header("retry-after").expect("Retry-After").parse().unwrap();
+    let retry: u64 = full
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
     assert!((1..=3600).contains(&retry));
-    assert_eq!(server.get("/v1/videos?limit=100").json()["data"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        server.get("/v1/videos?limit=100").json()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
     let queued = server.get(&format!("/v1/videos/{b}")).json();
     assert_eq!(queued["status"], "queued");
     assert_eq!(queued["queue_position"], 1);
 
     // SSE on the running job: the current object first, then stage/step events as they come.
-    let events = read_events(&server, &running, Duration::from_secs(60), |text| text.contains("event: step"));
-    assert!(events.starts_with("event: video") || events.contains("\nevent: video"), "{events}");
+    let events = read_events(&server, &running, Duration::from_secs(60), |text| {
+        text.contains("event: step")
+    });
+    assert!(
+        events.starts_with("event: video") || events.contains("\nevent: video"),
+        "{events}"
+    );
     assert!(events.contains("event: step"), "{events}");
     assert!(events.contains("\"total\""), "{events}");
 
@@ -62,16 +83,27 @@ fn full_queue_cancel_and_events() {
     let v = server.wait_finished(&running, Duration::from_secs(60));
     assert_eq!(v["status"], "failed", "{v}");
     assert_eq!(v["error"]["code"], "cancelled", "{v}");
-    assert!(server.worker_pids().len() <= 1, "the cancelled worker is gone");
+    assert!(
+        server.worker_pids().len() <= 1,
+        "the cancelled worker is gone"
+    );
 
     // The queue moves on: b runs to completion; events of a finished job end with `done`.
     let v = server.wait_finished(&b, TIMEOUT);
     assert_eq!(v["status"], "completed", "{v}");
-    let events = read_events(&server, &b, Duration::from_secs(10), |t| t.contains("event: done"));
+    let events = read_events(&server, &b, Duration::from_secs(10), |t| {
+        t.contains("event: done")
+    });
     assert!(events.contains("event: done"), "{events}");
     let metrics = server.get("/metrics").text();
-    assert!(metrics.contains("vidgen_job_failures_total{cause=\"cancelled\"} 2"), "{metrics}");
-    assert!(metrics.contains("vidgen_queue_rejected_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("vidgen_job_failures_total{cause=\"cancelled\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vidgen_queue_rejected_total 1"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -81,17 +113,29 @@ fn a_killed_worker_fails_its_job_and_the_server_keeps_serving() {
     wait_running(&server, &id);
     let workers = server.worker_pids();
     assert_eq!(workers.len(), 1, "one worker process per job: {workers:?}");
-    let status = std::process::Command::new("kill").args(["-9", &workers[0].to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-9", &workers[0].to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let v = server.wait_finished(&id, Duration::from_secs(60));
     assert_eq!(v["status"], "failed", "{v}");
     assert_eq!(v["error"]["code"], "worker_crashed", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("SIGKILL"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("SIGKILL"),
+        "{v}"
+    );
     // Still serving, and the next job runs.
-    let next = create(&server, &json!({"prompt": "after the crash", "frames": 5, "steps": 1}));
+    let next = create(
+        &server,
+        &json!({"prompt": "after the crash", "frames": 5, "steps": 1}),
+    );
     let v = server.wait_finished(&next, TIMEOUT);
     assert_eq!(v["status"], "completed", "{v}");
-    assert!(server.get("/metrics").text().contains("vidgen_job_failures_total{cause=\"worker_crashed\"} 1"));
+    assert!(server
+        .get("/metrics")
+        .text()
+        .contains("vidgen_job_failures_total{cause=\"worker_crashed\"} 1"));
 }
 
 #[test]
@@ -99,7 +143,10 @@ fn restart_keeps_queued_jobs_and_fails_the_interrupted_one() {
     let server = Server::start("");
     let running = create(&server, &long_job());
     wait_running(&server, &running);
-    let queued = create(&server, &json!({"prompt": "waits for the restart", "frames": 5, "steps": 1}));
+    let queued = create(
+        &server,
+        &json!({"prompt": "waits for the restart", "frames": 5, "steps": 1}),
+    );
     let worker = server.worker_pids();
     assert_eq!(worker.len(), 1);
 
@@ -123,11 +170,19 @@ fn restart_keeps_queued_jobs_and_fails_the_interrupted_one() {
 #[test]
 fn restart_can_requeue_the_interrupted_job_once() {
     let server = Server::start("[queue]\nrequeue_interrupted = true");
-    let running = create(&server, &json!({"prompt": "requeued", "frames": 81, "steps": 100, "size": "512x512"}));
+    let running = create(
+        &server,
+        &json!({"prompt": "requeued", "frames": 81, "steps": 100, "size": "512x512"}),
+    );
     wait_running(&server, &running);
     let server = server.restart();
-    let v = server.wait_for(&running, Duration::from_secs(60), |v| v["status"] != "queued");
-    assert_eq!(v["status"], "in_progress", "requeued and started again: {v}");
+    let v = server.wait_for(&running, Duration::from_secs(60), |v| {
+        v["status"] != "queued"
+    });
+    assert_eq!(
+        v["status"], "in_progress",
+        "requeued and started again: {v}"
+    );
     // Interrupted a second time: now it fails.
     wait_running(&server, &running);
     let server = server.restart();
@@ -137,11 +192,22 @@ fn restart_can_requeue_the_interrupted_job_once() {
 }
 
 /// Reads the job's SSE stream until `enough(text)` or the timeout.
-fn read_events(server: &Server, id: &str, timeout: Duration, enough: impl Fn(&str) -> bool) -> String {
+fn read_events(
+    server: &Server,
+    id: &str,
+    timeout: Duration,
+    enough: impl Fn(&str) -> bool,
+) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-    write!(stream, "GET /v1/videos/{id}/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /v1/videos/{id}/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let start = std::time::Instant::now();
     let mut text = String::new();
     let mut buf = [0u8; 8192];
@@ -153,6 +219,10 @@ fn read_events(server: &Server, id: &str, timeout: Duration, enough: impl Fn(&st
         }
     }
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(text.to_ascii_lowercase().contains("content-type: text/event-stream"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{text}"
+    );
     text
 }

@@ -44,11 +44,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(|| async { portal_file("index.html") }))
         .route("/app.js", get(|| async { portal_file("app.js") }))
         .route("/style.css", get(|| async { portal_file("style.css") }))
-        .route("/openapi.json", get(|| async { portal_file("openapi.json") }))
+        .route(
+            "/openapi.json",
+            get(|| async { portal_file("openapi.json") }),
+        )
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .merge(protected)
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "Unknown endpoint.")
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "Unknown endpoint.",
+            )
+        })
+        // A known path with another method: still OpenAI's error shape, not an empty 405.
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "Method not allowed for this endpoint.",
+            )
         })
         .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes))
         .with_state(state)
@@ -57,12 +72,31 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// The portal's files, built into the binary.
 fn portal_file(name: &str) -> Response {
     let (body, mime): (&'static str, &str) = match name {
-        "index.html" => (include_str!("../../../web/index.html"), "text/html; charset=utf-8"),
-        "app.js" => (include_str!("../../../web/app.js"), "text/javascript; charset=utf-8"),
-        "style.css" => (include_str!("../../../web/style.css"), "text/css; charset=utf-8"),
-        _ => (include_str!("../../../web/openapi.json"), "application/json"),
+        "index.html" => (
+            include_str!("../../../web/index.html"),
+            "text/html; charset=utf-8",
+        ),
+        "app.js" => (
+            include_str!("../../../web/app.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        "style.css" => (
+            include_str!("../../../web/style.css"),
+            "text/css; charset=utf-8",
+        ),
+        _ => (
+            include_str!("../../../web/openapi.json"),
+            "application/json",
+        ),
     };
-    ([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, mime),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// Bearer keys from the config; none configured means open (loopback unless allowed).
@@ -79,7 +113,9 @@ async fn auth(State(state): St, req: Request, next: Next) -> Response {
         .map(str::trim);
     let ok = given.is_some_and(|g| {
         // Compare every key in full so timing does not reveal a matching prefix.
-        keys.iter().fold(false, |acc, k| acc | constant_time_eq(k.as_bytes(), g.as_bytes()))
+        keys.iter().fold(false, |acc, k| {
+            acc | constant_time_eq(k.as_bytes(), g.as_bytes())
+        })
     });
     if ok {
         next.run(req).await
@@ -169,9 +205,19 @@ pub fn video_object(state: &AppState, row: &JobRow) -> Value {
             r.seed.unwrap_or(0),
         ),
     };
-    let seconds = row.output.as_ref().map_or(f64::from(frames) / f64::from(fps.max(1)), |o| o.seconds);
-    let error = row.error.as_ref().map(|(code, message)| json!({"code": code, "message": message}));
-    let live = if row.status == Status::InProgress { state.live_progress(&row.id) } else { None };
+    let seconds = row
+        .output
+        .as_ref()
+        .map_or(f64::from(frames) / f64::from(fps.max(1)), |o| o.seconds);
+    let error = row
+        .error
+        .as_ref()
+        .map(|(code, message)| json!({"code": code, "message": message}));
+    let live = if row.status == Status::InProgress {
+        state.live_progress(&row.id)
+    } else {
+        None
+    };
     let position = if row.status == Status::Queued {
         state.store.queue_position(&row.id).ok().flatten()
     } else {
@@ -283,7 +329,13 @@ fn typed<T: serde::de::DeserializeOwned>(form: &Form) -> AppResult<T> {
 
 fn parse_size(size: &str, model: &ModelSlot) -> AppResult<(u32, u32)> {
     let valid = || {
-        model.info.sizes.iter().map(|(w, h)| format!("{w}x{h}")).collect::<Vec<_>>().join(", ")
+        model
+            .info
+            .sizes
+            .iter()
+            .map(|(w, h)| format!("{w}x{h}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     let parsed = size
         .split_once(['x', 'X', '*', '×'])
@@ -301,7 +353,10 @@ fn output_format(v: Option<&str>) -> AppResult<OutputFormat> {
     match v {
         None => Ok(OutputFormat::Mp4),
         Some(s) => OutputFormat::parse(s).ok_or_else(|| {
-            ApiError::invalid(format!("output_format: `{s}` is not one of {}", OutputFormat::NAMES))
+            ApiError::invalid(format!(
+                "output_format: `{s}` is not one of {}",
+                OutputFormat::NAMES
+            ))
         }),
     }
 }
@@ -347,7 +402,9 @@ async fn create_video(State(state): St, req: Request) -> AppResult<Response> {
     };
     let (width, height) = match (&body.size, body.width, body.height) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            return Err(ApiError::invalid("size: give either size or width/height, not both"))
+            return Err(ApiError::invalid(
+                "size: give either size or width/height, not both",
+            ))
         }
         (Some(size), None, None) => {
             let (w, h) = parse_size(size, model)?;
@@ -357,21 +414,25 @@ async fn create_video(State(state): St, req: Request) -> AppResult<Response> {
     };
     let image = match (form.file, body.input_reference) {
         (Some(_), Some(_)) => {
-            return Err(ApiError::invalid("input_reference: give one file or one image_url"))
+            return Err(ApiError::invalid(
+                "input_reference: give one file or one image_url",
+            ))
         }
         (Some((_, bytes)), None) => ImageSource::Bytes(bytes, "input_reference".into()),
         (None, Some(r)) => match (r.image_url, r.file_id) {
             (Some(url), None) => ImageSource::Bytes(
-                decode_data_url(&url, "input_reference.image_url", state.config.limits.max_upload_bytes)?,
+                decode_data_url(
+                    &url,
+                    "input_reference.image_url",
+                    state.config.limits.max_upload_bytes,
+                )?,
                 "input_reference".into(),
             ),
-            (None, Some(_)) => {
-                return Err(ApiError::invalid(
-                    "input_reference.file_id: files by id are not supported here; upload the image \
+            (None, Some(_)) => return Err(ApiError::invalid(
+                "input_reference.file_id: files by id are not supported here; upload the image \
                      as a multipart file `input_reference` or send input_reference.image_url as a \
                      data URL",
-                ))
-            }
+            )),
             _ => {
                 return Err(ApiError::invalid(
                     "input_reference: give exactly one of image_url or file_id",
@@ -494,7 +555,12 @@ async fn submit(state: &Arc<AppState>, mut sub: Submission<'_>) -> AppResult<Job
     };
     let inserted = state
         .store
-        .insert_queued(&id, &settings, sub.remixed_from.as_deref(), state.config.queue.max_queued)
+        .insert_queued(
+            &id,
+            &settings,
+            sub.remixed_from.as_deref(),
+            state.config.queue.max_queued,
+        )
         .map_err(|e| cleanup(ApiError::from(e)))?;
     if !inserted {
         return Err(cleanup(queue_full(state)));
@@ -509,14 +575,20 @@ async fn submit(state: &Arc<AppState>, mut sub: Submission<'_>) -> AppResult<Job
 // ---------------------------------------------------------------------------------------------
 // Remix and extensions
 
-async fn remix_video(State(state): St, Path(id): Path<String>, req: Request) -> AppResult<Response> {
+async fn remix_video(
+    State(state): St,
+    Path(id): Path<String>,
+    req: Request,
+) -> AppResult<Response> {
     let form = read_form(&state, req, &[("prompt", Kind::Str)]).await?;
     let Some(prompt) = form.str("prompt").map(str::to_string) else {
         return Err(ApiError::invalid("prompt: required"));
     };
     let source = get_job(&state, &id)?;
     if source.expired {
-        return Err(ApiError::invalid(format!("video {id} has expired; it cannot be remixed")));
+        return Err(ApiError::invalid(format!(
+            "video {id} has expired; it cannot be remixed"
+        )));
     }
     let model = pick_model(&state, Some(&source.settings.model))?;
     let mut request = source.settings.request.clone();
@@ -554,15 +626,25 @@ async fn extend_video(State(state): St, req: Request) -> AppResult<Response> {
     let Some(prompt) = form.str("prompt").map(str::to_string) else {
         return Err(ApiError::invalid("prompt: required"));
     };
-    let Some(source_id) = form.fields.get("video").and_then(|v| v.get("id")).and_then(Value::as_str)
+    let Some(source_id) = form
+        .fields
+        .get("video")
+        .and_then(|v| v.get("id"))
+        .and_then(Value::as_str)
     else {
-        return Err(ApiError::invalid("video: required, as {\"id\": \"video_...\"}"));
+        return Err(ApiError::invalid(
+            "video: required, as {\"id\": \"video_...\"}",
+        ));
     };
     let source = get_job(&state, source_id)?;
     if source.status != Status::Completed || source.expired {
         return Err(ApiError::invalid(format!(
             "video: {source_id} is {}; only completed, unexpired videos can be extended",
-            if source.expired { "expired" } else { source.status.as_str() }
+            if source.expired {
+                "expired"
+            } else {
+                source.status.as_str()
+            }
         )));
     }
     let model = pick_model(&state, Some(&source.settings.model))?;
@@ -574,7 +656,10 @@ async fn extend_video(State(state): St, req: Request) -> AppResult<Response> {
         ))
         .code("unsupported_model"));
     }
-    let output = source.output.as_ref().expect("completed jobs have an output");
+    let output = source
+        .output
+        .as_ref()
+        .expect("completed jobs have an output");
     let mut request = source.settings.request.clone();
     request.prompt = prompt;
     request.width = Some(output.width);
@@ -607,7 +692,8 @@ async fn retrieve_video(State(state): St, Path(id): Path<String>) -> AppResult<R
         _ => 0,
     };
     if after > 0 {
-        resp.headers_mut().insert("openai-poll-after-ms", HeaderValue::from(after));
+        resp.headers_mut()
+            .insert("openai-poll-after-ms", HeaderValue::from(after));
     }
     Ok(resp)
 }
@@ -625,21 +711,35 @@ async fn list_videos(
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> AppResult<Json<Value>> {
     let Query(params) = params.map_err(|e| {
-        ApiError::invalid(format!("query: {} (valid parameters: after, limit, order)", e.body_text()))
+        ApiError::invalid(format!(
+            "query: {} (valid parameters: after, limit, order)",
+            e.body_text()
+        ))
     })?;
     let limit = match params.limit.as_deref() {
         None => 20,
         Some(l) => match l.parse::<usize>() {
             Ok(n @ 1..=100) => n,
-            _ => return Err(ApiError::invalid(format!("limit: `{l}` is not an integer in 1..=100"))),
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "limit: `{l}` is not an integer in 1..=100"
+                )))
+            }
         },
     };
     let ascending = match params.order.as_deref() {
         None | Some("desc") => false,
         Some("asc") => true,
-        Some(o) => return Err(ApiError::invalid(format!("order: `{o}` is not one of asc, desc"))),
+        Some(o) => {
+            return Err(ApiError::invalid(format!(
+                "order: `{o}` is not one of asc, desc"
+            )))
+        }
     };
-    let Some((rows, has_more)) = state.store.list(params.after.as_deref(), limit, ascending)? else {
+    let Some((rows, has_more)) = state
+        .store
+        .list(params.after.as_deref(), limit, ascending)?
+    else {
         return Err(ApiError::invalid(format!(
             "after: no video with id `{}`",
             params.after.unwrap_or_default()
@@ -714,7 +814,9 @@ async fn delete_video(State(state): St, Path(id): Path<String>) -> AppResult<Jso
     }
     state.store.delete(&id)?;
     tracing::info!(job_id = %id, "video deleted");
-    Ok(Json(json!({"id": id, "object": "video.deleted", "deleted": true})))
+    Ok(Json(
+        json!({"id": id, "object": "video.deleted", "deleted": true}),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -733,7 +835,10 @@ async fn video_content(
     headers: HeaderMap,
 ) -> AppResult<Response> {
     let Query(params) = params.map_err(|e| {
-        ApiError::invalid(format!("query: {} (valid parameters: variant)", e.body_text()))
+        ApiError::invalid(format!(
+            "query: {} (valid parameters: variant)",
+            e.body_text()
+        ))
     })?;
     let row = get_job(&state, &id)?;
     let variant = params.variant.as_deref().unwrap_or("video");
@@ -750,7 +855,11 @@ async fn video_content(
         )
         .code("expired"));
     }
-    let Some(output) = row.output.as_ref().filter(|_| row.status == Status::Completed) else {
+    let Some(output) = row
+        .output
+        .as_ref()
+        .filter(|_| row.status == Status::Completed)
+    else {
         return Err(ApiError::conflict(format!(
             "video {id} is {}; content is available once it is completed",
             row.status.as_str()
@@ -761,7 +870,11 @@ async fn video_content(
     let (file, mime, available) = match variant {
         "video" => (format!("video.{}", fmt.extension()), fmt.mime(), true),
         "thumbnail" => ("thumbnail.webp".to_string(), "image/webp", output.thumbnail),
-        _ => ("spritesheet.jpg".to_string(), "image/jpeg", output.spritesheet),
+        _ => (
+            "spritesheet.jpg".to_string(),
+            "image/jpeg",
+            output.spritesheet,
+        ),
     };
     let path = state.job_dir(&id)?.join(&file);
     if !available || !path.exists() {
@@ -774,18 +887,28 @@ async fn video_content(
     }
     // ServeFile answers Range requests, so the portal's player can seek.
     let mut file_req = axum::http::Request::builder().uri("/");
-    for name in [header::RANGE, header::IF_RANGE, header::IF_MODIFIED_SINCE, header::IF_NONE_MATCH] {
+    for name in [
+        header::RANGE,
+        header::IF_RANGE,
+        header::IF_MODIFIED_SINCE,
+        header::IF_NONE_MATCH,
+    ] {
         if let Some(v) = headers.get(&name) {
             file_req = file_req.header(name, v);
         }
     }
-    let file_req = file_req.body(axum::body::Body::empty()).expect("static request");
+    let file_req = file_req
+        .body(axum::body::Body::empty())
+        .expect("static request");
     let resp = tower_http::services::ServeFile::new_with_mime(&path, &mime.parse().expect("mime"))
         .oneshot(file_req)
         .await
         .map_err(|e| ApiError::internal(&anyhow::anyhow!("serving {file}: {e}")))?;
     let mut resp = resp.map(axum::body::Body::new);
-    if let Ok(v) = HeaderValue::from_str(&format!("inline; filename=\"{id}.{}\"", &file[file.rfind('.').map_or(0, |i| i + 1)..])) {
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "inline; filename=\"{id}.{}\"",
+        &file[file.rfind('.').map_or(0, |i| i + 1)..]
+    )) {
         resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
     }
     Ok(resp)
@@ -803,15 +926,17 @@ async fn video_events(State(state): St, Path(id): Path<String>) -> AppResult<Res
             return Err(e);
         }
     };
-    let mut first =
-        vec![Event::default().event("video").data(video_object(&state, &row).to_string())];
+    let mut first = vec![Event::default()
+        .event("video")
+        .data(video_object(&state, &row).to_string())];
     let finished = row.status.is_finished();
     if finished {
         first.push(Event::default().event("done").data("{}"));
         // Nothing will be published for a finished job any more.
         state.close_channel(&id);
     }
-    let initial = futures_util::stream::iter(first.into_iter().map(Ok::<_, std::convert::Infallible>));
+    let initial =
+        futures_util::stream::iter(first.into_iter().map(Ok::<_, std::convert::Infallible>));
     let live = futures_util::stream::unfold((rx, finished), |(mut rx, done)| async move {
         if done {
             return None;
@@ -829,5 +954,7 @@ async fn video_events(State(state): St, Path(id): Path<String>) -> AppResult<Res
         }
     });
     use futures_util::StreamExt as _;
-    Ok(Sse::new(initial.chain(live)).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(initial.chain(live))
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }

@@ -139,12 +139,17 @@ impl Config {
             ));
         }
         if self.api_keys.iter().any(|k| k.trim().len() < 8) {
-            return Err(invalid!("api_keys: every key must have at least 8 characters"));
+            return Err(invalid!(
+                "api_keys: every key must have at least 8 characters"
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for m in &self.models {
             if m.name.is_empty()
-                || !m.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                || !m
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             {
                 return Err(invalid!(
                     "models: name `{}` must be non-empty ASCII letters, digits, '-', '_' or '.'",
@@ -159,7 +164,9 @@ impl Config {
             return Err(invalid!("queue.max_queued: must be at least 1"));
         }
         if !(self.retention_hours.is_finite() && self.retention_hours > 0.0) {
-            return Err(invalid!("retention_hours: must be a positive number of hours"));
+            return Err(invalid!(
+                "retention_hours: must be a positive number of hours"
+            ));
         }
         if !(self.queue.cancel_grace_s.is_finite() && self.queue.cancel_grace_s >= 0.0) {
             return Err(invalid!("queue.cancel_grace_s: must be >= 0"));
@@ -168,7 +175,9 @@ impl Config {
             return Err(invalid!("queue.job_timeout_s: must be >= 0 (0 = no limit)"));
         }
         if self.limits.max_upload_bytes == 0 || self.limits.max_body_bytes == 0 {
-            return Err(invalid!("limits: max_body_bytes and max_upload_bytes must be positive"));
+            return Err(invalid!(
+                "limits: max_body_bytes and max_upload_bytes must be positive"
+            ));
         }
         Ok(())
     }
@@ -176,7 +185,10 @@ impl Config {
     /// The configured models, or the demo model when none are named.
     pub fn model_entries(&self) -> Vec<ModelEntry> {
         if self.models.is_empty() {
-            vec![ModelEntry { name: "demo".into(), path: "demo".into() }]
+            vec![ModelEntry {
+                name: "demo".into(),
+                path: "demo".into(),
+            }]
         } else {
             self.models.clone()
         }
@@ -195,7 +207,10 @@ mod tests {
 
     #[test]
     fn public_bind_without_keys_is_refused() {
-        let mut c = Config { bind: "0.0.0.0:8080".parse().unwrap(), ..Config::default() };
+        let mut c = Config {
+            bind: "0.0.0.0:8080".parse().unwrap(),
+            ..Config::default()
+        };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("allow_unauthenticated"), "{err}");
         c.api_keys = vec!["sk-0123456789".into()];

@@ -30,7 +30,10 @@ impl ApiError {
     pub fn invalid(message: impl Into<String>) -> ApiError {
         let message = message.into();
         let param = param_of(&message);
-        ApiError { param, ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message) }
+        ApiError {
+            param,
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
     }
 
     pub fn not_found(id: &str) -> ApiError {
@@ -65,14 +68,21 @@ impl ApiError {
 fn param_of(message: &str) -> Option<String> {
     let (head, _) = message.split_once(':')?;
     let ok = !head.is_empty()
-        && head.chars().all(|c| c.is_ascii_alphanumeric() || "_./[]".contains(c));
+        && head
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./[]".contains(c));
     ok.then(|| head.to_string())
 }
 
 impl From<anyhow::Error> for ApiError {
     fn from(err: anyhow::Error) -> ApiError {
         if vidgen_engine::error::is_invalid_input(&err) {
-            ApiError::invalid(err.chain().map(|e| e.to_string()).collect::<Vec<_>>().join(": "))
+            ApiError::invalid(
+                err.chain()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join(": "),
+            )
         } else {
             ApiError::internal(&err)
         }
@@ -105,7 +115,10 @@ mod tests {
 
     #[test]
     fn param_is_the_field_before_the_colon() {
-        assert_eq!(ApiError::invalid("size: 3x3 is bad").param.as_deref(), Some("size"));
+        assert_eq!(
+            ApiError::invalid("size: 3x3 is bad").param.as_deref(),
+            Some("size")
+        );
         assert_eq!(ApiError::invalid("no field here").param, None);
         assert_eq!(ApiError::invalid("a b: c").param, None);
     }

@@ -62,7 +62,10 @@ pub async fn read_form(
             if status == StatusCode::PAYLOAD_TOO_LARGE {
                 too_large(state)
             } else {
-                ApiError::invalid(format!("could not read the request body: {}", e.body_text()))
+                ApiError::invalid(format!(
+                    "could not read the request body: {}",
+                    e.body_text()
+                ))
             }
         })?;
         let value: Value = serde_json::from_slice(&bytes)
@@ -113,7 +116,11 @@ async fn read_multipart(
         .await
         .map_err(|e| ApiError::invalid(format!("malformed multipart body: {}", e.body_text())))?;
     let mut form = Form::default();
-    while let Some(mut field) = multipart.next_field().await.map_err(|e| multipart_error(state, e))? {
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(state, e))?
+    {
         let name = field.name().unwrap_or("").to_string();
         if name.is_empty() {
             return Err(ApiError::invalid("multipart: a part has no field name"));
@@ -127,7 +134,9 @@ async fn read_multipart(
         let is_file = field.file_name().is_some();
         if is_file && sub.is_none() && matches!(kind, Some(Kind::Image(_))) {
             if form.file.is_some() {
-                return Err(ApiError::invalid(format!("{base}: only one file may be uploaded")));
+                return Err(ApiError::invalid(format!(
+                    "{base}: only one file may be uploaded"
+                )));
             }
             let max = state.config.limits.max_upload_bytes;
             let mut bytes = Vec::new();
@@ -137,7 +146,9 @@ async fn read_multipart(
                     return Err(ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "invalid_request_error",
-                        format!("{base}: the file is larger than limits.max_upload_bytes = {max} bytes"),
+                        format!(
+                            "{base}: the file is larger than limits.max_upload_bytes = {max} bytes"
+                        ),
                     )
                     .with_param(&base));
                 }
@@ -172,10 +183,16 @@ async fn read_multipart(
             .entry(slot.0.clone())
             .or_insert_with(|| Value::Object(Map::new()));
         let Value::Object(obj) = entry else {
-            return Err(ApiError::invalid(format!("{}: given more than once", slot.0)));
+            return Err(ApiError::invalid(format!(
+                "{}: given more than once",
+                slot.0
+            )));
         };
         if obj.insert(slot.1.clone(), Value::String(text)).is_some() {
-            return Err(ApiError::invalid(format!("{}[{}]: given more than once", slot.0, slot.1)));
+            return Err(ApiError::invalid(format!(
+                "{}[{}]: given more than once",
+                slot.0, slot.1
+            )));
         }
     }
     Ok(form)
@@ -190,7 +207,10 @@ impl ApiError {
 
 /// Checks every field against `spec`, converting strings (multipart, or OpenAI's `"seconds": "4"`)
 /// to the field's type. `null` means absent.
-pub fn normalise(fields: Map<String, Value>, spec: &[(&str, Kind)]) -> Result<Map<String, Value>, ApiError> {
+pub fn normalise(
+    fields: Map<String, Value>,
+    spec: &[(&str, Kind)],
+) -> Result<Map<String, Value>, ApiError> {
     let mut out = Map::new();
     for (key, value) in fields {
         let Some(&(_, kind)) = spec.iter().find(|(k, _)| *k == key) else {
@@ -221,10 +241,17 @@ fn coerce(key: &str, kind: Kind, value: Value) -> Result<Value, ApiError> {
     match kind {
         Kind::Str => match value {
             Value::String(s) => Ok(Value::String(s)),
-            other => Err(ApiError::invalid(format!("{key}: expected a string, got {}", shown(&other)))),
+            other => Err(ApiError::invalid(format!(
+                "{key}: expected a string, got {}",
+                shown(&other)
+            ))),
         },
         Kind::U32 | Kind::U53 => {
-            let max: u64 = if kind == Kind::U32 { u64::from(u32::MAX) } else { (1 << 53) - 1 };
+            let max: u64 = if kind == Kind::U32 {
+                u64::from(u32::MAX)
+            } else {
+                (1 << 53) - 1
+            };
             let n = match &value {
                 Value::Number(n) => n.as_u64(),
                 Value::String(s) => s.trim().parse::<u64>().ok(),
@@ -232,7 +259,9 @@ fn coerce(key: &str, kind: Kind, value: Value) -> Result<Value, ApiError> {
             };
             match n {
                 Some(n) if n <= max => Ok(Value::from(n)),
-                Some(n) => Err(ApiError::invalid(format!("{key}: {n} is out of range 0..={max}"))),
+                Some(n) => Err(ApiError::invalid(format!(
+                    "{key}: {n} is out of range 0..={max}"
+                ))),
                 None => Err(ApiError::invalid(format!(
                     "{key}: expected a non-negative integer, got {}",
                     shown(&value)
@@ -247,14 +276,20 @@ fn coerce(key: &str, kind: Kind, value: Value) -> Result<Value, ApiError> {
             };
             match f {
                 Some(f) if f.is_finite() => Ok(Value::from(f)),
-                _ => Err(ApiError::invalid(format!("{key}: expected a number, got {}", shown(&value)))),
+                _ => Err(ApiError::invalid(format!(
+                    "{key}: expected a number, got {}",
+                    shown(&value)
+                ))),
             }
         }
         Kind::Bool => match &value {
             Value::Bool(b) => Ok(Value::Bool(*b)),
             Value::String(s) if s == "true" || s == "1" => Ok(Value::Bool(true)),
             Value::String(s) if s == "false" || s == "0" => Ok(Value::Bool(false)),
-            _ => Err(ApiError::invalid(format!("{key}: expected true or false, got {}", shown(&value)))),
+            _ => Err(ApiError::invalid(format!(
+                "{key}: expected true or false, got {}",
+                shown(&value)
+            ))),
         },
         Kind::Object(keys) | Kind::Image(keys) => match value {
             Value::String(s) => Ok(serde_json::json!({ keys[0]: s })),
@@ -273,7 +308,10 @@ fn coerce(key: &str, kind: Kind, value: Value) -> Result<Value, ApiError> {
                 }
                 Ok(Value::Object(obj))
             }
-            other => Err(ApiError::invalid(format!("{key}: expected an object, got {}", shown(&other)))),
+            other => Err(ApiError::invalid(format!(
+                "{key}: expected an object, got {}",
+                shown(&other)
+            ))),
         },
     }
 }
@@ -310,7 +348,10 @@ mod tests {
             (json!({"seconds": "abc"}), "seconds"),
             (json!({"prompt": 3}), "prompt"),
             (json!({"nope": 1}), "nope"),
-            (json!({"input_reference": {"url": "x"}}), "input_reference.url"),
+            (
+                json!({"input_reference": {"url": "x"}}),
+                "input_reference.url",
+            ),
         ] {
             let err = norm(body.clone()).unwrap_err();
             assert!(err.message.starts_with(field), "{body}: {}", err.message);

@@ -121,7 +121,6 @@ struct WorkerProc {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: Lines<BufReader<ChildStdout>>,
-    log: PathBuf,
 }
 
 impl WorkerProc {
@@ -144,14 +143,23 @@ impl WorkerProc {
         if let Some(gpu) = gpu {
             cmd.env("CUDA_VISIBLE_DEVICES", gpu);
         }
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        cmd.stdout(Stdio::piped()).stderr(Stdio::from(stderr)).kill_on_drop(true);
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|e| {
             anyhow::anyhow!("starting worker {}: {e}", state.env.worker_exe.display())
         })?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let stdin = child.stdin.take();
-        Ok(WorkerProc { child, stdin, lines: BufReader::new(stdout).lines(), log })
+        Ok(WorkerProc {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+        })
     }
 }
 
@@ -169,13 +177,19 @@ async fn run_job(
         Ok(p) => p,
         Err(e) => return Outcome::Failed(codes::GENERATION_FAILED.into(), format!("{e:#}")),
     };
-    let job_dir = job_file.parent().expect("job file is in the job folder").to_path_buf();
+    let job_dir = job_file
+        .parent()
+        .expect("job file is in the job folder")
+        .to_path_buf();
     let log = stderr_log(state, &job_dir, slot);
 
     // One-shot workers are fresh per job; the warm one is reused while it lives.
     let mut one_shot;
     let proc: &mut WorkerProc = if state.config.queue.warm_worker {
-        if warm.as_mut().is_some_and(|w| w.child.try_wait().ok().flatten().is_some()) {
+        if warm
+            .as_mut()
+            .is_some_and(|w| w.child.try_wait().ok().flatten().is_some())
+        {
             *warm = None;
         }
         if warm.is_none() {
@@ -190,7 +204,10 @@ async fn run_job(
         let mut line = serde_json::to_string(&worker_job).expect("job serialises");
         line.push('\n');
         let sent = match w.stdin.as_mut() {
-            Some(stdin) => stdin.write_all(line.as_bytes()).await.and(stdin.flush().await),
+            Some(stdin) => stdin
+                .write_all(line.as_bytes())
+                .await
+                .and(stdin.flush().await),
             None => Err(std::io::Error::other("no stdin")),
         };
         if let Err(e) = sent {
@@ -273,7 +290,10 @@ async fn run_job(
     } else {
         if end.is_some() {
             // Give it a moment to exit on its own, then make sure it is gone.
-            if tokio::time::timeout(Duration::from_secs(10), proc.child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), proc.child.wait())
+                .await
+                .is_err()
+            {
                 let _ = proc.child.start_kill();
             }
         }
@@ -326,7 +346,11 @@ fn prepare(state: &AppState, job: &JobRow) -> anyhow::Result<(WorkerJob, PathBuf
             if row.expired {
                 anyhow::bail!("the source video {src} has expired");
             }
-            Some(state.job_dir(src)?.join(format!("video.{}", row.settings.output_format.extension())))
+            Some(
+                state
+                    .job_dir(src)?
+                    .join(format!("video.{}", row.settings.output_format.extension())),
+            )
         }
         None => None,
     };
@@ -365,8 +389,16 @@ fn crash_message(status: Option<ExitStatus>, log: &Path) -> String {
     };
     let tail = std::fs::read(log)
         .map(|bytes| {
-            let text = String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(4096)..]).into_owned();
-            text.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ")
+            let text =
+                String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(4096)..]).into_owned();
+            text.lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" | ")
         })
         .unwrap_or_default();
     if tail.trim().is_empty() {
@@ -406,7 +438,13 @@ fn stage_span(stage: Stage) -> (f64, f64) {
 
 impl ProgressTracker {
     fn new() -> Self {
-        ProgressTracker { progress: 0, stored: 0, stage: None, last_elapsed: 0.0, job_id: None }
+        ProgressTracker {
+            progress: 0,
+            stored: 0,
+            stage: None,
+            last_elapsed: 0.0,
+            job_id: None,
+        }
     }
 
     fn on_event(&mut self, state: &AppState, id: &str, event: ProgressEvent) {
@@ -415,20 +453,36 @@ impl ProgressTracker {
         let (name, new_progress) = match &event {
             ProgressEvent::Stage { stage, elapsed_s } => {
                 if let Some((prev, started)) = self.stage.take() {
-                    state.metrics.stage_done(&stage_name(prev), (elapsed_s - started).max(0.0));
+                    state
+                        .metrics
+                        .stage_done(&stage_name(prev), (elapsed_s - started).max(0.0));
                 }
                 self.stage = Some((*stage, *elapsed_s));
                 self.last_elapsed = *elapsed_s;
-                live = LiveProgress { stage: Some(stage_name(*stage)), step: None, eta_s: None };
+                live = LiveProgress {
+                    stage: Some(stage_name(*stage)),
+                    step: None,
+                    eta_s: None,
+                };
                 ("stage", Some(stage_span(*stage).0))
             }
-            ProgressEvent::Step { stage, step, total, elapsed_s, eta_s } => {
+            ProgressEvent::Step {
+                stage,
+                step,
+                total,
+                elapsed_s,
+                eta_s,
+            } => {
                 self.last_elapsed = *elapsed_s;
                 live.stage = Some(stage_name(*stage));
                 live.step = Some((*step, *total));
                 live.eta_s = *eta_s;
                 let (a, b) = stage_span(*stage);
-                let frac = if *total > 0 { f64::from(*step) / f64::from(*total) } else { 0.0 };
+                let frac = if *total > 0 {
+                    f64::from(*step) / f64::from(*total)
+                } else {
+                    0.0
+                };
                 ("step", Some(a + (b - a) * frac.clamp(0.0, 1.0)))
             }
             ProgressEvent::Preview { .. } => ("preview", None),
@@ -444,7 +498,10 @@ impl ProgressTracker {
         state.set_live_progress(id, Some(live.clone()));
         if self.progress != self.stored {
             self.stored = self.progress;
-            if let Err(e) = state.store.set_progress(id, self.progress, live.stage.as_deref()) {
+            if let Err(e) = state
+                .store
+                .set_progress(id, self.progress, live.stage.as_deref())
+            {
                 tracing::warn!(job_id = %id, error = %e, "storing progress failed");
             }
         }
@@ -458,7 +515,9 @@ impl ProgressTracker {
     /// Records the last stage's duration.
     fn finish(&mut self, state: &AppState) {
         if let Some((stage, started)) = self.stage.take() {
-            state.metrics.stage_done(&stage_name(stage), (self.last_elapsed - started).max(0.0));
+            state
+                .metrics
+                .stage_done(&stage_name(stage), (self.last_elapsed - started).max(0.0));
         }
     }
 }

@@ -56,7 +56,9 @@ pub async fn serve(
         "vidgen serve started"
     );
     println!("listening on http://{addr}");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     tracing::info!("vidgen serve stopped");
     Ok(())
 }
@@ -64,7 +66,9 @@ pub async fn serve(
 /// [`serve`] on its own Tokio runtime until Ctrl-C or SIGTERM. Running workers are killed on the
 /// way out; their jobs are found `interrupted` at the next start.
 pub fn serve_blocking(config: Config, env: ServerEnv) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(serve(config, env, shutdown_signal()))
 }
 

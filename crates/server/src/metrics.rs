@@ -17,21 +17,44 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let counts = state.store.count_by_status().unwrap_or_default();
     let count = |s: &str| counts.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
 
-    gauge(&mut out, "vidgen_queue_depth", "Jobs waiting in the queue.", count("queued") as f64);
-    gauge(&mut out, "vidgen_jobs_running", "Jobs running now.", state.running_count() as f64);
+    gauge(
+        &mut out,
+        "vidgen_queue_depth",
+        "Jobs waiting in the queue.",
+        count("queued") as f64,
+    );
+    gauge(
+        &mut out,
+        "vidgen_jobs_running",
+        "Jobs running now.",
+        state.running_count() as f64,
+    );
     gauge(
         &mut out,
         "vidgen_queue_capacity",
         "Most jobs that may wait (queue.max_queued).",
         state.config.queue.max_queued as f64,
     );
-    let _ = writeln!(out, "# HELP vidgen_jobs Jobs stored, by status.\n# TYPE vidgen_jobs gauge");
+    let _ = writeln!(
+        out,
+        "# HELP vidgen_jobs Jobs stored, by status.\n# TYPE vidgen_jobs gauge"
+    );
     for status in ["queued", "in_progress", "completed", "failed"] {
         let _ = writeln!(out, "vidgen_jobs{{status=\"{status}\"}} {}", count(status));
     }
     let m = &state.metrics;
-    counter(&mut out, "vidgen_jobs_submitted_total", "Jobs accepted since start.", m.submitted.load(Ordering::Relaxed));
-    counter(&mut out, "vidgen_jobs_completed_total", "Jobs completed since start.", m.completed.load(Ordering::Relaxed));
+    counter(
+        &mut out,
+        "vidgen_jobs_submitted_total",
+        "Jobs accepted since start.",
+        m.submitted.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "vidgen_jobs_completed_total",
+        "Jobs completed since start.",
+        m.completed.load(Ordering::Relaxed),
+    );
     counter(
         &mut out,
         "vidgen_queue_rejected_total",
@@ -59,8 +82,14 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
          # TYPE vidgen_stage_duration_seconds summary"
     );
     for (stage, (sum, n)) in m.stages() {
-        let _ = writeln!(out, "vidgen_stage_duration_seconds_sum{{stage=\"{stage}\"}} {sum}");
-        let _ = writeln!(out, "vidgen_stage_duration_seconds_count{{stage=\"{stage}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "vidgen_stage_duration_seconds_sum{{stage=\"{stage}\"}} {sum}"
+        );
+        let _ = writeln!(
+            out,
+            "vidgen_stage_duration_seconds_count{{stage=\"{stage}\"}} {n}"
+        );
     }
     match gpu_memory().await {
         Some(gpus) => {
@@ -78,12 +107,22 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                  # TYPE vidgen_gpu_memory_total_bytes gauge"
             );
             for (idx, _, total) in &gpus {
-                let _ = writeln!(out, "vidgen_gpu_memory_total_bytes{{gpu=\"{idx}\"}} {total}");
+                let _ = writeln!(
+                    out,
+                    "vidgen_gpu_memory_total_bytes{{gpu=\"{idx}\"}} {total}"
+                );
             }
         }
         None => out.push_str("# vidgen_gpu_memory_*: no NVIDIA GPU visible (nvidia-smi)\n"),
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, v: f64) {
@@ -91,16 +130,25 @@ fn gauge(out: &mut String, name: &str, help: &str, v: f64) {
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
 }
 
 /// (index, used bytes, total bytes) per GPU, or None without `nvidia-smi`.
 async fn gpu_memory() -> Option<Vec<(String, u64, u64)>> {
     let run = tokio::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=index,memory.used,memory.total", "--format=csv,noheader,nounits"])
+        .args([
+            "--query-gpu=index,memory.used,memory.total",
+            "--format=csv,noheader,nounits",
+        ])
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(3), run).await.ok()?.ok()?;
+    let out = tokio::time::timeout(Duration::from_secs(3), run)
+        .await
+        .ok()?
+        .ok()?;
     if !out.status.success() {
         return None;
     }

@@ -143,7 +143,10 @@ mod tests {
                 elapsed_s: 1.5,
                 eta_s: Some(4.5),
             }),
-            WorkerLine::End(WorkerEnd::Failed { code: "cancelled".into(), message: "x".into() }),
+            WorkerLine::End(WorkerEnd::Failed {
+                code: "cancelled".into(),
+                message: "x".into(),
+            }),
             WorkerLine::End(WorkerEnd::Done(JobOutput {
                 width: 256,
                 height: 256,

@@ -86,7 +86,12 @@ impl AppState {
     }
 
     pub fn model_names(&self) -> String {
-        self.env.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+        self.env
+            .models
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The folder of a job (ids are server-made, and checked again here).
@@ -104,7 +109,10 @@ impl AppState {
 
     pub fn subscribe(&self, id: &str) -> broadcast::Receiver<LiveMsg> {
         let mut channels = lock(&self.channels);
-        channels.entry(id.to_string()).or_insert_with(|| broadcast::channel(128).0).subscribe()
+        channels
+            .entry(id.to_string())
+            .or_insert_with(|| broadcast::channel(128).0)
+            .subscribe()
     }
 
     pub fn publish(&self, id: &str, event: &'static str, data: String) {
@@ -165,7 +173,9 @@ impl AppState {
 pub fn is_job_id(id: &str) -> bool {
     id.len() == 38
         && id.starts_with("video_")
-        && id[6..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && id[6..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 pub fn new_job_id() -> String {
@@ -240,7 +250,12 @@ mod tests {
     fn job_ids() {
         let id = new_job_id();
         assert!(is_job_id(&id), "{id}");
-        for bad in ["video_", "video_../../etc/passwd", "video_ABCDEF", "file_0123"] {
+        for bad in [
+            "video_",
+            "video_../../etc/passwd",
+            "video_ABCDEF",
+            "file_0123",
+        ] {
             assert!(!is_job_id(bad), "{bad}");
         }
     }

@@ -116,7 +116,10 @@ fn row_to_job(row: &Row<'_>) -> rusqlite::Result<JobRow> {
         completed_at: row.get(6)?,
         expires_at: row.get(7)?,
         settings: serde_json::from_str(&settings).map_err(json_err)?,
-        output: output.map(|o| serde_json::from_str(&o)).transpose().map_err(json_err)?,
+        output: output
+            .map(|o| serde_json::from_str(&o))
+            .transpose()
+            .map_err(json_err)?,
         error: code.map(|c| (c, message.unwrap_or_default())),
         remixed_from: row.get(12)?,
         attempts: row.get(13)?,
@@ -140,7 +143,9 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -159,8 +164,11 @@ impl Store {
     ) -> anyhow::Result<bool> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let queued: i64 =
-            tx.query_row("SELECT COUNT(*) FROM jobs WHERE status = 'queued'", [], |r| r.get(0))?;
+        let queued: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'queued'",
+            [],
+            |r| r.get(0),
+        )?;
         if queued as usize >= max_queued {
             return Ok(false);
         }
@@ -200,7 +208,11 @@ impl Store {
             }
             None => None,
         };
-        let (cmp, order) = if ascending { (">", "ASC") } else { ("<", "DESC") };
+        let (cmp, order) = if ascending {
+            (">", "ASC")
+        } else {
+            ("<", "DESC")
+        };
         let bound = after_seq.unwrap_or(if ascending { i64::MIN } else { i64::MAX });
         let sql =
             format!("SELECT {COLUMNS} FROM jobs WHERE seq {cmp} ?1 ORDER BY seq {order} LIMIT ?2");
@@ -224,8 +236,11 @@ impl Store {
 
     pub fn count_queued(&self) -> anyhow::Result<usize> {
         let conn = self.conn();
-        let n: i64 =
-            conn.query_row("SELECT COUNT(*) FROM jobs WHERE status = 'queued'", [], |r| r.get(0))?;
+        let n: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'queued'",
+            [],
+            |r| r.get(0),
+        )?;
         Ok(n as usize)
     }
 
@@ -304,7 +319,10 @@ impl Store {
     }
 
     pub fn delete(&self, id: &str) -> anyhow::Result<bool> {
-        Ok(self.conn().execute("DELETE FROM jobs WHERE id = ?1", [id])? == 1)
+        Ok(self
+            .conn()
+            .execute("DELETE FROM jobs WHERE id = ?1", [id])?
+            == 1)
     }
 
     /// After a restart: jobs left `in_progress` were interrupted. Requeues those that have not
@@ -343,12 +361,15 @@ impl Store {
             "SELECT id FROM jobs WHERE status IN ('completed', 'failed') AND expired = 0 \
              AND expires_at IS NOT NULL AND expires_at <= ?1",
         )?;
-        let ids = stmt.query_map([now], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let ids = stmt
+            .query_map([now], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(ids)
     }
 
     pub fn mark_expired(&self, id: &str) -> anyhow::Result<()> {
-        self.conn().execute("UPDATE jobs SET expired = 1 WHERE id = ?1", [id])?;
+        self.conn()
+            .execute("UPDATE jobs SET expired = 1 WHERE id = ?1", [id])?;
         Ok(())
     }
 }
@@ -362,7 +383,10 @@ mod tests {
     fn settings() -> JobSettings {
         JobSettings {
             model: "demo".into(),
-            request: GenerateRequest { prompt: "p".into(), ..Default::default() },
+            request: GenerateRequest {
+                prompt: "p".into(),
+                ..Default::default()
+            },
             output_format: OutputFormat::Mp4,
             extend_from: None,
             notes: vec![],
@@ -374,13 +398,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
         for i in 0..3 {
-            assert!(store.insert_queued(&format!("video_{i}"), &settings(), None, 3).unwrap());
+            assert!(store
+                .insert_queued(&format!("video_{i}"), &settings(), None, 3)
+                .unwrap());
         }
-        assert!(!store.insert_queued("video_x", &settings(), None, 3).unwrap(), "bound");
+        assert!(
+            !store
+                .insert_queued("video_x", &settings(), None, 3)
+                .unwrap(),
+            "bound"
+        );
         assert_eq!(store.queue_position("video_2").unwrap(), Some(2));
 
         let (page, more) = store.list(None, 2, false).unwrap().unwrap();
-        assert_eq!(page.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["video_2", "video_1"]);
+        assert_eq!(
+            page.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["video_2", "video_1"]
+        );
         assert!(more);
         let (page, more) = store.list(Some("video_1"), 2, false).unwrap().unwrap();
         assert_eq!(page.len(), 1);
@@ -392,12 +426,18 @@ mod tests {
         assert_eq!(claimed.id, "video_0");
         assert_eq!(claimed.status, Status::InProgress);
         assert!(store.cancel_if_queued("video_1", 0).unwrap());
-        assert!(!store.cancel_if_queued("video_0", 0).unwrap(), "running jobs are not queued");
+        assert!(
+            !store.cancel_if_queued("video_0", 0).unwrap(),
+            "running jobs are not queued"
+        );
 
         drop(store);
         let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
         assert_eq!(store.recover_interrupted(true, 0).unwrap(), (1, 0));
-        assert_eq!(store.get("video_0").unwrap().unwrap().status, Status::Queued);
+        assert_eq!(
+            store.get("video_0").unwrap().unwrap().status,
+            Status::Queued
+        );
         store.claim_next().unwrap().unwrap();
         // The second interruption of the same job fails it.
         assert_eq!(store.recover_interrupted(true, 0).unwrap(), (0, 1));

@@ -41,7 +41,9 @@ pub fn decode_data_url(url: &str, field: &str, max_bytes: usize) -> anyhow::Resu
         return Err(invalid!("{field}: malformed data URL (no comma)"));
     };
     if !meta.ends_with(";base64") {
-        return Err(invalid!("{field}: data URL must be base64-encoded (data:<type>;base64,...)"));
+        return Err(invalid!(
+            "{field}: data URL must be base64-encoded (data:<type>;base64,...)"
+        ));
     }
     // Base64 is 4/3 of the bytes: refuse before decoding anything too large.
     if payload.len() / 4 * 3 > max_bytes + 3 {
@@ -95,7 +97,10 @@ mod tests {
     }
 
     fn limits(max_pixels: u64) -> ImageLimits {
-        ImageLimits { max_bytes: 1 << 20, max_pixels }
+        ImageLimits {
+            max_bytes: 1 << 20,
+            max_pixels,
+        }
     }
 
     #[test]
@@ -114,7 +119,10 @@ mod tests {
         let err = sanitize_image(b"GIF89a....", "input_reference", &limits(1000), &dest)
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("input_reference: ") && err.contains("JPEG, PNG, WebP"), "{err}");
+        assert!(
+            err.starts_with("input_reference: ") && err.contains("JPEG, PNG, WebP"),
+            "{err}"
+        );
         let err = sanitize_image(&png(100, 100), "input_reference", &limits(1000), &dest)
             .unwrap_err()
             .to_string();
@@ -130,7 +138,10 @@ mod tests {
         );
         assert_eq!(decode_data_url(&url, "f", 1 << 20).unwrap(), png(2, 2));
         assert!(decode_data_url("https://example.com/a.png", "f", 10).is_err());
-        assert!(decode_data_url(&url, "f", 10).unwrap_err().to_string().contains("larger"));
+        assert!(decode_data_url(&url, "f", 10)
+            .unwrap_err()
+            .to_string()
+            .contains("larger"));
     }
 
     #[test]

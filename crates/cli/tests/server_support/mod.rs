@@ -58,11 +58,17 @@ impl Server {
             Ok(addr) => addr,
             Err(_) => {
                 let _ = child.kill();
-                let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
                 panic!("vidgen serve did not start within 60 s; log:\n{log}");
             }
         };
-        Server { addr, child, dir, config: extra.to_string() }
+        Server {
+            addr,
+            child,
+            dir,
+            config: extra.to_string(),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -83,7 +89,13 @@ impl Server {
         Server::start_in(dir, &extra)
     }
 
-    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
         request(self.addr, method, path, headers, body)
     }
 
@@ -123,7 +135,9 @@ impl Server {
     }
 
     pub fn wait_finished(&self, id: &str, timeout: Duration) -> Value {
-        self.wait_for(id, timeout, |v| v["status"] == "completed" || v["status"] == "failed")
+        self.wait_for(id, timeout, |v| {
+            v["status"] == "completed" || v["status"] == "failed"
+        })
     }
 
     /// Process ids of this server's worker children.
@@ -131,11 +145,21 @@ impl Server {
         let me = self.child.id();
         let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
             // Fields after the command name (which may hold spaces): state, ppid, ...
-            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
-            let ppid: u32 = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            let ppid: u32 = rest
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
             if ppid == me {
                 pids.push(pid);
             }
@@ -176,9 +200,17 @@ impl Response {
 
     /// Asserts an OpenAI-shaped error with this status; returns its message.
     pub fn expect_error(&self, status: u16) -> String {
-        assert_eq!(self.status, status, "expected {status}, got {}: {}", self.status, self.text());
+        assert_eq!(
+            self.status,
+            status,
+            "expected {status}, got {}: {}",
+            self.status,
+            self.text()
+        );
         let v = self.json();
-        let msg = v["error"]["message"].as_str().unwrap_or_else(|| panic!("no error.message: {v}"));
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error.message: {v}"));
         assert!(v["error"]["type"].is_string(), "no error.type: {v}");
         msg.to_string()
     }
@@ -193,7 +225,10 @@ pub fn request(
     body: &[u8],
 ) -> Response {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+    {
         head.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     for (k, v) in headers {
@@ -224,7 +259,14 @@ pub fn parse_response(raw: &[u8]) -> Response {
         .unwrap_or_else(|| panic!("no HTTP response: {:?}", String::from_utf8_lossy(raw)));
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -236,14 +278,19 @@ pub fn parse_response(raw: &[u8]) -> Response {
     if chunked {
         body = dechunk(&body);
     }
-    Response { status, headers, body }
+    Response {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
         let size_text = String::from_utf8_lossy(&data[..eol]);
-        let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16) else {
+        let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
+        else {
             break;
         };
         data = &data[eol + 2..];
@@ -296,7 +343,7 @@ pub fn multipart(parts: &[Part<'_>]) -> (String, Vec<u8>) {
 pub fn png(width: u32, height: u32) -> Vec<u8> {
     let mut raw = Vec::new();
     for _ in 0..height {
-        raw.push(0u8);
+        raw.extend([0u8]); // PNG filter type of the row: none
         for x in 0..width {
             raw.extend_from_slice(&[(x * 7) as u8, 120, 200]);
         }
@@ -343,7 +390,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -375,12 +426,19 @@ pub fn ffprobe(path: &Path) -> (u32, f64) {
         .arg(path)
         .output()
         .expect("running ffprobe (install ffmpeg)");
-    assert!(out.status.success(), "ffprobe failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ffprobe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let s = &v["streams"][0];
     let frames: u32 = s["nb_read_frames"].as_str().unwrap().parse().unwrap();
     let (n, d) = s["r_frame_rate"].as_str().unwrap().split_once('/').unwrap();
-    (frames, n.parse::<f64>().unwrap() / d.parse::<f64>().unwrap())
+    (
+        frames,
+        n.parse::<f64>().unwrap() / d.parse::<f64>().unwrap(),
+    )
 }
 
 /// Every file under `root` (relative paths).
