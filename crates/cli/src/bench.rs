@@ -1,8 +1,542 @@
-//! `vidgen bench`.
+//! `vidgen bench`: full-size random-weight measurements, one JSON line each, at the shapes of
+//! `shared/anchors/diffusers_wan_bench.py` so both can run in one device call and be compared as
+//! ratios. Timings synchronise the device around each repetition and report the median; memory is
+//! the device pool's high-water mark (exact, see `vidgen_engine::device::gpu_memory`).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+use vidgen_engine::device::{gpu_memory, parse_device, parse_dtype};
+use vidgen_engine::dit::{self, DitConfig, WanTransformer};
+use vidgen_engine::invalid;
+use vidgen_engine::vae::{TileConfig, VaeConfig, WanVae};
+use vidgen_engine::weights::{MemorySource, WeightMap};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// What to measure, comma-separated: attention, dit, vae, check (bf16 vs f32 full-size forward),
+    /// stream (block streaming under `--budgets` vs resident).
+    #[arg(long, default_value = "attention,dit,vae")]
+    what: String,
+    /// VAE decode modes, comma-separated: plain, tiled.
+    #[arg(long, default_value = "plain,tiled")]
+    vae_modes: String,
+    /// DiT models, comma-separated: wan2.1-1.3b, wan2.2-ti2v-5b, wan-a14b-expert.
+    #[arg(long, default_value = "wan2.1-1.3b,wan2.2-ti2v-5b,wan-a14b-expert")]
+    models: String,
+    /// VAEs, comma-separated: wan2.1-vae, wan2.2-vae.
+    #[arg(long, default_value = "wan2.1-vae,wan2.2-vae")]
+    vaes: String,
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Compute dtype of the DiT, attention and VAE: bf16 (the anchors' dtype) or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Timed repetitions (the median is reported) after `--warmup` untimed ones.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Override every model's native size (WxH) and frame count: small smoke runs on the CPU.
+    #[arg(long)]
+    size: Option<String>,
+    #[arg(long)]
+    frames: Option<u32>,
+    /// GPU memory budgets (GiB) for `--what stream`, comma-separated.
+    #[arg(long, default_value = "24,12,8,4")]
+    budgets: String,
+    /// Blocks uploaded ahead of the computing one when streaming.
+    #[arg(long, default_value_t = 1)]
+    prefetch: usize,
+    /// Attention benchmark shape: sequence length and heads (head_dim is 128).
+    #[arg(long, default_value_t = 32760)]
+    attention_seq: usize,
+    #[arg(long, default_value_t = 40)]
+    attention_heads: usize,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("vidgen bench: not implemented yet")
+/// A DiT benchmark model: its config and native output size.
+struct DitCase {
+    name: &'static str,
+    config: DitConfig,
+    size: (usize, usize),
+    frames: usize,
+    vae_stride: usize,
+}
+
+fn dit_cases() -> Vec<DitCase> {
+    vec![
+        DitCase {
+            name: "wan2.1-1.3b",
+            config: DitConfig::wan21_1_3b(),
+            size: (832, 480),
+            frames: 81,
+            vae_stride: 8,
+        },
+        DitCase {
+            name: "wan2.2-ti2v-5b",
+            config: DitConfig::wan22_ti2v_5b(),
+            size: (1280, 704),
+            frames: 121,
+            vae_stride: 16,
+        },
+        DitCase {
+            name: "wan-a14b-expert",
+            config: DitConfig::wan_14b(16),
+            size: (832, 480),
+            frames: 81,
+            vae_stride: 8,
+        },
+    ]
+}
+
+struct VaeCase {
+    name: &'static str,
+    config: VaeConfig,
+    size: (usize, usize),
+    frames: usize,
+}
+
+fn vae_cases() -> Vec<VaeCase> {
+    vec![
+        VaeCase {
+            name: "wan2.1-vae",
+            config: VaeConfig::wan21(),
+            size: (832, 480),
+            frames: 81,
+        },
+        VaeCase {
+            name: "wan2.2-vae",
+            config: VaeConfig::wan22(),
+            size: (1280, 704),
+            frames: 121,
+        },
+    ]
+}
+
+fn pick<'a, T>(
+    list: &'a [T],
+    wanted: &str,
+    name: impl Fn(&T) -> &str,
+    field: &str,
+) -> Result<Vec<&'a T>> {
+    wanted
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|w| {
+            list.iter().find(|c| name(c) == w).ok_or_else(|| {
+                let valid: Vec<&str> = list.iter().map(&name).collect();
+                invalid!("--{field}: `{w}` is not one of {}", valid.join(", "))
+            })
+        })
+        .collect()
+}
+
+struct Bench {
+    device: Device,
+    dtype: DType,
+    reps: usize,
+    warmup: usize,
+    size: Option<(usize, usize)>,
+    frames: Option<usize>,
+}
+
+fn emit(line: Value) {
+    println!("{line}");
+}
+
+/// With `VIDGEN_PROFILE=1`: the per-scope table of the measurement just made (warm-up included).
+fn emit_profile(what: &str, model: &str) {
+    let table = vidgen_engine::profile::take();
+    if table.is_empty() {
+        return;
+    }
+    let scopes: serde_json::Map<String, Value> = table
+        .into_iter()
+        .map(|(name, s, n)| (name.to_string(), json!({"seconds": s, "calls": n})))
+        .collect();
+    emit(json!({"what": "profile", "of": what, "model": model, "scopes": scopes}));
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+impl Bench {
+    /// Median seconds of `reps` synchronised runs after `warmup` ones, and the device pool's peak
+    /// over all of them (None on the CPU).
+    fn time(&self, mut f: impl FnMut() -> Result<()>) -> Result<(f64, Option<f64>)> {
+        for _ in 0..self.warmup {
+            f()?;
+        }
+        self.device.synchronize()?;
+        gpu_memory::reset_peak(&self.device)?;
+        let mut times = Vec::with_capacity(self.reps);
+        for _ in 0..self.reps.max(1) {
+            let t0 = Instant::now();
+            f()?;
+            self.device.synchronize()?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let peak = gpu_memory::usage(&self.device)?.map(|u| gib(u.peak));
+        Ok((times[times.len() / 2], peak))
+    }
+
+    fn shape(&self, native: (usize, usize), frames: usize) -> ((usize, usize), usize) {
+        (self.size.unwrap_or(native), self.frames.unwrap_or(frames))
+    }
+
+    fn attention(&self, seq: usize, heads: usize) -> Result<()> {
+        let d = 128;
+        // [B, L, H, d], the layout the transformer produces.
+        let q = rand(&[1, seq, heads, d], self.dtype, &self.device)?;
+        let k = rand(&[1, seq, heads, d], self.dtype, &self.device)?;
+        let v = rand(&[1, seq, heads, d], self.dtype, &self.device)?;
+        let flops = 4.0 * (heads * seq * seq * d) as f64;
+        let backend = dit::model::attention_backend(&q, &k);
+        let (seconds, peak) = self.time(|| {
+            dit::model::attention_blhd(&q, &k, &v)?;
+            Ok(())
+        })?;
+        emit(json!({
+            "what": "attention", "backend": backend, "seq": seq, "heads": heads, "head_dim": d,
+            "dtype": format!("{:?}", self.dtype).to_lowercase(), "seconds": seconds,
+            "tflops": flops / seconds / 1e12, "peak_gib": peak,
+        }));
+        Ok(())
+    }
+
+    fn dit_forward(&self, case: &DitCase) -> Result<()> {
+        let cfg = &case.config;
+        let ((w, h), frames) = self.shape(case.size, case.frames);
+        let latent = [
+            1,
+            cfg.in_channels,
+            (frames - 1) / 4 + 1,
+            h / case.vae_stride,
+            w / case.vae_stride,
+        ];
+        let model = random_transformer(cfg, &self.device, self.dtype)?;
+        let x = rand(&latent, DType::F32, &self.device)?;
+        let text = rand(&[1, 512, cfg.text_dim], DType::F32, &self.device)?;
+        let t = Tensor::new(&[500f32], &self.device)?;
+        let context = model.prepare_context(&text)?;
+        let rope = model.rope(&latent)?;
+        let [gf, gh, gw] = model.grid(&latent)?;
+        let tokens = gf * gh * gw;
+        let (seconds, peak) = self.time(|| {
+            model.forward(&x, &t, &context, &rope)?;
+            Ok(())
+        })?;
+        let flops = dit_flops(cfg, tokens, 512);
+        emit(json!({
+            "what": "dit_forward", "model": case.name, "size": format!("{w}x{h}"), "frames": frames,
+            "latent": latent, "tokens": tokens, "params": param_count(cfg),
+            "dtype": format!("{:?}", self.dtype).to_lowercase(), "seconds": seconds,
+            "peak_gib": peak, "tflops": flops / seconds / 1e12,
+        }));
+        Ok(())
+    }
+
+    /// Full-size forward in the bench dtype vs f32 on the same device and the same weights
+    /// (issue: within 2e-2 relative).
+    fn check(&self, case: &DitCase) -> Result<()> {
+        let cfg = &case.config;
+        let ((w, h), frames) = self.shape(case.size, case.frames);
+        let latent = [
+            1,
+            cfg.in_channels,
+            (frames - 1) / 4 + 1,
+            h / case.vae_stride,
+            w / case.vae_stride,
+        ];
+        let x = rand(&latent, DType::F32, &self.device)?;
+        let text = rand(&[1, 512, cfg.text_dim], DType::F32, &self.device)?;
+        let t = Tensor::new(&[500f32], &self.device)?;
+        let weights = dit::random::random_weights_on_device(cfg, 7, &self.device, DType::F32)?;
+        let run =
+            |weights: std::collections::HashMap<String, Tensor>, dtype: DType| -> Result<Tensor> {
+                let source = MemorySource::new("random transformer", weights);
+                let model = WanTransformer::from_weights(
+                    cfg.clone(),
+                    &WeightMap::plain(Box::new(source), &self.device, dtype)?,
+                )?;
+                let context = model.prepare_context(&text)?;
+                let rope = model.rope(&latent)?;
+                model.forward(&x, &t, &context, &rope)
+            };
+        // The low-precision copy is made first, so the f32 weights can be given away to the f32 run.
+        let low: std::collections::HashMap<String, Tensor> = weights
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(self.dtype)?)))
+            .collect::<Result<_>>()?;
+        let reference = run(weights, DType::F32)?;
+        let ours = run(low, self.dtype)?;
+        let err = vidgen_engine::tensor_util::rel_err(&ours, &reference)?;
+        emit(json!({
+            "what": "dit_dtype_check", "model": case.name, "size": format!("{w}x{h}"), "frames": frames,
+            "dtype": format!("{:?}", self.dtype).to_lowercase(), "rel_err_vs_f32": err,
+            "limit": 2e-2, "pass": err <= 2e-2,
+        }));
+        Ok(())
+    }
+
+    /// Resident forward, then the same weights streamed from pinned host memory under each budget:
+    /// blocks kept resident = what fits beside the non-block weights, the activations measured in
+    /// the resident run and `prefetch + 1` blocks in flight. Output must be bit-identical.
+    fn stream(&self, case: &DitCase, budgets: &[f64], prefetch: usize) -> Result<()> {
+        let cfg = &case.config;
+        let ((w, h), frames) = self.shape(case.size, case.frames);
+        let latent = [
+            1,
+            cfg.in_channels,
+            (frames - 1) / 4 + 1,
+            h / case.vae_stride,
+            w / case.vae_stride,
+        ];
+        let model = random_transformer(cfg, &self.device, self.dtype)?;
+        let x = rand(&latent, DType::F32, &self.device)?;
+        let text = rand(&[1, 512, cfg.text_dim], DType::F32, &self.device)?;
+        let t = Tensor::new(&[500f32], &self.device)?;
+        let rope = model.rope(&latent)?;
+        let context = model.prepare_context(&text)?;
+        let (resident_s, resident_peak) = self.time(|| {
+            model.forward(&x, &t, &context, &rope)?;
+            Ok(())
+        })?;
+        let reference = model.forward(&x, &t, &context, &rope)?;
+        let weights = param_count(cfg) * self.dtype.size_in_bytes();
+        let block = model.block_bytes();
+        let non_block = weights - block * cfg.num_layers;
+        let peak = resident_peak.unwrap_or(0.0) * (1u64 << 30) as f64;
+        let activations = (peak - weights as f64).max(0.0);
+        emit(json!({
+            "what": "stream_resident", "model": case.name, "seconds": resident_s,
+            "peak_gib": resident_peak, "weights_gib": gib(weights as u64),
+            "block_gib": gib(block as u64), "activations_gib": activations / (1u64 << 30) as f64,
+        }));
+        drop(context);
+        let t0 = Instant::now();
+        let mut model = model.into_streamed(
+            &self.device,
+            dit::StreamOptions {
+                resident_blocks: 0,
+                prefetch,
+            },
+        )?;
+        emit(
+            json!({"what": "stream_staged", "model": case.name, "seconds": t0.elapsed().as_secs_f64(),
+                    "host_gib": gib(model.streamed_bytes() as u64)}),
+        );
+        for &budget in budgets {
+            let free = budget * (1u64 << 30) as f64
+                - non_block as f64
+                - activations
+                - ((prefetch + 1) * block) as f64;
+            let k = if free > 0.0 {
+                ((free / block as f64) as usize).min(cfg.num_layers)
+            } else {
+                0
+            };
+            model.set_streaming(dit::StreamOptions {
+                resident_blocks: k,
+                prefetch,
+            })?;
+            let context = model.prepare_context(&text)?;
+            let mut out = None;
+            let (seconds, peak) = self.time(|| {
+                out = Some(model.forward(&x, &t, &context, &rope)?);
+                Ok(())
+            })?;
+            let out = out.expect("timed at least once");
+            let identical = (&out - &reference)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?
+                == 0.0;
+            emit(json!({
+                "what": "stream", "model": case.name, "budget_gib": budget, "resident_blocks": k,
+                "prefetch": prefetch, "seconds": seconds, "vs_resident": seconds / resident_s,
+                "peak_gib": peak, "within_budget": peak.map(|p| p <= budget),
+                "bit_identical": identical,
+            }));
+        }
+        Ok(())
+    }
+
+    fn vae_decode(&self, case: &VaeCase, plain: bool, tiled: bool) -> Result<()> {
+        let ((w, h), frames) = self.shape(case.size, case.frames);
+        let s = case.config.spatial_stride();
+        let latent = [1, case.config.z_dim, (frames - 1) / 4 + 1, h / s, w / s];
+        let vae = WanVae::random(case.config.clone(), 11, &self.device, self.dtype)?;
+        let z = rand(&latent, self.dtype, &self.device)?;
+        let dtype = format!("{:?}", vae.dtype()).to_lowercase();
+        if plain {
+            let (seconds, peak) = self.time(|| {
+                vae.decode(&z)?;
+                Ok(())
+            })?;
+            emit(json!({
+                "what": "vae_decode", "model": case.name, "latent": latent, "dtype": dtype,
+                "seconds": seconds, "peak_gib": peak,
+            }));
+        }
+        if !tiled {
+            return Ok(());
+        }
+        let tiles = TileConfig::default();
+        let (seconds, peak) = self.time(|| {
+            vae.decode_tiled(&z, &tiles)?;
+            Ok(())
+        })?;
+        emit(json!({
+            "what": "vae_decode_tiled", "model": case.name, "latent": latent, "dtype": dtype,
+            "tile_px": tiles.tile_size, "overlap_px": tiles.tile_overlap,
+            "seconds": seconds, "peak_gib": peak,
+        }));
+        Ok(())
+    }
+}
+
+fn rand(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
+}
+
+fn random_transformer(cfg: &DitConfig, device: &Device, dtype: DType) -> Result<WanTransformer> {
+    let weights = dit::random::random_weights_on_device(cfg, 7, device, dtype)?;
+    let source = MemorySource::new("random transformer", weights);
+    WanTransformer::from_weights(
+        cfg.clone(),
+        &WeightMap::plain(Box::new(source), device, dtype)?,
+    )
+}
+
+fn param_count(cfg: &DitConfig) -> usize {
+    dit::model::weight_shapes(cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
+
+/// Matrix FLOPs of one forward (2 per multiply-add): per block the self-attention projections
+/// (4·D² per token), cross-attention query/output (2·D²) and text keys/values (2·D² per text
+/// token), the FFN (2·D·ffn), and the two attention products (4·L·Lk·D).
+fn dit_flops(cfg: &DitConfig, tokens: usize, text_tokens: usize) -> f64 {
+    let (l, d, f, lt) = (
+        tokens as f64,
+        cfg.dim() as f64,
+        cfg.ffn_dim as f64,
+        text_tokens as f64,
+    );
+    let per_block = 2.0 * l * (6.0 * d * d + 2.0 * d * f)
+        + 2.0 * lt * 2.0 * d * d
+        + 4.0 * l * l * d
+        + 4.0 * l * lt * d;
+    per_block * cfg.num_layers as f64
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (w, h) = s
+        .split_once('x')
+        .ok_or_else(|| invalid!("--size: `{s}` is not WIDTHxHEIGHT"))?;
+    let parse = |v: &str| {
+        v.parse::<usize>()
+            .map_err(|_| invalid!("--size: `{s}` is not WIDTHxHEIGHT"))
+    };
+    Ok((parse(w)?, parse(h)?))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let what: Vec<&str> = args.what.split(',').filter(|s| !s.is_empty()).collect();
+    const WHAT: [&str; 5] = ["attention", "dit", "vae", "check", "stream"];
+    for w in &what {
+        if !WHAT.contains(w) {
+            return Err(invalid!("--what: `{w}` is not one of {}", WHAT.join(", ")));
+        }
+    }
+    if args.frames.is_some_and(|f| f == 0 || (f - 1) % 4 != 0) {
+        return Err(invalid!("--frames: must be 4k+1 (1, 5, ..., 81, 121)"));
+    }
+    let bench = Bench {
+        device,
+        dtype,
+        reps: args.reps,
+        warmup: args.warmup,
+        size: args.size.as_deref().map(parse_size).transpose()?,
+        frames: args.frames.map(|f| f as usize),
+    };
+    let dits = dit_cases();
+    let dits = pick(&dits, &args.models, |c| c.name, "models")?;
+    let vaes = vae_cases();
+    let vaes = pick(&vaes, &args.vaes, |c| c.name, "vaes")?;
+    emit(json!({
+        "what": "device", "device": args.device, "dtype": args.dtype,
+        "memory": gpu_memory::free_and_total(&bench.device)?.map(|(f, t)| json!({"free_gib": gib(f), "total_gib": gib(t)})),
+    }));
+    // Each measurement stands alone: a failure (say, out of memory) is reported and the rest run.
+    let report = |what: &str, name: &str, r: Result<()>| {
+        if let Err(e) = r {
+            emit(json!({"what": what, "model": name, "error": format!("{e:#}")}));
+        }
+        emit_profile(what, name);
+    };
+    if what.contains(&"attention") {
+        report(
+            "attention",
+            "",
+            bench
+                .attention(args.attention_seq, args.attention_heads)
+                .context("attention"),
+        );
+    }
+    if what.contains(&"dit") {
+        for case in &dits {
+            report("dit_forward", case.name, bench.dit_forward(case));
+        }
+    }
+    if what.contains(&"stream") {
+        let budgets = args
+            .budgets
+            .split(',')
+            .map(|b| {
+                b.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|v| *v > 0.0)
+                    .ok_or_else(|| invalid!("--budgets: `{b}` is not a positive number of GiB"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for case in &dits {
+            report(
+                "stream",
+                case.name,
+                bench.stream(case, &budgets, args.prefetch),
+            );
+        }
+    }
+    if what.contains(&"check") {
+        for case in &dits {
+            report("dit_dtype_check", case.name, bench.check(case));
+        }
+    }
+    let modes: Vec<&str> = args.vae_modes.split(',').collect();
+    if let Some(m) = modes.iter().find(|m| !["plain", "tiled"].contains(m)) {
+        return Err(invalid!("--vae-modes: `{m}` is not one of plain, tiled"));
+    }
+    if what.contains(&"vae") {
+        for case in &vaes {
+            report(
+                "vae_decode",
+                case.name,
+                bench.vae_decode(case, modes.contains(&"plain"), modes.contains(&"tiled")),
+            );
+        }
+    }
+    Ok(())
 }

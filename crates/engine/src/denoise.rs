@@ -106,11 +106,16 @@ impl<'a> Prepared<'a> {
 
     /// Guided velocity: uncond + g·(cond − uncond); guidance 1 skips the unconditional pass.
     fn predict(&self, x: &Tensor, t: &Tensor, rope: &RopeTable) -> Result<Tensor> {
-        let cond = self.expert.model.forward(x, t, &self.cond, rope)?;
         match &self.uncond {
-            None => Ok(cond),
+            None => self.expert.model.forward(x, t, &self.cond, rope),
             Some(u) => {
-                let uncond = self.expert.model.forward(x, t, u, rope)?;
+                // Both passes block by block: a streamed block is uploaded once per step.
+                let mut out = self
+                    .expert
+                    .model
+                    .forward_many(x, t, &[&self.cond, u], rope)?;
+                let uncond = out.pop().expect("two passes");
+                let cond = out.pop().expect("two passes");
                 Ok((&uncond + ((cond - &uncond)? * self.expert.guidance)?)?)
             }
         }

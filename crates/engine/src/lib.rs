@@ -16,6 +16,7 @@ pub mod dit;
 pub mod error;
 pub mod pipeline;
 pub mod presets;
+pub mod profile;
 pub mod rng;
 pub mod scheduler;
 pub mod tensor_util;

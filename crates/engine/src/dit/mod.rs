@@ -6,10 +6,12 @@
 //! - [`model`]: the transformer, with per-request text context (cross-attention K/V) caching.
 
 pub mod config;
+pub mod fused;
 pub mod keys;
 pub mod model;
 pub mod random;
 pub mod rope;
+pub mod streaming;
 
 use std::path::Path;
 
@@ -19,6 +21,7 @@ use candle_core::{DType, Device};
 pub use config::DitConfig;
 pub use model::{TextContext, WanTransformer};
 pub use rope::RopeTable;
+pub use streaming::StreamOptions;
 
 use crate::component::{ComponentOptions, Inputs, Outputs};
 use crate::invalid;
@@ -54,6 +57,18 @@ pub fn open_weights(path: &Path, device: &Device, dtype: DType) -> Result<(Weigh
 pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<WanTransformer> {
     let (wm, cfg) = open_weights(path, device, dtype)?;
     WanTransformer::from_weights(cfg, &wm)
+}
+
+/// Loads a transformer with its blocks streamed from host memory (see [`streaming`]): the
+/// checkpoint is read on the CPU, then everything but the streamed blocks moves to `device`.
+pub fn load_streamed(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    opts: StreamOptions,
+) -> Result<WanTransformer> {
+    let (wm, cfg) = open_weights(path, &Device::Cpu, dtype)?;
+    WanTransformer::from_weights(cfg, &wm)?.into_streamed(device, opts)
 }
 
 /// `run-component dit`: inputs `hidden_states` [B,C,F,H,W], `timestep` [B] or [B,L],

@@ -7,10 +7,15 @@ use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 
+use std::collections::HashMap;
+
 use super::config::DitConfig;
+use super::fused;
 use super::rope::RopeTable;
+use super::streaming::{self, HostBlock, StreamOptions, Uploader};
 use crate::invalid;
-use crate::weights::{WeightMap, WeightPath};
+use crate::profile::scope;
+use crate::weights::{MemorySource, WeightMap, WeightPath};
 
 fn linear(wp: &WeightPath, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
     let p = wp.pp(name);
@@ -67,29 +72,25 @@ pub fn weight_shapes(cfg: &DitConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
-/// LayerNorm over the last dim in f32, with optional affine parameters.
+/// LayerNorm over the last dim in f32, with optional affine parameters (only `norm2` has them),
+/// optionally followed by the block's modulation; see [`fused::layer_norm_modulate`].
 struct Norm {
-    weight: Tensor,
-    bias: Tensor,
+    affine: Option<(Tensor, Tensor)>,
     eps: f32,
 }
 
 impl Norm {
-    fn plain(d: usize, eps: f64, device: &Device) -> Result<Self> {
-        Ok(Self {
-            weight: Tensor::ones(d, DType::F32, device)?,
-            bias: Tensor::zeros(d, DType::F32, device)?,
+    fn plain(eps: f64) -> Self {
+        Self {
+            affine: None,
             eps: eps as f32,
-        })
+        }
     }
-    /// Returns f32.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.to_dtype(DType::F32)?,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+
+    /// `modulation`: (table [B, Lt, K, D], shift index, scale index). Returns x's dtype.
+    fn forward(&self, x: &Tensor, modulation: Option<(&Tensor, usize, usize)>) -> Result<Tensor> {
+        let affine = self.affine.as_ref().map(|(w, b)| (w, b));
+        fused::layer_norm_modulate(x, affine, modulation, self.eps)
     }
 }
 
@@ -101,9 +102,7 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &self.weight, self.eps)?;
-        Ok(y.to_dtype(dtype)?)
+        fused::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -128,6 +127,59 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         start += n;
     }
     Ok(Tensor::cat(&outs, 2)?)
+}
+
+/// `x·Wᵀ` then the bias through [`fused::bias_add`] (one pass on the GPU; the same ops as
+/// candle's `Linear` on the CPU).
+fn linear_forward(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    let y = scope("dit.matmul", x.device(), || matmul_t(x, layer.weight()))?;
+    match layer.bias() {
+        Some(b) => scope("dit.bias", x.device(), || fused::bias_add(&y, b)),
+        None => Ok(y),
+    }
+}
+
+/// The FFN's first layer with its tanh-GELU fused into the bias pass.
+fn linear_gelu(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    let y = scope("dit.matmul", x.device(), || matmul_t(x, layer.weight()))?;
+    let b = layer
+        .bias()
+        .ok_or_else(|| anyhow::anyhow!("FFN layer without bias"))?;
+    scope("dit.bias_gelu", x.device(), || fused::bias_gelu(&y, b))
+}
+
+/// `x [.., K] · wᵀ` with w `[N, K]`, as one 2-D matmul over all rows.
+fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("matmul of a scalar"))?;
+    let rows = x.elem_count() / k;
+    let y = x.contiguous()?.reshape((rows, k))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    *out.last_mut().expect("rank >= 1") = w.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+/// Which kernel [`attention_blhd`] uses for these inputs (benchmarks report it).
+pub fn attention_backend(q: &Tensor, k: &Tensor) -> &'static str {
+    let _ = (q, k);
+    "chunked"
+}
+
+/// Attention on the layout the projections produce: q [B, Lq, H, d], k/v [B, Lk, H, d] ->
+/// [B, Lq, H, d]. The single dispatch point: a fused GPU kernel where one applies, otherwise the
+/// chunked [`attention`] (transposes to [B, H, L, d] and back).
+pub fn attention_blhd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    scope("dit.attention_kernel", q.device(), || {
+        attention_chunked_blhd(q, k, v)
+    })
+}
+
+fn attention_chunked_blhd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let bhld = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
+    let out = attention(&bhld(q)?, &bhld(k)?, &bhld(v)?)?;
+    Ok(out.transpose(1, 2)?.contiguous()?)
 }
 
 struct Attention {
@@ -160,47 +212,54 @@ impl Attention {
         })
     }
 
+    /// The layer's tensors under their checkpoint names, prefixed (block streaming).
+    fn named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+        for (name, l) in [
+            ("to_q", &self.to_q),
+            ("to_k", &self.to_k),
+            ("to_v", &self.to_v),
+            ("to_out.0", &self.to_out),
+        ] {
+            out.push((format!("{prefix}.{name}.weight"), l.weight().clone()));
+            if let Some(b) = l.bias() {
+                out.push((format!("{prefix}.{name}.bias"), b.clone()));
+            }
+        }
+        out.push((
+            format!("{prefix}.norm_q.weight"),
+            self.norm_q.weight.clone(),
+        ));
+        out.push((
+            format!("{prefix}.norm_k.weight"),
+            self.norm_k.weight.clone(),
+        ));
+    }
+
     /// [B, L, D] -> [B, heads, L, head_dim]
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         Ok(x.reshape((b, l, self.heads, d / self.heads))?)
     }
 
-    fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, l, dh) = x.dims4()?;
-        Ok(x.transpose(1, 2)?.reshape((b, l, h * dh))?)
-    }
-
     /// Keys and values of a context, computed once per request (cross-attention).
     fn key_value(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        let k = self.split_heads(&self.norm_k.forward(&self.to_k.forward(context)?)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
-        Ok((
-            k.transpose(1, 2)?.contiguous()?,
-            v.transpose(1, 2)?.contiguous()?,
-        ))
+        let k = self.split_heads(&self.norm_k.forward(&linear_forward(&self.to_k, context)?)?)?;
+        let v = self.split_heads(&linear_forward(&self.to_v, context)?)?;
+        Ok((k.contiguous()?, v.contiguous()?))
     }
 
     fn self_attention(&self, x: &Tensor, rope: &RopeTable) -> Result<Tensor> {
-        let q = self.split_heads(&self.norm_q.forward(&self.to_q.forward(x)?)?)?;
-        let k = self.split_heads(&self.norm_k.forward(&self.to_k.forward(x)?)?)?;
-        let v = self.split_heads(&self.to_v.forward(x)?)?;
-        let q = rope.apply(&q)?.transpose(1, 2)?.contiguous()?;
-        let k = rope.apply(&k)?.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        let out = attention(&q, &k, &v)?;
-        self.to_out
-            .forward(&self.merge_heads(&out)?)
-            .map_err(Into::into)
+        let q = self.split_heads(&self.norm_q.forward(&linear_forward(&self.to_q, x)?)?)?;
+        let k = self.split_heads(&self.norm_k.forward(&linear_forward(&self.to_k, x)?)?)?;
+        let v = self.split_heads(&linear_forward(&self.to_v, x)?)?;
+        let out = attention_blhd(&rope.apply(&q)?, &rope.apply(&k)?, &v)?;
+        linear_forward(&self.to_out, &out.flatten_from(2)?)
     }
 
     fn cross_attention(&self, x: &Tensor, kv: &(Tensor, Tensor)) -> Result<Tensor> {
-        let q = self.split_heads(&self.norm_q.forward(&self.to_q.forward(x)?)?)?;
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let out = attention(&q, &kv.0, &kv.1)?;
-        self.to_out
-            .forward(&self.merge_heads(&out)?)
-            .map_err(Into::into)
+        let q = self.split_heads(&self.norm_q.forward(&linear_forward(&self.to_q, x)?)?)?;
+        let out = attention_blhd(&q, &kv.0, &kv.1)?;
+        linear_forward(&self.to_out, &out.flatten_from(2)?)
     }
 }
 
@@ -217,13 +276,15 @@ struct Block {
 }
 
 impl Block {
-    fn load(wp: &WeightPath, cfg: &DitConfig, device: &Device) -> Result<Self> {
+    fn load(wp: &WeightPath, cfg: &DitConfig) -> Result<Self> {
         let d = cfg.dim();
         let norm2 = if cfg.cross_attn_norm {
             let p = wp.pp("norm2");
             Some(Norm {
-                weight: p.get_as("weight", &[d], DType::F32)?,
-                bias: p.get_as("bias", &[d], DType::F32)?,
+                affine: Some((
+                    p.get_as("weight", &[d], DType::F32)?,
+                    p.get_as("bias", &[d], DType::F32)?,
+                )),
                 eps: cfg.eps as f32,
             })
         } else {
@@ -232,15 +293,54 @@ impl Block {
         Ok(Self {
             attn1: Attention::load(&wp.pp("attn1"), cfg)?,
             attn2: Attention::load(&wp.pp("attn2"), cfg)?,
-            norm1: Norm::plain(d, cfg.eps, device)?,
+            norm1: Norm::plain(cfg.eps),
             norm2,
-            norm3: Norm::plain(d, cfg.eps, device)?,
+            norm3: Norm::plain(cfg.eps),
             ffn_in: linear(wp, "ffn.net.0.proj", d, cfg.ffn_dim)?,
             ffn_out: linear(wp, "ffn.net.2", cfg.ffn_dim, d)?,
             scale_shift_table: wp
                 .get_as("scale_shift_table", &[1, 6, d], DType::F32)?
                 .unsqueeze(0)?,
         })
+    }
+
+    /// Every tensor under the name [`Block::load`] reads it by (relative to `blocks.{i}`).
+    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        self.attn1.named_tensors("attn1", &mut out);
+        self.attn2.named_tensors("attn2", &mut out);
+        if let Some((w, b)) = self.norm2.as_ref().and_then(|n| n.affine.as_ref()) {
+            out.push(("norm2.weight".into(), w.clone()));
+            out.push(("norm2.bias".into(), b.clone()));
+        }
+        for (name, l) in [
+            ("ffn.net.0.proj", &self.ffn_in),
+            ("ffn.net.2", &self.ffn_out),
+        ] {
+            out.push((format!("{name}.weight"), l.weight().clone()));
+            if let Some(b) = l.bias() {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        }
+        out.push((
+            "scale_shift_table".into(),
+            self.scale_shift_table.squeeze(0)?,
+        ));
+        Ok(out)
+    }
+
+    /// Rebuilds a block from [`named_tensors`](Self::named_tensors) output (already on its device).
+    fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        cfg: &DitConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let source = MemorySource::new("streamed block", tensors);
+        let wm = WeightMap::plain(Box::new(source), device, dtype)?;
+        let block = Self::load(&wm.pp(""), cfg)?;
+        wm.finish()?;
+        Ok(block)
     }
 
     /// `tproj`: [B, Lt, 6, D] with Lt = 1 (one timestep per sample) or L (per token).
@@ -251,42 +351,34 @@ impl Block {
         rope: &RopeTable,
         kv: &(Tensor, Tensor),
     ) -> Result<Tensor> {
-        let dtype = x.dtype();
         let m = self
             .scale_shift_table
-            .broadcast_add(&tproj.to_dtype(DType::F32)?)?;
-        let part = |i: usize| -> Result<Tensor> { Ok(m.narrow(2, i, 1)?.squeeze(2)?) };
-        let (shift, scale, gate) = (part(0)?, part(1)?, part(2)?);
-        let (c_shift, c_scale, c_gate) = (part(3)?, part(4)?, part(5)?);
-
-        let n = modulate(&self.norm1.forward(x)?, &shift, &scale)?.to_dtype(dtype)?;
-        let a = self.attn1.self_attention(&n, rope)?;
-        let x = gated_add(x, &a, &gate)?;
+            .broadcast_add(&tproj.to_dtype(DType::F32)?)?; // [B, Lt, 6, D]
+        let dev = x.device();
+        let n = scope("dit.norm_modulate", dev, || {
+            self.norm1.forward(x, Some((&m, 0, 1)))
+        })?;
+        let a = scope("dit.self_attention", dev, || {
+            self.attn1.self_attention(&n, rope)
+        })?;
+        let x = scope("dit.gated_add", dev, || fused::gated_add(x, &a, &m, 2))?;
 
         let n = match &self.norm2 {
-            Some(norm) => norm.forward(&x)?.to_dtype(dtype)?,
+            Some(norm) => scope("dit.norm_modulate", dev, || norm.forward(&x, None))?,
             None => x.clone(),
         };
-        let x = (&x + self.attn2.cross_attention(&n, kv)?)?;
+        let x = scope("dit.cross_attention", dev, || {
+            Ok((&x + self.attn2.cross_attention(&n, kv)?)?)
+        })?;
 
-        let n = modulate(&self.norm3.forward(&x)?, &c_shift, &c_scale)?.to_dtype(dtype)?;
-        let f = self.ffn_out.forward(&self.ffn_in.forward(&n)?.gelu()?)?;
-        gated_add(&x, &f, &c_gate)
+        let n = scope("dit.norm_modulate", dev, || {
+            self.norm3.forward(&x, Some((&m, 3, 4)))
+        })?;
+        let f = scope("dit.ffn", dev, || {
+            linear_forward(&self.ffn_out, &linear_gelu(&self.ffn_in, &n)?)
+        })?;
+        scope("dit.gated_add", dev, || fused::gated_add(&x, &f, &m, 5))
     }
-}
-
-/// x·(1 + scale) + shift, all f32, broadcasting [B, Lt, D] over [B, L, D].
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
-}
-
-/// (x + y·gate) in f32, cast back to x's dtype.
-fn gated_add(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let out = x
-        .to_dtype(DType::F32)?
-        .add(&y.to_dtype(DType::F32)?.broadcast_mul(gate)?)?;
-    Ok(out.to_dtype(dtype)?)
 }
 
 /// Sinusoidal timestep embedding (diffusers `get_timestep_embedding`, flip_sin_to_cos=True,
@@ -312,6 +404,19 @@ pub struct TextContext {
     kv: Vec<(Tensor, Tensor)>,
 }
 
+/// Where the transformer blocks live: all on the device, or streamed from host memory.
+enum Blocks {
+    Resident(Vec<Block>),
+    Streamed {
+        /// Device copies of the first blocks, kept for the whole run.
+        resident: Vec<Block>,
+        /// Every block in host memory; those past `resident` are uploaded one by one ahead of use.
+        host: Vec<HostBlock>,
+        uploader: Uploader,
+        prefetch: usize,
+    },
+}
+
 pub struct WanTransformer {
     cfg: DitConfig,
     patch_weight: Tensor,
@@ -321,7 +426,7 @@ pub struct WanTransformer {
     time_proj: Linear,
     text_linear_1: Linear,
     text_linear_2: Linear,
-    blocks: Vec<Block>,
+    blocks: Blocks,
     norm_out: Norm,
     /// [1, 1, 2, D] f32
     scale_shift_table: Tensor,
@@ -342,7 +447,7 @@ impl WanTransformer {
             .get("patch_embedding.weight", &[d, cfg.in_channels, pt, ph, pw])?
             .reshape((d, cfg.in_channels * pt * ph * pw))?;
         let blocks = (0..cfg.num_layers)
-            .map(|i| Block::load(&root.pp(format!("blocks.{i}")), &cfg, wm.device()))
+            .map(|i| Block::load(&root.pp(format!("blocks.{i}")), &cfg))
             .collect::<Result<Vec<_>>>()?;
         let model = Self {
             patch_weight,
@@ -352,8 +457,8 @@ impl WanTransformer {
             time_proj: linear(&ce, "time_proj", d, 6 * d)?,
             text_linear_1: linear(&ce, "text_embedder.linear_1", cfg.text_dim, d)?,
             text_linear_2: linear(&ce, "text_embedder.linear_2", d, d)?,
-            blocks,
-            norm_out: Norm::plain(d, cfg.eps, wm.device())?,
+            blocks: Blocks::Resident(blocks),
+            norm_out: Norm::plain(cfg.eps),
             scale_shift_table: root
                 .get_as("scale_shift_table", &[1, 2, d], DType::F32)?
                 .unsqueeze(0)?,
@@ -368,6 +473,104 @@ impl WanTransformer {
 
     pub fn config(&self) -> &DitConfig {
         &self.cfg
+    }
+
+    /// Moves the model to `device` with its blocks streamed (see [`streaming`]): everything but
+    /// the blocks, and the first `opts.resident_blocks` blocks, go to the device; the others are
+    /// staged in host memory and uploaded `opts.prefetch` blocks ahead during each forward.
+    /// Typically built on the CPU first ([`super::load_streamed`]).
+    pub fn into_streamed(self, device: &Device, opts: StreamOptions) -> Result<Self> {
+        let blocks = match self.blocks {
+            Blocks::Resident(b) => b,
+            Blocks::Streamed { .. } => anyhow::bail!("the transformer is already streamed"),
+        };
+        let uploader = Uploader::new(device)?;
+        let mut host = Vec::with_capacity(blocks.len());
+        for block in blocks {
+            let tensors = block.named_tensors()?;
+            drop(block); // a device-resident source frees its memory block by block
+            host.push(uploader.stage(tensors)?);
+        }
+        let to = |l: Linear| -> Result<Linear> {
+            Ok(Linear::new(
+                l.weight().to_device(device)?,
+                l.bias().map(|b| b.to_device(device)).transpose()?,
+            ))
+        };
+        let mut model = Self {
+            patch_weight: self.patch_weight.to_device(device)?,
+            patch_bias: self.patch_bias.to_device(device)?,
+            time_linear_1: to(self.time_linear_1)?,
+            time_linear_2: to(self.time_linear_2)?,
+            time_proj: to(self.time_proj)?,
+            text_linear_1: to(self.text_linear_1)?,
+            text_linear_2: to(self.text_linear_2)?,
+            blocks: Blocks::Streamed {
+                resident: Vec::new(),
+                host,
+                uploader,
+                prefetch: opts.prefetch,
+            },
+            norm_out: self.norm_out,
+            scale_shift_table: self.scale_shift_table.to_device(device)?,
+            proj_out: to(self.proj_out)?,
+            dtype: self.dtype,
+            device: device.clone(),
+            cfg: self.cfg,
+        };
+        model.set_streaming(opts)?;
+        Ok(model)
+    }
+
+    /// Changes how many of a streamed model's blocks stay on the device, and the prefetch depth
+    /// (the placement planner re-decides this per stage as free memory changes).
+    pub fn set_streaming(&mut self, opts: StreamOptions) -> Result<()> {
+        let (cfg, device, dtype) = (&self.cfg, &self.device, self.dtype);
+        let Blocks::Streamed {
+            resident,
+            host,
+            uploader,
+            prefetch,
+        } = &mut self.blocks
+        else {
+            anyhow::bail!("set_streaming: the transformer is not streamed");
+        };
+        let k = opts.resident_blocks.min(host.len());
+        resident.truncate(k);
+        while resident.len() < k {
+            let block = uploader.upload(&host[resident.len()])?;
+            uploader.wait_for(&block)?;
+            resident.push(Block::from_tensors(block.tensors, cfg, device, dtype)?);
+        }
+        *prefetch = opts.prefetch;
+        Ok(())
+    }
+
+    /// Bytes of one transformer block's weights (all blocks are alike).
+    pub fn block_bytes(&self) -> usize {
+        let bytes = |b: &Block| -> usize {
+            b.named_tensors()
+                .map(|t| {
+                    t.iter()
+                        .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+                        .sum()
+                })
+                .unwrap_or(0)
+        };
+        match &self.blocks {
+            Blocks::Streamed { host, .. } => host.first().map_or(0, HostBlock::bytes),
+            Blocks::Resident(b) => b.first().map_or(0, bytes),
+        }
+    }
+
+    /// Bytes of block weights kept in host memory (0 when resident).
+    pub fn streamed_bytes(&self) -> usize {
+        match &self.blocks {
+            Blocks::Resident(_) => 0,
+            Blocks::Streamed { host, resident, .. } => {
+                host[resident.len()..].iter().map(HostBlock::bytes).sum()
+            }
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -393,11 +596,11 @@ impl WanTransformer {
             .to_dtype(self.dtype)?;
         let ctx = self.text_linear_1.forward(&ctx)?.gelu()?;
         let ctx = self.text_linear_2.forward(&ctx)?;
-        let kv = self
-            .blocks
-            .iter()
-            .map(|b| b.attn2.key_value(&ctx))
-            .collect::<Result<Vec<_>>>()?;
+        let mut kv = Vec::with_capacity(self.cfg.num_layers);
+        self.for_each_block(|_, b| {
+            kv.push(b.attn2.key_value(&ctx)?);
+            Ok(())
+        })?;
         Ok(TextContext { kv })
     }
 
@@ -464,11 +667,19 @@ impl WanTransformer {
         rope: &RopeTable,
         context: &TextContext,
     ) -> Result<Tensor> {
-        let block = self
-            .blocks
-            .get(index)
-            .ok_or_else(|| invalid!("block {index}: the model has {} blocks", self.blocks.len()))?;
-        block.forward(&x.to_dtype(self.dtype)?, tproj, rope, &context.kv[index])
+        let n = self.cfg.num_layers;
+        if index >= n {
+            return Err(invalid!("block {index}: the model has {n} blocks"));
+        }
+        let x = x.to_dtype(self.dtype)?;
+        let mut out = None;
+        self.for_each_block(|i, b| {
+            if i == index {
+                out = Some(b.forward(&x, tproj, rope, &context.kv[index])?);
+            }
+            Ok(())
+        })?;
+        out.ok_or_else(|| anyhow::anyhow!("block {index} was not visited"))
     }
 
     /// One forward: `x` [B, C, F, H, W], `timestep` [B] or per-token [B, L]. Returns the
@@ -480,13 +691,27 @@ impl WanTransformer {
         context: &TextContext,
         rope: &RopeTable,
     ) -> Result<Tensor> {
+        let mut out = self.forward_many(x, timestep, &[context], rope)?;
+        Ok(out.remove(0))
+    }
+
+    /// Forwards of the same `x` and `timestep` under several text contexts (CFG's conditional and
+    /// unconditional passes), block by block: a streamed block is uploaded once for all of them.
+    /// Each result equals [`forward`](Self::forward) with that context alone.
+    pub fn forward_many(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        contexts: &[&TextContext],
+        rope: &RopeTable,
+    ) -> Result<Vec<Tensor>> {
         let dims = x.dims().to_vec();
         let [gf, gh, gw] = self.grid(&dims)?;
         let b = dims[0];
         let l = gf * gh * gw;
         let [pt, ph, pw] = self.cfg.patch_size;
         let c = self.cfg.in_channels;
-        if context.kv.len() != self.blocks.len() {
+        if contexts.iter().any(|c| c.kv.len() != self.cfg.num_layers) {
             return Err(invalid!(
                 "text context was prepared by a different transformer"
             ));
@@ -513,24 +738,60 @@ impl WanTransformer {
             .reshape(vec![b, c, gf, pt, gh, ph, gw, pw])?
             .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
             .reshape((b, l, c * pt * ph * pw))?;
-        let mut h = patches
+        let h0 = patches
             .broadcast_matmul(&self.patch_weight.t()?)?
             .broadcast_add(&self.patch_bias)?;
 
         let (temb, tproj) = self.time_embedding(timestep)?;
         debug_assert_eq!(temb.dim(1)?, lt);
 
-        for (block, kv) in self.blocks.iter().zip(&context.kv) {
-            h = block.forward(&h, &tproj, rope, kv)?;
-        }
+        let mut hs = vec![h0; contexts.len()];
+        self.for_each_block(|i, block| {
+            for (h, context) in hs.iter_mut().zip(contexts) {
+                *h = block.forward(h, &tproj, rope, &context.kv[i])?;
+            }
+            Ok(())
+        })?;
+        hs.into_iter()
+            .map(|h| self.head(&h, &temb, [b, gf, gh, gw]))
+            .collect()
+    }
 
-        // head: modulated norm, projection, unpatchify
+    /// Runs `f` on every block in order: resident blocks directly, streamed ones as they arrive.
+    fn for_each_block(&self, mut f: impl FnMut(usize, &Block) -> Result<()>) -> Result<()> {
+        match &self.blocks {
+            Blocks::Resident(blocks) => {
+                for (i, b) in blocks.iter().enumerate() {
+                    f(i, b)?;
+                }
+                Ok(())
+            }
+            Blocks::Streamed {
+                resident,
+                host,
+                uploader,
+                prefetch,
+            } => {
+                for (i, b) in resident.iter().enumerate() {
+                    f(i, b)?;
+                }
+                let k = resident.len();
+                streaming::for_each_streamed(uploader, &host[k..], k, *prefetch, |i, t| {
+                    let block = Block::from_tensors(t, &self.cfg, &self.device, self.dtype)?;
+                    f(i, &block)
+                })
+            }
+        }
+    }
+
+    /// Output head: modulated norm, projection, unpatchify; f32 [B, C_out, F, H, W].
+    fn head(&self, h: &Tensor, temb: &Tensor, [b, gf, gh, gw]: [usize; 4]) -> Result<Tensor> {
+        let [pt, ph, pw] = self.cfg.patch_size;
+
         let m = self
             .scale_shift_table
-            .broadcast_add(&temb.to_dtype(DType::F32)?.unsqueeze(2)?)?;
-        let shift = m.narrow(2, 0, 1)?.squeeze(2)?;
-        let scale = m.narrow(2, 1, 1)?.squeeze(2)?;
-        let h = modulate(&self.norm_out.forward(&h)?, &shift, &scale)?.to_dtype(self.dtype)?;
+            .broadcast_add(&temb.to_dtype(DType::F32)?.unsqueeze(2)?)?; // [B, Lt, 2, D]
+        let h = self.norm_out.forward(h, Some((&m, 0, 1)))?;
         let out = self.proj_out.forward(&h)?;
         let co = self.cfg.out_channels;
         debug_assert_eq!(h.dim(2)?, self.cfg.dim());

@@ -251,15 +251,17 @@ impl CausalConv3d {
     }
 
     pub fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
-        causal_conv3d(
-            x,
-            &self.taps,
-            Some(&self.bias),
-            self.front_pad,
-            self.pad_hw,
-            self.stride_t,
-            cache,
-        )
+        crate::profile::scope("vae.conv3d", x.device(), || {
+            causal_conv3d(
+                x,
+                &self.taps,
+                Some(&self.bias),
+                self.front_pad,
+                self.pad_hw,
+                self.stride_t,
+                cache,
+            )
+        })
     }
 
     /// Runs with the layer's cache slot: the previous chunk's last input frames pad the front,
@@ -333,8 +335,10 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
+        crate::profile::scope("vae.conv2d", x.device(), || {
+            let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+            Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
+        })
     }
 }
 
@@ -361,6 +365,10 @@ impl RmsNorm {
 
     /// Normalises over `dim` (the channel axis).
     pub fn forward(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        crate::profile::scope("vae.rms_norm", x.device(), || self.forward_inner(x, dim))
+    }
+
+    fn forward_inner(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = if dtype == DType::F32 {
             x.clone()
@@ -376,7 +384,7 @@ impl RmsNorm {
 }
 
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::silu(x)?)
+    crate::profile::scope("vae.silu", x.device(), || Ok(candle_nn::ops::silu(x)?))
 }
 
 /// `WanResidualBlock`: norm, SiLU, conv, norm, SiLU, (dropout), conv, plus a 1x1x1 shortcut when
@@ -451,6 +459,10 @@ impl AttentionBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::profile::scope("vae.attention", x.device(), || self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c, h, w) = x.dims5()?;
         let hw = h * w;
         let xs = self.norm.forward(&x.reshape((b * t, c, hw))?, 1)?;
@@ -570,15 +582,17 @@ impl Resample {
                 }
             }
         }
-        let x = per_frame(&x, |f| match self.mode {
-            ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
-                let (_, _, h, w) = f.dims4()?;
-                // nearest-exact at an integer factor 2 is plain pixel duplication
-                self.conv.forward(&f.upsample_nearest2d(2 * h, 2 * w)?)
-            }
-            _ => self
-                .conv
-                .forward(&f.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?),
+        let x = crate::profile::scope("vae.resample_spatial", x.device(), || {
+            per_frame(&x, |f| match self.mode {
+                ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
+                    let (_, _, h, w) = f.dims4()?;
+                    // nearest-exact at an integer factor 2 is plain pixel duplication
+                    self.conv.forward(&f.upsample_nearest2d(2 * h, 2 * w)?)
+                }
+                _ => self
+                    .conv
+                    .forward(&f.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?),
+            })
         })?;
         if let (ResampleMode::Downsample3d, Some(tc)) = (self.mode, &self.time_conv) {
             let slot = cache.next_slot();

@@ -1,0 +1,326 @@
+//! The DiT block's row-wise operations, fused into one kernel each on CUDA (kernels/dit_fused.cu)
+//! and composed from candle ops elsewhere. Both paths compute the reference's expression in the
+//! same order, in f32, casting to the model dtype once at the end:
+//! - `layer_norm_modulate`: `T((LN(x.f32)·w + b)·(1 + scale) + shift)`
+//! - `rms_norm`: `T(RMSNorm(x.f32)·w)`
+//! - `gated_add`: `T(x.f32 + y.f32·gate)`
+//! - `bias_add` / `bias_gelu`: a linear layer's bias (then the FFN's tanh-GELU) after its matmul
+//!
+//! Modulation comes from one f32 table `[B, Lt, K, D]` (Lt = 1 or tokens) and chunk indices into
+//! its third axis, which the kernels read in place (no copies of the narrowed views).
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Tensor};
+
+/// Chunk `index` of the modulation table `[B, Lt, K, D]` as `[B, Lt, D]`.
+pub fn chunk(table: &Tensor, index: usize) -> Result<Tensor> {
+    Ok(table.narrow(2, index, 1)?.squeeze(2)?)
+}
+
+fn check_table(x: &Tensor, table: &Tensor) -> Result<()> {
+    let (b, l, d) = x.dims3()?;
+    let (tb, tl, _, td) = table.dims4()?;
+    ensure!(
+        tb == b && (tl == 1 || tl == l) && td == d && table.dtype() == DType::F32,
+        "modulation table {:?} {:?} does not fit tokens {:?}",
+        table.dims(),
+        table.dtype(),
+        x.dims()
+    );
+    Ok(())
+}
+
+/// LayerNorm over the last dim (`affine`: weight and bias, f32 `[D]`), then, with `modulation`
+/// = (table, shift index, scale index), `·(1 + scale) + shift`; result in x's dtype.
+pub fn layer_norm_modulate(
+    x: &Tensor,
+    affine: Option<(&Tensor, &Tensor)>,
+    modulation: Option<(&Tensor, usize, usize)>,
+    eps: f32,
+) -> Result<Tensor> {
+    if let Some((table, _, _)) = modulation {
+        check_table(x, table)?;
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return gpu::layer_norm_modulate(x, affine, modulation, eps);
+    }
+    let d = x.dim(2)?;
+    let (w, b) = match affine {
+        Some((w, b)) => (w.clone(), b.clone()),
+        None => (
+            Tensor::ones(d, DType::F32, x.device())?,
+            Tensor::zeros(d, DType::F32, x.device())?,
+        ),
+    };
+    let n = candle_nn::ops::layer_norm(&x.to_dtype(DType::F32)?, &w, &b, eps)?;
+    let n = match modulation {
+        Some((table, shift, scale)) => n
+            .broadcast_mul(&(chunk(table, scale)? + 1.0)?)?
+            .broadcast_add(&chunk(table, shift)?)?,
+        None => n,
+    };
+    Ok(n.to_dtype(x.dtype())?)
+}
+
+/// RMSNorm over the last dim with an f32 weight `[D]`; result in x's dtype.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return gpu::rms_norm(x, weight, eps);
+    }
+    let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, weight, eps)?;
+    Ok(y.to_dtype(x.dtype())?)
+}
+
+/// `x + y·gate` with gate = chunk `index` of the modulation table; result in x's dtype.
+pub fn gated_add(x: &Tensor, y: &Tensor, table: &Tensor, index: usize) -> Result<Tensor> {
+    check_table(x, table)?;
+    ensure!(
+        x.dims() == y.dims(),
+        "gated_add: {:?} vs {:?}",
+        x.dims(),
+        y.dims()
+    );
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return gpu::gated_add(x, y, table, index);
+    }
+    let out = x.to_dtype(DType::F32)?.add(
+        &y.to_dtype(DType::F32)?
+            .broadcast_mul(&chunk(table, index)?)?,
+    )?;
+    Ok(out.to_dtype(x.dtype())?)
+}
+
+/// `x + b` (b `[D]`, broadcast over rows); result in x's dtype.
+pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return gpu::bias_act(x, b, "bias_add");
+    }
+    Ok(x.broadcast_add(&b.to_dtype(x.dtype())?)?)
+}
+
+/// `gelu_tanh(x + b)`; result in x's dtype.
+pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return gpu::bias_act(x, b, "bias_gelu");
+    }
+    Ok(x.broadcast_add(&b.to_dtype(x.dtype())?)?.gelu()?)
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use anyhow::{bail, Result};
+    use candle_core::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+    use candle_core::cuda::{CudaStorage, CudaStorageSlice};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaDevice, DType, Layout, Storage, Tensor};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dit_fused.ptx"));
+    const MODULE: &str = "vidgen_dit_fused";
+    const THREADS: u32 = 256;
+
+    fn suffix(dtype: DType) -> Result<&'static str> {
+        Ok(match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => bail!("fused DiT ops: dtype {other:?} is not f32, bf16 or f16"),
+        })
+    }
+
+    /// Device address of a tensor's first element. The launch that uses it goes to the same stream
+    /// as every candle op, so ordering needs no events; the caller keeps the tensor alive.
+    fn address(t: &Tensor) -> Result<u64> {
+        let (storage, layout): (_, &Layout) = t.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            bail!("fused DiT ops: tensor is not on a CUDA device");
+        };
+        let stream = s.device.cuda_stream();
+        let offset = layout.start_offset() as u64;
+        let (base, size) = match &s.slice {
+            CudaStorageSlice::F32(v) => (v.device_ptr(&stream).0, 4),
+            CudaStorageSlice::BF16(v) => (v.device_ptr(&stream).0, 2),
+            CudaStorageSlice::F16(v) => (v.device_ptr(&stream).0, 2),
+            _ => bail!("fused DiT ops: dtype {:?} is not supported", t.dtype()),
+        };
+        Ok(base + offset * size)
+    }
+
+    fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+        Ok(t.device().as_cuda_device()?.clone())
+    }
+
+    /// A fresh output tensor like `x` (contiguous) and its address.
+    fn output_like(x: &Tensor) -> Result<(Tensor, u64)> {
+        let dev = cuda_device(x)?;
+        let n = x.elem_count();
+        let stream = dev.cuda_stream();
+        // SAFETY: every element is written by the kernel before anything reads it.
+        let (storage, ptr) = unsafe {
+            match x.dtype() {
+                DType::F32 => {
+                    let mut s = dev.alloc::<f32>(n)?;
+                    let p = s.device_ptr_mut(&stream).0;
+                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
+                }
+                DType::BF16 => {
+                    let mut s = dev.alloc::<half::bf16>(n)?;
+                    let p = s.device_ptr_mut(&stream).0;
+                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
+                }
+                DType::F16 => {
+                    let mut s = dev.alloc::<half::f16>(n)?;
+                    let p = s.device_ptr_mut(&stream).0;
+                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
+                }
+                other => bail!("fused DiT ops: dtype {other:?} is not supported"),
+            }
+        };
+        let t = Tensor::from_storage(
+            Storage::Cuda(storage),
+            x.shape().clone(),
+            BackpropOp::none(),
+            false,
+        );
+        Ok((t, ptr))
+    }
+
+    fn config(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// (address of chunk `index`, batch stride, token stride) of a contiguous table [B, Lt, K, D].
+    fn table_chunk(table: &Tensor, index: usize) -> Result<(u64, i64, i64)> {
+        let table = table.contiguous()?;
+        let (_, lt, k, d) = table.dims4()?;
+        let base = address(&table)? + (index * d * 4) as u64;
+        let token_stride = if lt == 1 { 0 } else { (k * d) as i64 };
+        Ok((base, (lt * k * d) as i64, token_stride))
+    }
+
+    /// The name of `{kernel}` for x's dtype and a launch of one CTA per row of `x`.
+    fn kernel(x: &Tensor, kernel: &str) -> Result<(String, LaunchConfig)> {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+        Ok((format!("{kernel}_{}", suffix(x.dtype())?), config(rows)))
+    }
+
+    fn launched(
+        r: std::result::Result<(), candle_core::cuda::cudarc::driver::DriverError>,
+    ) -> Result<()> {
+        r.map_err(candle_core::Error::wrap)?;
+        Ok(())
+    }
+
+    pub fn layer_norm_modulate(
+        x: &Tensor,
+        affine: Option<(&Tensor, &Tensor)>,
+        modulation: Option<(&Tensor, usize, usize)>,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let (_, l, d) = x.dims3()?;
+        let (out, py) = output_like(&x)?;
+        let px = address(&x)?;
+        let affine = affine
+            .map(|(w, b)| -> Result<_> { Ok((w.contiguous()?, b.contiguous()?)) })
+            .transpose()?;
+        let (pw, pb) = match &affine {
+            Some((w, b)) => (address(w)?, address(b)?),
+            None => (0, 0),
+        };
+        let table = modulation.map(|(t, _, _)| t.contiguous()).transpose()?;
+        let ((psh, sh_bs, sh_ts), (psc, sc_bs, sc_ts)) = match (&table, modulation) {
+            (Some(t), Some((_, shift, scale))) => (table_chunk(t, shift)?, table_chunk(t, scale)?),
+            _ => ((0, 0, 0), (0, 0, 0)),
+        };
+        let (d, tokens) = (d as i32, l as i64);
+        let (name, cfg) = kernel(&x, "ln_modulate")?;
+        let func = cuda_device(&x)?.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&px)
+            .arg(&py)
+            .arg(&pw)
+            .arg(&pb)
+            .arg(&psh)
+            .arg(&sh_bs)
+            .arg(&sh_ts)
+            .arg(&psc)
+            .arg(&sc_bs)
+            .arg(&sc_ts)
+            .arg(&d)
+            .arg(&tokens)
+            .arg(&eps);
+        // SAFETY: the arguments match the kernel's signature in kernels/dit_fused.cu.
+        launched(unsafe { b.launch(cfg) }.map(|_| ()))?;
+        Ok(out)
+    }
+
+    pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let d = x.dim(candle_core::D::Minus1)? as i32;
+        let (out, py) = output_like(&x)?;
+        let (px, pw) = (address(&x)?, address(&weight)?);
+        let (name, cfg) = kernel(&x, "rms_norm")?;
+        let func = cuda_device(&x)?.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&px).arg(&py).arg(&pw).arg(&d).arg(&eps);
+        // SAFETY: as above.
+        launched(unsafe { b.launch(cfg) }.map(|_| ()))?;
+        Ok(out)
+    }
+
+    pub fn gated_add(x: &Tensor, y: &Tensor, table: &Tensor, index: usize) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let y = y.to_dtype(x.dtype())?.contiguous()?;
+        let (_, l, d) = x.dims3()?;
+        let table = table.contiguous()?;
+        let (pg, g_bs, g_ts) = table_chunk(&table, index)?;
+        let (out, po) = output_like(&x)?;
+        let (px, pu) = (address(&x)?, address(&y)?);
+        let (d, tokens) = (d as i32, l as i64);
+        let (name, cfg) = kernel(&x, "gated_add")?;
+        let func = cuda_device(&x)?.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&px)
+            .arg(&pu)
+            .arg(&po)
+            .arg(&pg)
+            .arg(&g_bs)
+            .arg(&g_ts)
+            .arg(&d)
+            .arg(&tokens);
+        // SAFETY: as above.
+        launched(unsafe { b.launch(cfg) }.map(|_| ()))?;
+        Ok(out)
+    }
+
+    pub fn bias_act(x: &Tensor, bias: &Tensor, kernel_name: &str) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+        let d = x.dim(candle_core::D::Minus1)?;
+        anyhow::ensure!(
+            bias.elem_count() == d,
+            "bias: {} values for rows of {d}",
+            bias.elem_count()
+        );
+        let d = d as i32;
+        let (out, py) = output_like(&x)?;
+        let (px, pb) = (address(&x)?, address(&bias)?);
+        let (name, cfg) = kernel(&x, kernel_name)?;
+        let func = cuda_device(&x)?.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&px).arg(&py).arg(&pb).arg(&d);
+        // SAFETY: as above.
+        launched(unsafe { b.launch(cfg) }.map(|_| ()))?;
+        Ok(out)
+    }
+}
