@@ -62,7 +62,12 @@ fn compile(src: &Path, out: &Path, cap: &str, include: &Path) {
         .arg(&ptx)
         .arg(src)
         .status()
-        .unwrap_or_else(|e| panic!("running nvcc for {}: {e} (set NVCC or CUDA_ROOT)", src.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "running nvcc for {}: {e} (set NVCC or CUDA_ROOT)",
+                src.display()
+            )
+        });
     if !status.success() {
         panic!("nvcc failed on {}", src.display());
     }
