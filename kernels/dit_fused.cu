@@ -5,6 +5,8 @@
 //   ln_modulate:  y = T(((x - mean) * rstd * w + b) * (1 + scale) + shift)   (w, b, scale, shift optional)
 //   rms_norm:     y = T(x * rsqrt(mean(x^2) + eps) * w)
 //   gated_add:    y = T(x + y_in * gate)
+//   rms_rope:     y = rope(T(x * rsqrt(mean(x^2) + eps) * w))  per head, pairs (2j, 2j+1) rotated by the
+//                 token's angle j: (a·cos − b·sin, a·sin + b·cos) in f32, then T (diffusers' order)
 //   bias_add:     y = T(x + b)                      (the bias of a linear layer, b f32 [D])
 //   bias_gelu:    y = T(gelu_tanh(T(x + b)))        (the FFN's first layer: linear output rounded, as
 //                                                    the reference's bf16 Linear, then GELU in f32)
@@ -116,6 +118,32 @@ __device__ void bias_act(const T* __restrict__ x, T* __restrict__ y, const float
   }
 }
 
+template <typename T>
+__device__ void rms_rope(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                         const float* __restrict__ cos_t, const float* __restrict__ sin_t, int d, int head_dim,
+                         long long tokens, float eps) {
+  __shared__ float shared[32];
+  const long long row = blockIdx.x;
+  const T* xr = x + row * d;
+  float s = 0.f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    const float a = load_f(xr[i]);
+    s += a * a;
+  }
+  const float r = rsqrtf(block_sum(s, shared) / d + eps);
+  const int half = head_dim / 2;
+  const float* c = cos_t + (row % tokens) * half;
+  const float* sn = sin_t + (row % tokens) * half;
+  T* yr = y + row * d;
+  for (int p = threadIdx.x; p < d / 2; p += blockDim.x) {
+    const int j = p % half;
+    const float a = load_f(store_f<T>(load_f(xr[2 * p]) * r * w[2 * p]));
+    const float b = load_f(store_f<T>(load_f(xr[2 * p + 1]) * r * w[2 * p + 1]));
+    yr[2 * p] = store_f<T>(a * c[j] - b * sn[j]);
+    yr[2 * p + 1] = store_f<T>(a * sn[j] + b * c[j]);
+  }
+}
+
 #define INSTANTIATE(T, NAME)                                                                               \
   extern "C" __global__ void ln_modulate_##NAME(const T* x, T* y, const float* w, const float* b,          \
                                                 const float* shift, long long shift_bs, long long shift_ts,  \
@@ -130,6 +158,10 @@ __device__ void bias_act(const T* __restrict__ x, T* __restrict__ y, const float
   extern "C" __global__ void gated_add_##NAME(const T* x, const T* u, T* y, const float* gate,              \
                                               long long gate_bs, long long gate_ts, int d, long long tokens) { \
     gated_add<T>(x, u, y, Modulation{gate, gate_bs, gate_ts}, d, tokens);                                   \
+  }                                                                                                          \
+  extern "C" __global__ void rms_rope_##NAME(const T* x, T* y, const float* w, const float* cos_t,            \
+                                             const float* sin_t, int d, int head_dim, long long tokens, float eps) { \
+    rms_rope<T>(x, y, w, cos_t, sin_t, d, head_dim, tokens, eps);                                              \
   }                                                                                                          \
   extern "C" __global__ void bias_add_##NAME(const T* x, T* y, const float* b, int d) {                     \
     bias_act<T>(x, y, b, d, false);                                                                          \

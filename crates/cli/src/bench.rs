@@ -189,7 +189,34 @@ impl Bench {
         (self.size.unwrap_or(native), self.frames.unwrap_or(frames))
     }
 
+    /// The kernel against the chunked attention in f32 on the same (rounded) inputs, at odd
+    /// lengths and the cross-attention shape; fresh random inputs each case.
+    fn attention_check(&self) -> Result<()> {
+        for (lq, lk, heads) in [
+            (1, 1, 2),
+            (17, 17, 3),
+            (513, 513, 4),
+            (4096, 512, 8),
+            (3000, 4099, 5),
+        ] {
+            let q = rand(&[1, lq, heads, 128], self.dtype, &self.device)?;
+            let k = rand(&[1, lk, heads, 128], self.dtype, &self.device)?;
+            let v = rand(&[1, lk, heads, 128], self.dtype, &self.device)?;
+            let backend = dit::model::attention_backend(&q, &k);
+            let ours = dit::model::attention_blhd(&q, &k, &v)?.to_dtype(DType::F32)?;
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            let reference = dit::model::attention_blhd(&f(&q)?, &f(&k)?, &f(&v)?)?;
+            let err = vidgen_engine::tensor_util::rel_err(&ours, &reference)?;
+            emit(json!({
+                "what": "attention_check", "backend": backend, "lq": lq, "lk": lk, "heads": heads,
+                "rel_err_vs_f32": err, "finite": ours.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite()),
+            }));
+        }
+        Ok(())
+    }
+
     fn attention(&self, seq: usize, heads: usize) -> Result<()> {
+        self.attention_check()?;
         let d = 128;
         // [B, L, H, d], the layout the transformer produces.
         let q = rand(&[1, seq, heads, d], self.dtype, &self.device)?;

@@ -73,6 +73,30 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(y.to_dtype(x.dtype())?)
 }
 
+/// RMSNorm over the last dim (f32 weight `[D]`), rounded to x's dtype, then RoPE per head with
+/// `cos`/`sin` `[L, head_dim/2]` f32: `[B, L, D]` -> `[B, L, heads, head_dim]`.
+pub fn rms_norm_rope(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    rope: &super::rope::RopeTable,
+    heads: usize,
+) -> Result<Tensor> {
+    let (b, l, d) = x.dims3()?;
+    ensure!(
+        d % heads == 0 && rope.cos.dims() == [l, d / heads / 2],
+        "rms_norm_rope: {:?} with {heads} heads vs RoPE table {:?}",
+        x.dims(),
+        rope.cos.dims()
+    );
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return gpu::rms_rope(x, weight, eps, &rope.cos, &rope.sin, heads);
+    }
+    let y = rms_norm(x, weight, eps)?.reshape((b, l, heads, d / heads))?;
+    rope.apply(&y)
+}
+
 /// `x + y·gate` with gate = chunk `index` of the modulation table; result in x's dtype.
 pub fn gated_add(x: &Tensor, y: &Tensor, table: &Tensor, index: usize) -> Result<Tensor> {
     check_table(x, table)?;
@@ -322,5 +346,42 @@ mod gpu {
         // SAFETY: as above.
         launched(unsafe { b.launch(cfg) }.map(|_| ()))?;
         Ok(out)
+    }
+
+    pub fn rms_rope(
+        x: &Tensor,
+        weight: &Tensor,
+        eps: f32,
+        cos: &Tensor,
+        sin: &Tensor,
+        heads: usize,
+    ) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let (b, l, d) = x.dims3()?;
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+        let (out, py) = output_like(&x)?;
+        let (px, pw, pc, ps) = (
+            address(&x)?,
+            address(&weight)?,
+            address(&cos)?,
+            address(&sin)?,
+        );
+        let (di, head_dim, tokens) = (d as i32, (d / heads) as i32, l as i64);
+        let (name, cfg) = kernel(&x, "rms_rope")?;
+        let func = cuda_device(&x)?.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut bld = func.builder();
+        bld.arg(&px)
+            .arg(&py)
+            .arg(&pw)
+            .arg(&pc)
+            .arg(&ps)
+            .arg(&di)
+            .arg(&head_dim)
+            .arg(&tokens)
+            .arg(&eps);
+        // SAFETY: as above.
+        launched(unsafe { bld.launch(cfg) }.map(|_| ()))?;
+        Ok(out.reshape((b, l, heads, d / heads))?)
     }
 }

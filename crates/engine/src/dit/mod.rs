@@ -6,6 +6,7 @@
 //! - [`model`]: the transformer, with per-request text context (cross-attention K/V) caching.
 
 pub mod config;
+pub mod flash;
 pub mod fused;
 pub mod keys;
 pub mod model;

@@ -10,6 +10,7 @@ use candle_nn::Linear;
 use std::collections::HashMap;
 
 use super::config::DitConfig;
+use super::flash;
 use super::fused;
 use super::rope::RopeTable;
 use super::streaming::{self, HostBlock, StreamOptions, Uploader};
@@ -163,8 +164,11 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// Which kernel [`attention_blhd`] uses for these inputs (benchmarks report it).
 pub fn attention_backend(q: &Tensor, k: &Tensor) -> &'static str {
-    let _ = (q, k);
-    "chunked"
+    if flash::supported(q, k, k) {
+        "flash"
+    } else {
+        "chunked"
+    }
 }
 
 /// Attention on the layout the projections produce: q [B, Lq, H, d], k/v [B, Lk, H, d] ->
@@ -172,7 +176,11 @@ pub fn attention_backend(q: &Tensor, k: &Tensor) -> &'static str {
 /// chunked [`attention`] (transposes to [B, H, L, d] and back).
 pub fn attention_blhd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     scope("dit.attention_kernel", q.device(), || {
-        attention_chunked_blhd(q, k, v)
+        if flash::supported(q, k, v) {
+            flash::attention(q, k, v)
+        } else {
+            attention_chunked_blhd(q, k, v)
+        }
     })
 }
 
@@ -249,10 +257,16 @@ impl Attention {
     }
 
     fn self_attention(&self, x: &Tensor, rope: &RopeTable) -> Result<Tensor> {
-        let q = self.split_heads(&self.norm_q.forward(&linear_forward(&self.to_q, x)?)?)?;
-        let k = self.split_heads(&self.norm_k.forward(&linear_forward(&self.to_k, x)?)?)?;
+        let norm_rope = |norm: &RmsNorm, proj: &Linear| -> Result<Tensor> {
+            let y = linear_forward(proj, x)?;
+            scope("dit.rms_rope", x.device(), || {
+                fused::rms_norm_rope(&y, &norm.weight, norm.eps, rope, self.heads)
+            })
+        };
+        let q = norm_rope(&self.norm_q, &self.to_q)?;
+        let k = norm_rope(&self.norm_k, &self.to_k)?;
         let v = self.split_heads(&linear_forward(&self.to_v, x)?)?;
-        let out = attention_blhd(&rope.apply(&q)?, &rope.apply(&k)?, &v)?;
+        let out = attention_blhd(&q, &k, &v)?;
         linear_forward(&self.to_out, &out.flatten_from(2)?)
     }
 

@@ -206,21 +206,27 @@ mod gpu {
         stream: Arc<CudaStream>,
     }
 
-    fn bytes_of(t: &Tensor) -> Result<Vec<u8>> {
-        // Contiguous CPU tensor -> its raw little-endian bytes.
-        Ok(match t.dtype() {
-            DType::F32 => bytemuck_cast(&t.flatten_all()?.to_vec1::<f32>()?),
-            DType::BF16 => bytemuck_cast(&t.flatten_all()?.to_vec1::<half::bf16>()?),
-            DType::F16 => bytemuck_cast(&t.flatten_all()?.to_vec1::<half::f16>()?),
-            DType::U8 => t.flatten_all()?.to_vec1::<u8>()?,
+    /// Copies a contiguous CPU tensor's raw bytes into `dst` (no intermediate buffers: a 28 GB
+    /// expert is staged with one copy).
+    fn write_bytes(t: &Tensor, dst: &mut [u8]) -> Result<()> {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            bail!("block streaming: staging expects host tensors");
+        };
+        let (start, n) = (layout.start_offset(), t.elem_count());
+        fn raw<T>(v: &[T]) -> &[u8] {
+            // SAFETY: plain-old-data element types viewed as bytes.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        let src = match t.dtype() {
+            DType::F32 => raw(&cpu.as_slice::<f32>()?[start..start + n]),
+            DType::BF16 => raw(&cpu.as_slice::<half::bf16>()?[start..start + n]),
+            DType::F16 => raw(&cpu.as_slice::<half::f16>()?[start..start + n]),
+            DType::U8 => raw(&cpu.as_slice::<u8>()?[start..start + n]),
             other => bail!("block streaming: weights of dtype {other:?} are not supported"),
-        })
-    }
-
-    fn bytemuck_cast<T: Copy>(v: &[T]) -> Vec<u8> {
-        let n = std::mem::size_of_val(v);
-        // SAFETY: plain-old-data element types (f32, bf16, f16) viewed as bytes.
-        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, n) }.to_vec()
+        };
+        dst.copy_from_slice(src);
+        Ok(())
     }
 
     impl CopyStream {
@@ -251,7 +257,7 @@ mod gpu {
             let mut buffer = unsafe { ctx.alloc_pinned::<u8>(offset.max(1))? };
             let host = buffer.as_mut_slice()?;
             for ((_, t), e) in tensors.iter().zip(&entries) {
-                host[e.offset..e.offset + e.bytes].copy_from_slice(&bytes_of(t)?);
+                write_bytes(t, &mut host[e.offset..e.offset + e.bytes])?;
             }
             Ok(PinnedBlock { buffer, entries })
         }

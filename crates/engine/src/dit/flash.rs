@@ -1,0 +1,157 @@
+//! The fused attention kernel (kernels/attention.cu): bf16, head_dim 128, on CUDA. Inputs in the
+//! projections' layout [B, L, H, 128] (any token stride, head dim contiguous); output
+//! [B, Lq, H, 128] contiguous. [`supported`] says when it applies; otherwise callers use the
+//! chunked attention.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+
+pub const HEAD_DIM: usize = 128;
+
+/// True when the fused kernel can run these inputs.
+pub fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && q.device().is_cuda()
+        && [q, k, v].iter().all(|t| {
+            t.dtype() == DType::BF16
+                && t.rank() == 4
+                && t.dims()[3] == HEAD_DIM
+                && t.stride()[3] == 1
+        })
+        && q.dim(2).ok() == k.dim(2).ok()
+        && k.dims() == v.dims()
+        && q.dim(0).ok() == k.dim(0).ok()
+}
+
+/// softmax(q·kᵀ/√128)·v; see the module docs for layouts.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    anyhow::ensure!(
+        supported(q, k, v),
+        "fused attention: unsupported inputs q {:?} {:?}, k {:?}, v {:?} (needs CUDA, bf16, head_dim 128)",
+        q.dims(),
+        q.dtype(),
+        k.dims(),
+        v.dims()
+    );
+    #[cfg(feature = "cuda")]
+    {
+        gpu::attention(q, k, v)
+    }
+    #[cfg(not(feature = "cuda"))]
+    unreachable!("supported() is false without CUDA")
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use anyhow::{bail, Result};
+    use candle_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum;
+    use candle_core::cuda::cudarc::driver::{
+        CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda::cudarc::nvrtc::Ptx;
+    use candle_core::cuda::CudaStorage;
+    use candle_core::op::BackpropOp;
+    use candle_core::{Storage, Tensor};
+
+    use super::HEAD_DIM;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+    const BLOCK_M: usize = 64;
+    const THREADS: u32 = 128;
+    /// Q tile + two stages of K and V tiles, rows padded to 136 values.
+    const SMEM_BYTES: u32 = 5 * 64 * (128 + 8) * 2;
+
+    /// The kernel, loaded once per device (its shared-memory limit raised above 48 KB).
+    fn function(dev: &candle_core::CudaDevice) -> Result<CudaFunction> {
+        static CACHE: OnceLock<Mutex<HashMap<usize, CudaFunction>>> = OnceLock::new();
+        let ctx = dev.cuda_stream().context().clone();
+        let key = ctx.ordinal();
+        let mut cache = CACHE
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(&key) {
+            return Ok(f.clone());
+        }
+        let module = ctx.load_module(Ptx::from_src(PTX))?;
+        let f = module.load_function("flash_attention_bf16")?;
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            SMEM_BYTES as i32,
+        )?;
+        cache.insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// Device address of the tensor's first element (bf16).
+    fn address(t: &Tensor) -> Result<u64> {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            bail!("fused attention: tensor is not on a CUDA device");
+        };
+        let stream = s.device.cuda_stream();
+        let slice = s.as_cuda_slice::<half::bf16>()?;
+        let (base, _guard) = slice.device_ptr(&stream);
+        Ok(base + 2 * layout.start_offset() as u64)
+    }
+
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, lq, h, _) = q.dims4()?;
+        let lk = k.dim(1)?;
+        let dev = q.device().as_cuda_device()?.clone();
+        let stream = dev.cuda_stream();
+        // SAFETY: every element of the output is written by the kernel (rows < lq).
+        let mut out = unsafe { dev.alloc::<half::bf16>(b * lq * h * HEAD_DIM)? };
+        let po = out.device_ptr_mut(&stream).0;
+        let out = Tensor::from_storage(
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())),
+            (b, lq, h, HEAD_DIM),
+            BackpropOp::none(),
+            false,
+        );
+        let (pq, pk, pv) = (address(q)?, address(k)?, address(v)?);
+        let s = |t: &Tensor, i: usize| t.stride()[i] as i64;
+        let (q_stride, k_stride, v_stride) = (s(q, 1), s(k, 1), s(v, 1));
+        let o_stride = (h * HEAD_DIM) as i64;
+        let (q_batch, k_batch, v_batch) = (s(q, 0), s(k, 0), s(v, 0));
+        let o_batch = (lq * h * HEAD_DIM) as i64;
+        let (lq_i, lk_i) = (lq as i32, lk as i32);
+        let scale_log2 = (1.0 / (HEAD_DIM as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+        for (name, t) in [("q", q), ("k", k), ("v", v)] {
+            anyhow::ensure!(
+                t.stride()[2] == HEAD_DIM,
+                "fused attention: {name} heads must be adjacent (stride {:?})",
+                t.stride()
+            );
+        }
+        let f = function(&dev)?;
+        let cfg = LaunchConfig {
+            grid_dim: (lq.div_ceil(BLOCK_M) as u32, h as u32, b as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: SMEM_BYTES,
+        };
+        let mut args = stream.launch_builder(&f);
+        args.arg(&pq)
+            .arg(&pk)
+            .arg(&pv)
+            .arg(&po)
+            .arg(&lq_i)
+            .arg(&lk_i)
+            .arg(&q_stride)
+            .arg(&k_stride)
+            .arg(&v_stride)
+            .arg(&o_stride)
+            .arg(&q_batch)
+            .arg(&k_batch)
+            .arg(&v_batch)
+            .arg(&o_batch)
+            .arg(&scale_log2);
+        // SAFETY: the arguments match `flash_attention_bf16` in kernels/attention.cu; the tensors
+        // outlive the launch on this stream.
+        unsafe { args.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        Ok(out)
+    }
+}
