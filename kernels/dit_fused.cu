@@ -102,7 +102,7 @@ __device__ void gated_add(const T* __restrict__ x, const T* __restrict__ u, T* _
 }
 
 template <typename T>
-__device__ void bias_act(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ b, int d, bool gelu) {
+__device__ void bias_act(const T* x, T* y, const float* __restrict__ b, int d, bool gelu) {  // x may be y
   const long long row = blockIdx.x;
   const T* xr = x + row * d;
   T* yr = y + row * d;

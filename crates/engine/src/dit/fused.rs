@@ -117,8 +117,9 @@ pub fn gated_add(x: &Tensor, y: &Tensor, table: &Tensor, index: usize) -> Result
     Ok(out.to_dtype(x.dtype())?)
 }
 
-/// `x + b` (b `[D]`, broadcast over rows); result in x's dtype.
-pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `x + b` (b `[D]`, broadcast over rows); result in x's dtype. Takes `x` by value: on the GPU a
+/// contiguous `x` (a fresh matmul output) is overwritten in place, saving one activation buffer.
+pub fn bias_add(x: Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return gpu::bias_act(x, b, "bias_add");
@@ -126,8 +127,8 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_add(&b.to_dtype(x.dtype())?)?)
 }
 
-/// `gelu_tanh(x + b)`; result in x's dtype.
-pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `gelu_tanh(x + b)`; result in x's dtype (in place on the GPU, as [`bias_add`]).
+pub fn bias_gelu(x: Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return gpu::bias_act(x, b, "bias_gelu");
@@ -327,8 +328,17 @@ mod gpu {
         Ok(out)
     }
 
-    pub fn bias_act(x: &Tensor, bias: &Tensor, kernel_name: &str) -> Result<Tensor> {
-        let x = x.contiguous()?;
+    pub fn bias_act(x: Tensor, bias: &Tensor, kernel_name: &str) -> Result<Tensor> {
+        // In place when `x` is contiguous from its first element (the caller gave up its copy);
+        // otherwise into a fresh buffer.
+        let (x, out, py) = if x.is_contiguous() {
+            let p = address(&x)?;
+            (x.clone(), x, p)
+        } else {
+            let x = x.contiguous()?;
+            let (out, p) = output_like(&x)?;
+            (x, out, p)
+        };
         let bias = bias.to_dtype(DType::F32)?.contiguous()?;
         let d = x.dim(candle_core::D::Minus1)?;
         anyhow::ensure!(
@@ -337,13 +347,12 @@ mod gpu {
             bias.elem_count()
         );
         let d = d as i32;
-        let (out, py) = output_like(&x)?;
         let (px, pb) = (address(&x)?, address(&bias)?);
         let (name, cfg) = kernel(&x, kernel_name)?;
         let func = cuda_device(&x)?.get_or_load_custom_func(&name, MODULE, PTX)?;
         let mut b = func.builder();
         b.arg(&px).arg(&py).arg(&pb).arg(&d);
-        // SAFETY: as above.
+        // SAFETY: as above; in place is safe: each element is read then written by one thread.
         launched(unsafe { b.launch(cfg) }.map(|_| ()))?;
         Ok(out)
     }
