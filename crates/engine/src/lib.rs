@@ -14,6 +14,7 @@ pub mod denoise;
 pub mod device;
 pub mod dit;
 pub mod error;
+pub mod memory;
 pub mod pipeline;
 pub mod presets;
 pub mod profile;
