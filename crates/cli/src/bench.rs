@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use vidgen_engine::device::{gpu_memory, parse_device, parse_dtype};
 use vidgen_engine::dit::{self, DitConfig, WanTransformer};
 use vidgen_engine::invalid;
+use vidgen_engine::memory;
 use vidgen_engine::vae::{TileConfig, VaeConfig, WanVae};
 use vidgen_engine::weights::{MemorySource, WeightMap};
 
@@ -60,6 +61,8 @@ pub struct Args {
 /// A DiT benchmark model: its config and native output size.
 struct DitCase {
     name: &'static str,
+    /// The configuration the planner knows it by.
+    preset: &'static str,
     config: DitConfig,
     size: (usize, usize),
     frames: usize,
@@ -70,6 +73,7 @@ fn dit_cases() -> Vec<DitCase> {
     vec![
         DitCase {
             name: "wan2.1-1.3b",
+            preset: "wan2.1-t2v-1.3b",
             config: DitConfig::wan21_1_3b(),
             size: (832, 480),
             frames: 81,
@@ -77,6 +81,7 @@ fn dit_cases() -> Vec<DitCase> {
         },
         DitCase {
             name: "wan2.2-ti2v-5b",
+            preset: "wan2.2-ti2v-5b",
             config: DitConfig::wan22_ti2v_5b(),
             size: (1280, 704),
             frames: 121,
@@ -84,6 +89,7 @@ fn dit_cases() -> Vec<DitCase> {
         },
         DitCase {
             name: "wan-a14b-expert",
+            preset: "wan2.2-t2v-a14b",
             config: DitConfig::wan_14b(16),
             size: (832, 480),
             frames: 81,
@@ -259,11 +265,15 @@ impl Bench {
             Ok(())
         })?;
         let flops = dit_flops(cfg, tokens, 512);
+        let elem = self.dtype.size_in_bytes() as u64;
+        let predicted = param_count(cfg) as u64 * elem
+            + memory::dit_activations(memory::known_model(case.preset)?, tokens, 1, elem, false);
         emit(json!({
             "what": "dit_forward", "model": case.name, "size": format!("{w}x{h}"), "frames": frames,
             "latent": latent, "tokens": tokens, "params": param_count(cfg),
             "dtype": format!("{:?}", self.dtype).to_lowercase(), "seconds": seconds,
-            "peak_gib": peak, "tflops": flops / seconds / 1e12,
+            "peak_gib": peak, "predicted_peak_gib": predicted as f64 / memory::GIB,
+            "tflops": flops / seconds / 1e12,
         }));
         Ok(())
     }
@@ -395,6 +405,21 @@ impl Bench {
         Ok(())
     }
 
+    /// The planner's figure for this decode: weights in the VAE's dtype plus its activation model.
+    fn vae_predicted(&self, case: &VaeCase, vae: &WanVae, tiled: bool) -> f64 {
+        let ((w, h), frames) = self.shape(case.size, case.frames);
+        let elem = vae.dtype().size_in_bytes() as u64;
+        let weights: u64 = WanVae::expected_weights(&case.config)
+            .map(|s| {
+                s.iter()
+                    .map(|(_, s)| s.iter().product::<usize>() as u64)
+                    .sum()
+            })
+            .unwrap_or(0);
+        let act = memory::vae_decode_activations(&case.config, w, h, frames, tiled, elem);
+        (weights * elem + act) as f64 / memory::GIB
+    }
+
     fn vae_decode(&self, case: &VaeCase, plain: bool, tiled: bool) -> Result<()> {
         let ((w, h), frames) = self.shape(case.size, case.frames);
         let s = case.config.spatial_stride();
@@ -410,6 +435,7 @@ impl Bench {
             emit(json!({
                 "what": "vae_decode", "model": case.name, "latent": latent, "dtype": dtype,
                 "seconds": seconds, "peak_gib": peak,
+                "predicted_peak_gib": self.vae_predicted(case, &vae, false),
             }));
         }
         if !tiled {
@@ -424,6 +450,7 @@ impl Bench {
             "what": "vae_decode_tiled", "model": case.name, "latent": latent, "dtype": dtype,
             "tile_px": tiles.tile_size, "overlap_px": tiles.tile_overlap,
             "seconds": seconds, "peak_gib": peak,
+            "predicted_peak_gib": self.vae_predicted(case, &vae, true),
         }));
         Ok(())
     }

@@ -115,10 +115,12 @@ pub mod coeff {
     pub const TEXT_PER_TOKEN: f64 = 4.0 * (8.0 * 4096.0 + 3.0 * 10240.0);
     /// VAE decode working set per chunk, in multiples of the finest level's chunk tensor
     /// (decoder base channels x 4 frames x H x W): per-tap convolution outputs, sums, the causal
-    /// caches and cuDNN workspace. Calibrated on the H100 (Wan2.1 VAE, 832x480x81, plain decode).
-    pub const VAE_CHUNK_FACTOR: f64 = 24.0;
-    /// Tile side including overlap (pixels) of the default tiled decode.
-    pub const VAE_TILE_PX: f64 = 320.0;
+    /// caches and cuDNN workspace. Calibrated on the H100, bf16, plain decode of 832x480x81
+    /// (Wan2.1: 7.17 GiB measured) and 1280x704x121 (Wan2.2: 15.12 GiB measured).
+    pub const VAE21_CHUNK_FACTOR: f64 = 24.0;
+    pub const VAE22_CHUNK_FACTOR: f64 = 31.0;
+    /// Tile side (pixels, overlap included) of the default tiled decode.
+    pub const VAE_TILE_PX: f64 = 256.0;
 }
 
 /// What a plan is made for.
@@ -216,8 +218,15 @@ pub fn dit_tokens(p: &ModelPreset, width: usize, height: usize, frames: usize) -
     (f / pt) * (height / sh / ph) * (width / sw / pw)
 }
 
-/// DiT activation peak for `passes` CFG passes (see [`coeff`]).
-pub fn dit_activations(p: &ModelPreset, tokens: usize, passes: usize, elem: u64) -> u64 {
+/// DiT activation peak for `passes` CFG passes (see [`coeff`]); `per_token`: one timestep per
+/// token (TI2V's expand_timesteps), which makes the modulation tables token-sized.
+pub fn dit_activations(
+    p: &ModelPreset,
+    tokens: usize,
+    passes: usize,
+    elem: u64,
+    per_token: bool,
+) -> u64 {
     let d = p.dit.dim as f64;
     let l = tokens as f64;
     let b = elem as f64;
@@ -226,7 +235,7 @@ pub fn dit_activations(p: &ModelPreset, tokens: usize, passes: usize, elem: u64)
     // cross-attention K/V of every block, per pass (text length 512)
     let context = passes as f64 * p.dit.num_layers as f64 * 2.0 * 512.0 * d * b;
     // per-token timesteps (TI2V): the f32 modulation table and its model-dtype projection
-    let per_token = if p.name == "wan2.2-ti2v-5b" {
+    let per_token = if per_token {
         l * 6.0 * d * (4.0 + b)
     } else {
         0.0
@@ -242,6 +251,7 @@ pub fn vae_decode_activations(
     height: usize,
     frames: usize,
     tiled: bool,
+    elem: u64,
 ) -> u64 {
     let base = cfg.decoder_base_dim.unwrap_or(cfg.base_dim) as f64;
     let area = if tiled {
@@ -251,13 +261,18 @@ pub fn vae_decode_activations(
     };
     // A patchified VAE (Wan2.2, patch 2) decodes its finest level at 1/patch of the resolution.
     let area = area / (cfg.patch() * cfg.patch()) as f64;
-    let chunk = base * 4.0 * area * 4.0;
+    let chunk = base * 4.0 * area * elem as f64;
     let video = if tiled {
         0.0
     } else {
-        3.0 * (frames * width * height) as f64 * 4.0
+        3.0 * (frames * width * height) as f64 * elem as f64
     };
-    (coeff::VAE_CHUNK_FACTOR * chunk + video) as u64
+    let factor = if cfg.is_residual {
+        coeff::VAE22_CHUNK_FACTOR
+    } else {
+        coeff::VAE21_CHUNK_FACTOR
+    };
+    (factor * chunk + video) as u64
 }
 
 fn stage(name: &str, gpu: u64, host: u64, act: u64, placement: String) -> StagePlan {
@@ -286,11 +301,11 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
         .unwrap_or(0);
     let tokens = dit_tokens(p, req.width, req.height, req.frames);
     let passes = if req.cfg { 2 } else { 1 };
-    let dit_act = dit_activations(p, tokens, passes, elem);
+    let dit_act = dit_activations(p, tokens, passes, elem, p.name == "wan2.2-ti2v-5b");
     let text_act = (coeff::TEXT_PER_TOKEN * 512.0) as u64;
     let tiled =
         matches!(mode, Offload::Aggressive | Offload::Stream) || req.width * req.height > 512 * 512;
-    let vae_act = vae_decode_activations(&vae_cfg, req.width, req.height, req.frames, tiled);
+    let vae_act = vae_decode_activations(&vae_cfg, req.width, req.height, req.frames, tiled, 4);
     let all_dits = dit_w * experts;
     let mut resident_blocks = None;
     let (text_gpu, dits_gpu_during_denoise, others_during_decode, dit_host): (u64, u64, u64, u64) =
