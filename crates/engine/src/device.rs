@@ -26,6 +26,12 @@ pub fn parse_device(name: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<Device> {
+    // f32 means f32: cuDNN (and cuBLAS) would otherwise run f32 convolutions in TF32 (10-bit
+    // mantissa), 1e-3 relative error on the VAE. Read by the libraries when their handles are
+    // created, so set before any GPU work; a value the user set wins.
+    if std::env::var_os("NVIDIA_TF32_OVERRIDE").is_none() {
+        std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
+    }
     let device = Device::new_cuda(ordinal)?;
     gpu_memory::retain_freed_memory(&device)?;
     Ok(device)
