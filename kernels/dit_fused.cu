@@ -16,15 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-template <typename T> __device__ __forceinline__ float load_f(const T v);
-template <> __device__ __forceinline__ float load_f<float>(const float v) { return v; }
-template <> __device__ __forceinline__ float load_f<__nv_bfloat16>(const __nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float load_f<__half>(const __half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T store_f(const float v);
-template <> __device__ __forceinline__ float store_f<float>(const float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 store_f<__nv_bfloat16>(const float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half store_f<__half>(const float v) { return __float2half(v); }
+#include "common.cuh"
 
 // Sum over the CTA (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ __forceinline__ float block_sum(float v, float* shared) {

@@ -10,6 +10,8 @@
 //! - [`component`]: the `run-component` contract shared by the CLI and the tests.
 
 pub mod component;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda_util;
 pub mod denoise;
 pub mod device;
 pub mod dit;

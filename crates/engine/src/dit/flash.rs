@@ -46,10 +46,10 @@ mod gpu {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
 
-    use anyhow::{bail, Result};
+    use anyhow::Result;
     use candle_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum;
     use candle_core::cuda::cudarc::driver::{
-        CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+        CudaFunction, DevicePtrMut, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda::cudarc::nvrtc::Ptx;
     use candle_core::cuda::CudaStorage;
@@ -57,6 +57,7 @@ mod gpu {
     use candle_core::{Storage, Tensor};
 
     use super::HEAD_DIM;
+    use crate::cuda_util::address;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
     const BLOCK_M: usize = 64;
@@ -84,18 +85,6 @@ mod gpu {
         )?;
         cache.insert(key, f.clone());
         Ok(f)
-    }
-
-    /// Device address of the tensor's first element (bf16).
-    fn address(t: &Tensor) -> Result<u64> {
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            bail!("fused attention: tensor is not on a CUDA device");
-        };
-        let stream = s.device.cuda_stream();
-        let slice = s.as_cuda_slice::<half::bf16>()?;
-        let (base, _guard) = slice.device_ptr(&stream);
-        Ok(base + 2 * layout.start_offset() as u64)
     }
 
     pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {

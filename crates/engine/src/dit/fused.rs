@@ -138,80 +138,19 @@ pub fn bias_gelu(x: Tensor, b: &Tensor) -> Result<Tensor> {
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use anyhow::{bail, Result};
-    use candle_core::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-    use candle_core::cuda::{CudaStorage, CudaStorageSlice};
-    use candle_core::op::BackpropOp;
-    use candle_core::{CudaDevice, DType, Layout, Storage, Tensor};
+    use anyhow::Result;
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{DType, Tensor};
+
+    use crate::cuda_util::{address, alloc, cuda_device, launched, suffix};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dit_fused.ptx"));
     const MODULE: &str = "vidgen_dit_fused";
     const THREADS: u32 = 256;
 
-    fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => bail!("fused DiT ops: dtype {other:?} is not f32, bf16 or f16"),
-        })
-    }
-
-    /// Device address of a tensor's first element. The launch that uses it goes to the same stream
-    /// as every candle op, so ordering needs no events; the caller keeps the tensor alive.
-    fn address(t: &Tensor) -> Result<u64> {
-        let (storage, layout): (_, &Layout) = t.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            bail!("fused DiT ops: tensor is not on a CUDA device");
-        };
-        let stream = s.device.cuda_stream();
-        let offset = layout.start_offset() as u64;
-        let (base, size) = match &s.slice {
-            CudaStorageSlice::F32(v) => (v.device_ptr(&stream).0, 4),
-            CudaStorageSlice::BF16(v) => (v.device_ptr(&stream).0, 2),
-            CudaStorageSlice::F16(v) => (v.device_ptr(&stream).0, 2),
-            _ => bail!("fused DiT ops: dtype {:?} is not supported", t.dtype()),
-        };
-        Ok(base + offset * size)
-    }
-
-    fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
-        Ok(t.device().as_cuda_device()?.clone())
-    }
-
     /// A fresh output tensor like `x` (contiguous) and its address.
     fn output_like(x: &Tensor) -> Result<(Tensor, u64)> {
-        let dev = cuda_device(x)?;
-        let n = x.elem_count();
-        let stream = dev.cuda_stream();
-        // SAFETY: every element is written by the kernel before anything reads it.
-        let (storage, ptr) = unsafe {
-            match x.dtype() {
-                DType::F32 => {
-                    let mut s = dev.alloc::<f32>(n)?;
-                    let p = s.device_ptr_mut(&stream).0;
-                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
-                }
-                DType::BF16 => {
-                    let mut s = dev.alloc::<half::bf16>(n)?;
-                    let p = s.device_ptr_mut(&stream).0;
-                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
-                }
-                DType::F16 => {
-                    let mut s = dev.alloc::<half::f16>(n)?;
-                    let p = s.device_ptr_mut(&stream).0;
-                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
-                }
-                other => bail!("fused DiT ops: dtype {other:?} is not supported"),
-            }
-        };
-        let t = Tensor::from_storage(
-            Storage::Cuda(storage),
-            x.shape().clone(),
-            BackpropOp::none(),
-            false,
-        );
-        Ok((t, ptr))
+        alloc(&cuda_device(x)?, x.dtype(), x.dims())
     }
 
     fn config(rows: usize) -> LaunchConfig {
@@ -235,13 +174,6 @@ mod gpu {
     fn kernel(x: &Tensor, kernel: &str) -> Result<(String, LaunchConfig)> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         Ok((format!("{kernel}_{}", suffix(x.dtype())?), config(rows)))
-    }
-
-    fn launched(
-        r: std::result::Result<(), candle_core::cuda::cudarc::driver::DriverError>,
-    ) -> Result<()> {
-        r.map_err(candle_core::Error::wrap)?;
-        Ok(())
     }
 
     pub fn layer_norm_modulate(

@@ -205,9 +205,12 @@ pub fn causal_conv3d(
     }
 }
 
-/// `WanCausalConv3d`: weight `[C_out, C_in, kt, kh, kw]` split into its temporal taps at load time.
+/// `WanCausalConv3d`: weight `[C_out, C_in, kt, kh, kw]` split into its temporal taps at load time
+/// (on CUDA: in the GPU path's layout instead, with the weight's shape; see [`super::gpu`]).
 pub struct CausalConv3d {
     taps: Vec<Tensor>,
+    #[cfg(feature = "cuda")]
+    gpu_weight: Option<(Tensor, [usize; 5])>,
     bias: Tensor,
     front_pad: usize,
     pad_hw: usize,
@@ -226,6 +229,20 @@ impl CausalConv3d {
     ) -> Result<Self> {
         let (kt, ks) = kernel;
         let weight = vb.get("weight", &[c_out, c_in, kt, ks, ks])?;
+        #[cfg(feature = "cuda")]
+        if weight.device().is_cuda() {
+            return Ok(Self {
+                taps: Vec::new(),
+                gpu_weight: Some((
+                    super::gpu::prepare_weight(&weight)?,
+                    [c_out, c_in, kt, ks, ks],
+                )),
+                bias: vb.get("bias", &[c_out])?,
+                front_pad: 2 * padding.0,
+                pad_hw: padding.1,
+                stride_t,
+            });
+        }
         let taps = (0..kt)
             .map(|k| {
                 let tap = weight.narrow(2, k, 1)?.squeeze(2)?;
@@ -238,6 +255,8 @@ impl CausalConv3d {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             taps,
+            #[cfg(feature = "cuda")]
+            gpu_weight: None,
             bias: vb.get("bias", &[c_out])?,
             front_pad: 2 * padding.0,
             pad_hw: padding.1,
@@ -251,8 +270,32 @@ impl CausalConv3d {
     }
 
     pub fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_add(x, cache, None)
+    }
+
+    /// The convolution plus `residual` (fused on the GPU).
+    fn forward_add(
+        &self,
+        x: &Tensor,
+        cache: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         crate::profile::scope("vae.conv3d", x.device(), || {
-            causal_conv3d(
+            #[cfg(feature = "cuda")]
+            if let Some((w, dims)) = &self.gpu_weight {
+                return super::gpu::causal_conv3d(
+                    x,
+                    w,
+                    *dims,
+                    &self.bias,
+                    self.front_pad,
+                    self.pad_hw,
+                    self.stride_t,
+                    cache,
+                    residual,
+                );
+            }
+            let y = causal_conv3d(
                 x,
                 &self.taps,
                 Some(&self.bias),
@@ -260,7 +303,11 @@ impl CausalConv3d {
                 self.pad_hw,
                 self.stride_t,
                 cache,
-            )
+            )?;
+            match residual {
+                Some(r) => Ok((y + r)?),
+                None => Ok(y),
+            }
         })
     }
 
@@ -268,13 +315,23 @@ impl CausalConv3d {
     /// and this chunk's last `CACHE_T` input frames (topped up with the previous chunk's last
     /// frame when the chunk is shorter) replace them.
     pub fn forward_cached(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
+        self.forward_cached_add(x, cache, None)
+    }
+
+    /// [`forward_cached`](Self::forward_cached) plus `residual`.
+    pub fn forward_cached_add(
+        &self,
+        x: &Tensor,
+        cache: &mut FeatCache,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let slot = cache.next_slot();
         let prev = match slot {
             Slot::Frames(t) => Some(t.clone()),
             _ => None,
         };
         let keep = last_frames(x, prev.as_ref(), false)?;
-        let y = self.forward(x, prev.as_ref())?;
+        let y = self.forward_add(x, prev.as_ref(), residual)?;
         *slot = Slot::Frames(keep);
         Ok(y)
     }
@@ -312,6 +369,9 @@ fn per_frame(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor
 /// `nn.Conv2d` with a square kernel.
 pub struct Conv2d {
     weight: Tensor,
+    /// On CUDA: the weight in the GPU path's layout, and its `[C_out, C_in, k, k]`.
+    #[cfg(feature = "cuda")]
+    gpu_weight: Option<(Tensor, [usize; 4])>,
     bias: Tensor,
     stride: usize,
     padding: usize,
@@ -326,8 +386,17 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        let weight = vb.get("weight", &[c_out, c_in, k, k])?;
         Ok(Self {
-            weight: vb.get("weight", &[c_out, c_in, k, k])?,
+            #[cfg(feature = "cuda")]
+            gpu_weight: weight
+                .device()
+                .is_cuda()
+                .then(|| -> Result<_> {
+                    Ok((super::gpu::prepare_weight(&weight)?, [c_out, c_in, k, k]))
+                })
+                .transpose()?,
+            weight,
             bias: vb.get("bias", &[c_out])?,
             stride,
             padding,
@@ -336,6 +405,10 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::profile::scope("vae.conv2d", x.device(), || {
+            #[cfg(feature = "cuda")]
+            if let Some((w, dims)) = &self.gpu_weight {
+                return super::gpu::conv2d(x, w, *dims, &self.bias, self.padding, self.stride);
+            }
             let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
             Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
         })
@@ -347,6 +420,9 @@ impl Conv2d {
 pub struct RmsNorm {
     /// gamma · √C, flattened to `[C]`.
     scale: Tensor,
+    /// On CUDA: gamma in f32, `[C]` (the fused kernel applies √C and gamma in the reference's order).
+    #[cfg(feature = "cuda")]
+    gamma: Option<Tensor>,
 }
 
 impl RmsNorm {
@@ -359,13 +435,36 @@ impl RmsNorm {
         };
         let gamma = vb.get("gamma", shape)?.flatten_all()?;
         Ok(Self {
+            #[cfg(feature = "cuda")]
+            gamma: gamma
+                .device()
+                .is_cuda()
+                .then(|| gamma.to_dtype(DType::F32))
+                .transpose()?,
             scale: (gamma * (dim as f64).sqrt())?,
         })
     }
 
     /// Normalises over `dim` (the channel axis).
     pub fn forward(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
-        crate::profile::scope("vae.rms_norm", x.device(), || self.forward_inner(x, dim))
+        crate::profile::scope("vae.rms_norm", x.device(), || {
+            #[cfg(feature = "cuda")]
+            if let Some(gamma) = &self.gamma {
+                return super::gpu::rms_norm(x, gamma, dim, false);
+            }
+            self.forward_inner(x, dim)
+        })
+    }
+
+    /// `silu(norm(x))` (one fused pass on the GPU).
+    pub fn forward_silu(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(gamma) = &self.gamma {
+            return crate::profile::scope("vae.rms_norm", x.device(), || {
+                super::gpu::rms_norm(x, gamma, dim, true)
+            });
+        }
+        silu(&self.forward(x, dim)?)
     }
 
     fn forward_inner(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
@@ -422,11 +521,10 @@ impl ResidualBlock {
             Some(s) => s.forward(x, None)?,
             None => x.clone(),
         };
-        let y = silu(&self.norm1.forward(x, 2)?)?;
+        let y = self.norm1.forward_silu(x, 2)?;
         let y = self.conv1.forward_cached(&y, cache)?;
-        let y = silu(&self.norm2.forward(&y, 2)?)?;
-        let y = self.conv2.forward_cached(&y, cache)?;
-        Ok((y + h)?)
+        let y = self.norm2.forward_silu(&y, 2)?;
+        self.conv2.forward_cached_add(&y, cache, Some(&h))
     }
 }
 
@@ -587,6 +685,10 @@ impl Resample {
                 ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
                     let (_, _, h, w) = f.dims4()?;
                     // nearest-exact at an integer factor 2 is plain pixel duplication
+                    #[cfg(feature = "cuda")]
+                    if f.device().is_cuda() {
+                        return self.conv.forward(&super::gpu::upsample2x(f)?);
+                    }
                     self.conv.forward(&f.upsample_nearest2d(2 * h, 2 * w)?)
                 }
                 _ => self

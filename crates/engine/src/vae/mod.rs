@@ -14,6 +14,8 @@
 //! Tensors at the API are `[B, C, T, H, W]`; pixels are in [-1, 1].
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod keys;
 pub mod layers;
 pub mod model;

@@ -5,8 +5,8 @@ use candle_core::Tensor;
 
 use super::config::VaeConfig;
 use super::layers::{
-    silu, AvgDown3D, CausalConv3d, DupUp3D, FeatCache, MidBlock, Resample, ResampleMode,
-    ResidualBlock, RmsNorm, Vb,
+    AvgDown3D, CausalConv3d, DupUp3D, FeatCache, MidBlock, Resample, ResampleMode, ResidualBlock,
+    RmsNorm, Vb,
 };
 
 /// One entry of the encoder's `down_blocks`.
@@ -128,7 +128,7 @@ impl Encoder3d {
             };
         }
         let x = self.mid_block.forward(&x, cache)?;
-        let x = silu(&self.norm_out.forward(&x, 2)?)?;
+        let x = self.norm_out.forward_silu(&x, 2)?;
         self.conv_out.forward_cached(&x, cache)
     }
 }
@@ -240,7 +240,7 @@ impl Decoder3d {
                 x = (x + s)?;
             }
         }
-        let x = silu(&self.norm_out.forward(&x, 2)?)?;
+        let x = self.norm_out.forward_silu(&x, 2)?;
         self.conv_out.forward_cached(&x, cache)
     }
 }

@@ -1,0 +1,64 @@
+//! Raw device-memory plumbing shared by the Rust sides of our CUDA kernels (`kernels/*.cu`): the
+//! DiT's fused ops, the fused attention and the VAE ops. Every launch goes to candle's stream, so
+//! ordering needs no events; callers keep the tensors alive across their launches.
+
+use anyhow::{bail, Result};
+use candle_core::cuda::cudarc::driver::{DevicePtr, DriverError};
+use candle_core::cuda::{CudaStorage, CudaStorageSlice};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, DType, Layout, Storage, Tensor};
+
+/// The kernel-name suffix of a dtype (`f32`, `bf16`, `f16`).
+pub fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => bail!("CUDA kernels: dtype {other:?} is not f32, bf16 or f16"),
+    })
+}
+
+pub fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    Ok(t.device().as_cuda_device()?.clone())
+}
+
+/// Device address of a tensor's first element (f32, bf16 or f16).
+pub fn address(t: &Tensor) -> Result<u64> {
+    let (storage, layout): (_, &Layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        bail!("CUDA kernels: tensor is not on a CUDA device");
+    };
+    let stream = s.device.cuda_stream();
+    let offset = layout.start_offset() as u64;
+    let (base, size) = match &s.slice {
+        CudaStorageSlice::F32(v) => (v.device_ptr(&stream).0, 4),
+        CudaStorageSlice::BF16(v) => (v.device_ptr(&stream).0, 2),
+        CudaStorageSlice::F16(v) => (v.device_ptr(&stream).0, 2),
+        _ => bail!("CUDA kernels: dtype {:?} is not supported", t.dtype()),
+    };
+    Ok(base + offset * size)
+}
+
+/// A fresh contiguous tensor and its address, uninitialised: the caller's kernel writes every
+/// element before anything reads it.
+pub fn alloc(dev: &CudaDevice, dtype: DType, dims: &[usize]) -> Result<(Tensor, u64)> {
+    let n: usize = dims.iter().product();
+    // SAFETY: see above — every element is written by the launching kernel.
+    let storage = unsafe {
+        match dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
+            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
+            DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
+            other => bail!("CUDA kernels: dtype {other:?} is not f32, bf16 or f16"),
+        }
+    };
+    let t = Tensor::from_storage(Storage::Cuda(storage), dims, BackpropOp::none(), false);
+    let p = address(&t)?;
+    Ok((t, p))
+}
+
+/// A launch result as an error that names the driver's code.
+pub fn launched(r: std::result::Result<(), DriverError>) -> Result<()> {
+    r.map_err(candle_core::Error::wrap)?;
+    Ok(())
+}

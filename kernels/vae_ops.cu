@@ -1,0 +1,144 @@
+// Element-wise and per-pixel operations of the Wan VAE on the GPU (the convolutions go to cuDNN).
+// Tensors are [N, C, S]: N = batch·frames, C channels, S = pixels of a frame (frame-major NCHW).
+// Arithmetic in f32, each result rounded to the tensor dtype at the points where diffusers' bf16
+// modules round (one rounding per PyTorch op), so f32 runs are exact and bf16 runs round alike:
+//   rms_norm:      y = T(T(T(x / max(||x||_C, 1e-12)) · sqrt(C)) · gamma)       (WanRMS_norm)
+//   rms_norm_silu: the same, then T(silu(y))                                     (+ nn.SiLU)
+//   bias_add:      y = T(y + b[c]), then T(y + r) when a residual r is given      (conv bias, skip)
+//   upsample2x:    nearest-exact ×2 of each frame (pixel duplication)
+//   to_nhwc / from_nhwc: channels-last copies for cuDNN (from_nhwc adds bias and residual as bias_add)
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+
+// Rounds through T (identity for f32).
+template <typename T> __device__ __forceinline__ float round_t(const float v) { return load_f<T>(store_f<T>(v)); }
+
+// One thread per pixel: the channel loop reads one value per channel, coalesced across the warp
+// (adjacent threads hold adjacent pixels). The second pass re-reads x from L1/L2.
+template <typename T, bool SILU>
+__device__ void rms_norm(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ gamma,
+                         float scale, int c, long long s) {
+  const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (p >= s) return;
+  const long long base = (long long)blockIdx.y * c * s + p;
+  float sq = 0.f;
+  for (int i = 0; i < c; ++i) {
+    const float v = load_f(x[base + i * s]);
+    sq = fmaf(v, v, sq);
+  }
+  const float denom = fmaxf(sqrtf(sq), 1e-12f);
+  for (int i = 0; i < c; ++i) {
+    float v = round_t<T>(load_f(x[base + i * s]) / denom);
+    v = round_t<T>(v * scale);
+    v = round_t<T>(v * gamma[i]);
+    if (SILU) v = v / (1.f + expf(-v));
+    y[base + i * s] = store_f<T>(v);
+  }
+}
+
+// y = T(y + b[c]) in place, then T(y + r) when r is given. Index over the whole [N, C, S] tensor.
+template <typename T>
+__device__ void bias_add(T* __restrict__ y, const T* __restrict__ r, const float* __restrict__ b, int c,
+                         long long s, long long n) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    float v = load_f(y[i]);
+    if (b) v = round_t<T>(v + b[(i / s) % c]);
+    if (r) v = v + load_f(r[i]);
+    y[i] = store_f<T>(v);
+  }
+}
+
+// x [planes, h, w] -> y [planes, 2h, 2w]; one thread per input pixel writes its 2x2 block.
+template <typename T>
+__device__ void upsample2x(const T* __restrict__ x, T* __restrict__ y, long long planes, int h, int w) {
+  const long long n = planes * h * w;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const long long plane = i / ((long long)h * w);
+    const int rem = (int)(i - plane * h * w);
+    const int yy = rem / w, xx = rem % w;
+    const T v = x[i];
+    T* out = y + plane * 4 * h * w + (long long)(2 * yy) * (2 * w) + 2 * xx;
+    out[0] = v;
+    out[1] = v;
+    out[2 * w] = v;
+    out[2 * w + 1] = v;
+  }
+}
+
+// Layout changes between frame-major NCHW and channels-last, 32x32 tiles through shared memory
+// (blockDim 32x8). to_nhwc: x [B, C, S] -> y [B, S, C]. from_nhwc: x [B, S, C] -> y [B, C, S] with
+// the conv bias and an optional residual added on the way, rounded as bias_add.
+template <typename T>
+__device__ void to_nhwc(const T* __restrict__ x, T* __restrict__ y, int c, int s) {
+  __shared__ T tile[32][33];
+  const long long b = blockIdx.z;
+  const int s0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+  const T* xb = x + b * c * (long long)s;
+  T* yb = y + b * c * (long long)s;
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int ci = c0 + i, si = s0 + threadIdx.x;
+    if (ci < c && si < s) tile[i][threadIdx.x] = xb[(long long)ci * s + si];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int si = s0 + i, ci = c0 + threadIdx.x;
+    if (ci < c && si < s) yb[(long long)si * c + ci] = tile[threadIdx.x][i];
+  }
+}
+
+template <typename T>
+__device__ void from_nhwc(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ bias,
+                          const T* __restrict__ r, int c, int s) {
+  __shared__ T tile[32][33];
+  const long long b = blockIdx.z;
+  const int s0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+  const T* xb = x + b * c * (long long)s;
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int si = s0 + i, ci = c0 + threadIdx.x;
+    if (ci < c && si < s) tile[threadIdx.x][i] = xb[(long long)si * c + ci];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int ci = c0 + i, si = s0 + threadIdx.x;
+    if (ci < c && si < s) {
+      const long long o = b * c * (long long)s + (long long)ci * s + si;
+      float v = load_f(tile[i][threadIdx.x]);
+      if (bias) v = round_t<T>(v + bias[ci]);
+      if (r) v = v + load_f(r[o]);
+      y[o] = store_f<T>(v);
+    }
+  }
+}
+
+#define VAE_OPS(SUF, T)                                                                                \
+  extern "C" __global__ void vae_rms_norm_##SUF(const T* x, T* y, const float* gamma, float scale,     \
+                                                int c, long long s) {                                  \
+    rms_norm<T, false>(x, y, gamma, scale, c, s);                                                      \
+  }                                                                                                    \
+  extern "C" __global__ void vae_rms_norm_silu_##SUF(const T* x, T* y, const float* gamma,             \
+                                                     float scale, int c, long long s) {                \
+    rms_norm<T, true>(x, y, gamma, scale, c, s);                                                       \
+  }                                                                                                    \
+  extern "C" __global__ void vae_bias_add_##SUF(T* y, const T* r, const float* b, int c, long long s,  \
+                                                long long n) {                                         \
+    bias_add<T>(y, r, b, c, s, n);                                                                     \
+  }                                                                                                    \
+  extern "C" __global__ void vae_upsample2x_##SUF(const T* x, T* y, long long planes, int h, int w) {  \
+    upsample2x<T>(x, y, planes, h, w);                                                                 \
+  }                                                                                                    \
+  extern "C" __global__ void vae_to_nhwc_##SUF(const T* x, T* y, int c, int s) {                       \
+    to_nhwc<T>(x, y, c, s);                                                                            \
+  }                                                                                                    \
+  extern "C" __global__ void vae_from_nhwc_##SUF(const T* x, T* y, const float* bias, const T* r,     \
+                                                 int c, int s) {                                       \
+    from_nhwc<T>(x, y, bias, r, c, s);                                                                 \
+  }
+
+VAE_OPS(f32, float)
+VAE_OPS(bf16, __nv_bfloat16)
+VAE_OPS(f16, __half)
