@@ -12,12 +12,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
+use vidgen_engine::dit::StreamOptions;
 use vidgen_engine::invalid;
+use vidgen_engine::memory::{Offload, Plan, PlanRequest, WeightFormat, GIB};
 use vidgen_engine::pipeline::image::{probe_image, read_image_file, ImageLimits};
 use vidgen_engine::pipeline::layout::{self, ComponentPaths, ModelLayout};
+use vidgen_engine::pipeline::stages::{Placement, StageMemory};
 use vidgen_engine::pipeline::{
     GenerateRequest, ModelInfo, ProgressEvent, ProgressSink, ResolvedRequest, Stage,
 };
+use vidgen_engine::presets::ModelPreset;
 use vidgen_media::{Format, GuardPolicy};
 
 #[derive(clap::Args, Debug)]
@@ -98,6 +102,30 @@ pub struct Args {
     /// Validate and print the resolved request without loading the model.
     #[arg(long)]
     pub dry_run: bool,
+    /// Where components live: none (all resident), cond (text encoder freed after encoding),
+    /// cond-diffusion (also one A14B expert on the GPU at a time), aggressive (also a tiled VAE
+    /// decode), stream (also transformer blocks streamed from host memory), or auto: the weakest
+    /// that fits the GPU budget (`vidgen plan` shows the plan).
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub offload: String,
+    /// GPU memory to plan with, e.g. 12GiB (default: free VRAM minus 1 GiB, re-read before each
+    /// stage).
+    #[arg(long, value_name = "SIZE")]
+    pub vram_budget: Option<String>,
+    /// Transformer weights: bf16 (f32 on the CPU) or fp8 (block linears in FP8 e4m3 with
+    /// per-channel scales, quantised while loading: half the memory, computed in bf16).
+    #[arg(long, value_name = "bf16|fp8", default_value = "bf16")]
+    pub weights: String,
+    /// Transformer blocks uploaded ahead of the one computing when streaming.
+    #[arg(long, default_value_t = 1)]
+    pub prefetch: usize,
+    /// Print each stage's predicted and measured GPU memory peak at the end.
+    #[arg(long)]
+    pub report_memory: bool,
+    /// Also write the denoised latents (`latents`, normalised, f32) to this .safetensors file:
+    /// decode them again with `run-component vae-decode`, or compare runs bit for bit.
+    #[arg(long, value_name = "FILE")]
+    pub save_latents: Option<PathBuf>,
 }
 
 /// What a finished generation made (reported by `generate --json`, the worker and the server).
@@ -112,6 +140,18 @@ pub struct GenerateSummary {
     pub seconds: f64,
     /// Quality-guard warnings (noise-like frames etc.).
     pub warnings: Vec<String>,
+    /// Per stage: GPU memory predicted by the plan and measured (empty on the CPU).
+    #[serde(default)]
+    pub memory: Vec<StageMemoryRow>,
+}
+
+/// One stage of the memory report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StageMemoryRow {
+    pub stage: String,
+    pub predicted_gib: Option<f64>,
+    pub measured_gib: Option<f64>,
+    pub seconds: f64,
 }
 
 /// A model to run: the built-in demo, or a detected folder / explicit component files.
@@ -121,6 +161,9 @@ pub struct GenerateSummary {
 pub enum ModelSource {
     Demo,
     Layout(ModelLayout),
+    /// `random:<known configuration>`: full-size random weights drawn on the device, to measure
+    /// speed and memory without a download (the video is noise).
+    Random(&'static ModelPreset),
 }
 
 impl ModelSource {
@@ -135,6 +178,16 @@ impl ModelSource {
                     ));
                 }
                 Ok(ModelSource::Demo)
+            }
+            Some(name) if name.starts_with(RANDOM_PREFIX) => {
+                if !components.is_empty() {
+                    return Err(invalid!(
+                        "model: `{name}` has generated weights; --dit/--dit-2/--vae/--text-encoder/--tokenizer do not apply"
+                    ));
+                }
+                Ok(ModelSource::Random(vidgen_engine::memory::known_model(
+                    &name[RANDOM_PREFIX.len()..],
+                )?))
             }
             Some(dir) => Ok(ModelSource::Layout(layout::detect_with_overrides(
                 Some(Path::new(dir)),
@@ -151,9 +204,21 @@ impl ModelSource {
         match self {
             ModelSource::Demo => Ok(demo_model_info()),
             ModelSource::Layout(layout) => layout.model_info(),
+            ModelSource::Random(p) => Ok(layout::model_info_from_preset(p)),
+        }
+    }
+
+    /// The known configuration, when there is one (the memory plan needs it).
+    pub fn preset(&self) -> Option<&'static ModelPreset> {
+        match self {
+            ModelSource::Demo => None,
+            ModelSource::Layout(layout) => layout.variant.map(|v| v.preset()),
+            ModelSource::Random(p) => Some(p),
         }
     }
 }
+
+const RANDOM_PREFIX: &str = "random:";
 
 /// The built-in demo model: a tiny Wan-shaped DiT with random weights, for trying the pipeline.
 pub fn demo_model_info() -> ModelInfo {
@@ -170,6 +235,8 @@ pub fn model_info(model: &str) -> anyhow::Result<ModelInfo> {
 pub struct RunOptions {
     pub device: candle_core::Device,
     pub quality_guard: GuardPolicy,
+    pub memory: MemoryOptions,
+    pub save_latents: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -177,6 +244,8 @@ impl Default for RunOptions {
         Self {
             device: candle_core::Device::Cpu,
             quality_guard: GuardPolicy::default(),
+            memory: MemoryOptions::default(),
+            save_latents: None,
         }
     }
 }
@@ -217,6 +286,7 @@ pub fn run_source(
             Components::Demo
         }
         ModelSource::Layout(layout) => Components::Layout(layout),
+        ModelSource::Random(p) => Components::Random(p),
     };
     for note in &req.notes {
         sink.event(ProgressEvent::Warning {
@@ -224,12 +294,33 @@ pub fn run_source(
         })?;
     }
     let started = Instant::now();
-    let stages = Stages::new(components, options.device.clone());
+    let planned = plan_placement(source.preset(), &req, &options.memory, &options.device)?;
+    let mut stages = Stages::with_placement(
+        components,
+        options.device.clone(),
+        planned.placement.clone(),
+    );
+    stages.preload()?;
     let (positive, negative) = stages.encode_text(&req, sink)?;
     let condition = stages.encode_condition(&req, sink)?;
+    let mut plan = planned.plan.clone();
+    replan_if_squeezed(&mut stages, &mut plan, &planned, &options.memory, sink)?;
     let latents = stages.denoise(&req, &positive, negative.as_ref(), condition.as_ref(), sink)?;
+    replan_if_squeezed(&mut stages, &mut plan, &planned, &options.memory, sink)?;
+    if let Some(path) = &options.save_latents {
+        let latents = latents.to_device(&candle_core::Device::Cpu)?;
+        // Written beside, then renamed: never a half-written file under the asked name.
+        let partial = path.with_extension("safetensors.partial");
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("latents".to_string(), latents)]),
+            &partial,
+        )
+        .and_then(|()| Ok(std::fs::rename(&partial, path)?))
+        .with_context(|| format!("save-latents: writing {}", path.display()))?;
+    }
     guard::check_latents(&latents.flatten_all()?.to_vec1::<f32>()?)?;
     let video = stages.decode(&latents, sink)?;
+    let memory = memory_rows(plan.as_ref(), &stages.memory_report());
     let (c, t, h, w) = video.dims4()?;
     anyhow::ensure!(
         t == req.frames as usize,
@@ -260,7 +351,205 @@ pub fn run_source(
         seed: req.seed,
         seconds: t as f64 / f64::from(req.fps),
         warnings,
+        memory,
     })
+}
+
+/// `--offload`, `--vram-budget`, `--prefetch`.
+#[derive(Debug, Clone)]
+pub struct MemoryOptions {
+    /// `None`: auto, the weakest mode that fits.
+    pub offload: Option<Offload>,
+    /// `None`: what the GPU has free now (re-read before each stage).
+    pub vram_budget: Option<u64>,
+    pub prefetch: usize,
+    /// Transformer block linears in FP8.
+    pub fp8: bool,
+}
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        Self {
+            offload: None,
+            vram_budget: None,
+            prefetch: 1,
+            fp8: false,
+        }
+    }
+}
+
+/// The placement a run starts with, and the plan behind it (known configurations only).
+pub struct PlannedRun {
+    pub placement: Placement,
+    pub plan: Option<Plan>,
+    /// The request the plan was made for (budget left to re-read when not given).
+    pub request: Option<PlanRequest>,
+}
+
+fn plan_request(
+    preset: &'static ModelPreset,
+    req: &ResolvedRequest,
+    memory: &MemoryOptions,
+    device: &candle_core::Device,
+    budget: Option<u64>,
+) -> PlanRequest {
+    PlanRequest {
+        preset,
+        width: req.width as usize,
+        height: req.height as usize,
+        frames: req.frames as usize,
+        weights: if memory.fp8 {
+            WeightFormat::Fp8
+        } else if device.is_cpu() {
+            WeightFormat::F32
+        } else {
+            WeightFormat::Bf16
+        },
+        cfg: req.guidance > 1.0 || req.guidance_2.is_some_and(|g| g > 1.0),
+        vram_budget: budget,
+        host_budget: None,
+        offload: memory.offload,
+        prefetch: memory.prefetch,
+    }
+}
+
+fn placement_of(plan: &Plan, memory: &MemoryOptions) -> Placement {
+    Placement {
+        offload: plan.offload,
+        stream: StreamOptions {
+            resident_blocks: plan.resident_blocks.unwrap_or(0),
+            prefetch: memory.prefetch,
+        },
+        text_on_cpu: plan.text_on_cpu,
+        fp8_linears: memory.fp8,
+    }
+}
+
+/// Plans the run before anything loads. On a GPU a plan that does not fit the budget is an error
+/// naming the smallest change that would fit; the CPU has no VRAM budget to check.
+pub fn plan_placement(
+    preset: Option<&'static ModelPreset>,
+    req: &ResolvedRequest,
+    memory: &MemoryOptions,
+    device: &candle_core::Device,
+) -> anyhow::Result<PlannedRun> {
+    let Some(preset) = preset else {
+        // No known configuration (the demo, an unrecognised folder): no plan, the asked mode.
+        return Ok(PlannedRun {
+            placement: Placement {
+                offload: memory.offload.unwrap_or(Offload::Cond),
+                stream: StreamOptions {
+                    resident_blocks: 0,
+                    prefetch: memory.prefetch,
+                },
+                text_on_cpu: false,
+                fp8_linears: memory.fp8,
+            },
+            plan: None,
+            request: None,
+        });
+    };
+    let budget = match memory.vram_budget {
+        Some(b) => Some(b),
+        None => vidgen_engine::memory::available_vram(device)?,
+    };
+    let request = plan_request(preset, req, memory, device, budget);
+    let plan = vidgen_engine::memory::plan(&request);
+    if !plan.fits && !device.is_cpu() {
+        let hint = vidgen_engine::memory::suggestion(&request)
+            .unwrap_or_else(|| "no single change (frames, size, offload) makes it fit".into());
+        anyhow::bail!(
+            "does not fit in GPU memory: the plan needs {:.2} GiB with --offload {} but the budget is {:.2} GiB; {hint} (see `vidgen plan`)",
+            plan.gpu_peak as f64 / GIB,
+            plan.offload.name(),
+            budget.unwrap_or(0) as f64 / GIB
+        );
+    }
+    Ok(PlannedRun {
+        placement: placement_of(&plan, memory),
+        plan: Some(plan),
+        request: Some(request),
+    })
+}
+
+/// Before a stage, with an automatic budget: re-reads the GPU's free memory (other processes
+/// share it) and, if the plan no longer fits, switches the rest of the run to the weakest mode
+/// that does (never a weaker one than planned).
+fn replan_if_squeezed(
+    stages: &mut vidgen_engine::pipeline::stages::Stages<'_>,
+    plan: &mut Option<Plan>,
+    planned: &PlannedRun,
+    memory: &MemoryOptions,
+    sink: &mut dyn ProgressSink,
+) -> anyhow::Result<()> {
+    let (Some(current), Some(request)) = (plan.as_ref(), planned.request.as_ref()) else {
+        return Ok(());
+    };
+    if memory.vram_budget.is_some() || memory.offload.is_some() {
+        return Ok(());
+    }
+    let Some(budget) = vidgen_engine::memory::available_vram(&stages.device)? else {
+        return Ok(());
+    };
+    if current.gpu_peak <= budget {
+        return Ok(());
+    }
+    let mut again = request.clone();
+    again.vram_budget = Some(budget);
+    let stronger = Offload::LADDER
+        .iter()
+        .skip_while(|&&m| m != current.offload)
+        .map(|&m| vidgen_engine::memory::plan_mode(&again, m))
+        .find(|p| p.fits);
+    let Some(next) = stronger else {
+        sink.event(ProgressEvent::Warning {
+            message: format!(
+                "GPU memory: only {:.2} GiB are available now (another process?), the plan needs {:.2} GiB; continuing",
+                budget as f64 / GIB,
+                current.gpu_peak as f64 / GIB
+            ),
+        })?;
+        return Ok(());
+    };
+    if next.offload != current.offload || next.resident_blocks != current.resident_blocks {
+        sink.event(ProgressEvent::Warning {
+            message: format!(
+                "GPU memory: {:.2} GiB available now, switching to --offload {} for the rest of the run",
+                budget as f64 / GIB,
+                next.offload.name()
+            ),
+        })?;
+        stages.set_placement(placement_of(&next, memory));
+    }
+    *plan = Some(next);
+    Ok(())
+}
+
+/// Measured stages beside the plan's prediction of the same stage (the plan's two expert stages
+/// are one measured stage when both experts stay resident).
+fn memory_rows(plan: Option<&Plan>, measured: &[StageMemory]) -> Vec<StageMemoryRow> {
+    let gib = |b: u64| b as f64 / GIB;
+    measured
+        .iter()
+        .map(|m| {
+            let predicted = plan.and_then(|p| {
+                p.stages
+                    .iter()
+                    .filter(|s| {
+                        s.stage == m.stage
+                            || (m.stage == "denoise" && s.stage.starts_with("denoise"))
+                    })
+                    .map(|s| s.gpu_peak)
+                    .max()
+            });
+            StageMemoryRow {
+                stage: m.stage.clone(),
+                predicted_gib: predicted.map(gib),
+                measured_gib: m.gpu_peak.map(gib),
+                seconds: m.seconds,
+            }
+        })
+        .collect()
 }
 
 /// `WxH` (also `W*H`, the official spelling) -> (width, height).
@@ -356,6 +645,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(out) = &args.output {
         check_output(out)?;
     }
+    if let Some(path) = &args.save_latents {
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            return Err(invalid!(
+                "save-latents: {} must end in .safetensors",
+                path.display()
+            ));
+        }
+    }
     let quality_guard: GuardPolicy = match &args.quality_guard {
         Some(text) => text.parse()?,
         None => GuardPolicy::default(),
@@ -382,15 +679,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| default_output(Path::new(""), resolved.seed));
 
+    // A real run reports the demo notice and the request's notes as progress warnings; a dry run
+    // loads nothing, so it prints them here.
     let mut messages: Vec<String> = Vec::new();
-    if matches!(source, ModelSource::Demo) {
-        messages.push(
-            "model `demo` has random weights: it exercises the whole pipeline, but the video is noise, not your prompt. \
-             For real videos download a Wan model (e.g. Wan-AI/Wan2.2-TI2V-5B or its -Diffusers repo) and pass --model /path/to/folder"
-                .to_string(),
-        );
+    if args.dry_run {
+        if matches!(source, ModelSource::Demo) {
+            messages.push(vidgen_engine::pipeline::demo::DEMO_NOTICE.to_string());
+        }
+        messages.extend(resolved.notes.iter().cloned());
     }
-    messages.extend(resolved.notes.iter().cloned());
+    let memory = MemoryOptions {
+        offload: Offload::parse(&args.offload)?,
+        vram_budget: args
+            .vram_budget
+            .as_deref()
+            .map(|b| vidgen_engine::memory::parse_bytes("--vram-budget", b))
+            .transpose()?,
+        prefetch: args.prefetch,
+        fp8: match args.weights.as_str() {
+            "bf16" => false,
+            "fp8" => true,
+            other => {
+                return Err(invalid!("--weights: `{other}` is not one of bf16, fp8"));
+            }
+        },
+    };
+    if args.prefetch == 0 {
+        return Err(invalid!(
+            "--prefetch: must be at least 1 (blocks uploaded while the previous one computes)"
+        ));
+    }
 
     if args.json {
         run_json(
@@ -402,6 +720,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             RunOptions {
                 device,
                 quality_guard,
+                memory: memory.clone(),
+                save_latents: args.save_latents.clone(),
             },
             &output,
             started,
@@ -417,6 +737,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             RunOptions {
                 device,
                 quality_guard,
+                memory: memory.clone(),
+                save_latents: args.save_latents.clone(),
             },
             &output,
             started,
@@ -480,8 +802,8 @@ fn run_human(
     let summary = run_source(source, request, &options, output, &mut sink);
     sink.finish();
     let summary = summary?;
-    for warning in &summary.warnings {
-        eprintln!("warning: {warning}");
+    if args.report_memory {
+        print_memory_report(&summary.memory);
     }
     println!(
         "wrote {}: {}x{}, {} frames at {} fps ({:.2} s), seed {}, in {}",
@@ -495,6 +817,32 @@ fn run_human(
         human_duration(started.elapsed())
     );
     Ok(())
+}
+
+fn print_memory_report(rows: &[StageMemoryRow]) {
+    if rows.iter().all(|r| r.measured_gib.is_none()) {
+        eprintln!("memory report: no GPU memory to report on the CPU");
+        return;
+    }
+    eprintln!(
+        "{:<30} {:>12} {:>12} {:>8} {:>9}",
+        "stage", "predicted", "measured", "ratio", "seconds"
+    );
+    let gib = |v: Option<f64>| v.map_or("-".to_string(), |g| format!("{g:.2} GiB"));
+    for r in rows {
+        let ratio = match (r.measured_gib, r.predicted_gib) {
+            (Some(m), Some(p)) if m > 0.0 => format!("{:.3}", p / m),
+            _ => "-".into(),
+        };
+        eprintln!(
+            "{:<30} {:>12} {:>12} {:>8} {:>9.2}",
+            r.stage,
+            gib(r.predicted_gib),
+            gib(r.measured_gib),
+            ratio,
+            r.seconds
+        );
+    }
 }
 
 fn describe(info: &ModelInfo, r: &ResolvedRequest, output: &Path) -> String {

@@ -65,11 +65,8 @@ fn gpu_budget(args: &Args) -> Result<(Option<u64>, &'static str)> {
     }
     #[cfg(feature = "cuda")]
     if let Ok(dev) = candle_core::Device::new_cuda(0) {
-        if let Some((free, _)) = vidgen_engine::device::gpu_memory::free_and_total(&dev)? {
-            return Ok((
-                Some(free.saturating_sub(1 << 30)),
-                "free VRAM of GPU 0 minus 1 GiB",
-            ));
+        if let Some(b) = memory::available_vram(&dev)? {
+            return Ok((Some(b), "free VRAM of GPU 0 minus 1 GiB"));
         }
     }
     Ok((

@@ -365,6 +365,19 @@ fn other_flags() {
     assert_refused(&demo(&["--device", "tpu"]), &["--device", "cpu"]);
     assert_refused(&demo(&["--fps", "0"]), &["fps: 0"]);
     assert_refused(&demo(&["--shift", "0"]), &["shift: 0"]);
+    assert_refused(
+        &demo(&["--offload", "gpu"]),
+        &[
+            "--offload",
+            "none, cond, cond-diffusion, aggressive, stream, auto",
+        ],
+    );
+    assert_refused(&demo(&["--vram-budget", "lots"]), &["--vram-budget", "GiB"]);
+    assert_refused(&demo(&["--prefetch", "0"]), &["--prefetch"]);
+    assert_refused(
+        &vidgen(&["--model", "random:wan9", "--prompt", "x"]),
+        &["model", "wan2.2-t2v-a14b"],
+    );
 }
 
 #[test]

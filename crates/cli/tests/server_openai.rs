@@ -302,21 +302,39 @@ fn models_openapi_portal_and_health() {
 
     let spec = server.get("/openapi.json").json();
     assert_eq!(spec["openapi"], "3.1.0");
-    for path in [
-        "/v1/videos",
-        "/v1/videos/{id}",
-        "/v1/videos/{id}/content",
-        "/v1/videos/{id}/remix",
-        "/v1/videos/{id}/cancel",
-        "/v1/videos/{id}/events",
-        "/v1/videos/extensions",
-        "/v1/models",
-        "/metrics",
-    ] {
-        assert!(
-            spec["paths"][path].is_object(),
-            "{path} missing from openapi.json"
+    // Every route the router serves (api.rs), with its methods, and nothing else.
+    let routes = [
+        ("/v1/videos", &["post", "get"][..]),
+        ("/v1/videos/{id}", &["get", "delete"]),
+        ("/v1/videos/{id}/content", &["get"]),
+        ("/v1/videos/{id}/remix", &["post"]),
+        ("/v1/videos/{id}/cancel", &["post"]),
+        ("/v1/videos/{id}/events", &["get"]),
+        ("/v1/videos/extensions", &["post"]),
+        ("/v1/models", &["get"]),
+        ("/metrics", &["get"]),
+        ("/healthz", &["get"]),
+        ("/openapi.json", &["get"]),
+        ("/", &["get"]),
+    ];
+    assert_eq!(
+        spec["paths"].as_object().unwrap().len(),
+        routes.len(),
+        "{}",
+        spec["paths"]
+    );
+    for (path, methods) in routes {
+        assert_eq!(
+            spec["paths"][path].as_object().map(|m| m.len()),
+            Some(methods.len()),
+            "{path}"
         );
+        for method in methods {
+            assert!(
+                spec["paths"][path][method].is_object(),
+                "{method} {path} missing from openapi.json"
+            );
+        }
     }
     let page = server.get("/");
     assert_eq!(page.status, 200);

@@ -6,7 +6,7 @@ mod server_support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use server_support::{long_job, Server};
+use server_support::{long_job, read_events, Server};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -60,7 +60,7 @@ fn full_queue_cancel_and_events() {
     assert_eq!(queued["queue_position"], 1);
 
     // SSE on the running job: the current object first, then stage/step events as they come.
-    let events = read_events(&server, &running, Duration::from_secs(60), |text| {
+    let events = read_events(&server, &running, Duration::from_secs(180), |text| {
         text.contains("event: step")
     });
     assert!(
@@ -189,40 +189,4 @@ fn restart_can_requeue_the_interrupted_job_once() {
     let v = server.get(&format!("/v1/videos/{running}")).json();
     assert_eq!(v["status"], "failed", "{v}");
     assert_eq!(v["error"]["code"], "interrupted");
-}
-
-/// Reads the job's SSE stream until `enough(text)` or the timeout.
-fn read_events(
-    server: &Server,
-    id: &str,
-    timeout: Duration,
-    enough: impl Fn(&str) -> bool,
-) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    write!(
-        stream,
-        "GET /v1/videos/{id}/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let start = std::time::Instant::now();
-    let mut text = String::new();
-    let mut buf = [0u8; 8192];
-    while start.elapsed() < timeout && !enough(&text) {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
-            Err(_) => continue,
-        }
-    }
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(
-        text.to_ascii_lowercase()
-            .contains("content-type: text/event-stream"),
-        "{text}"
-    );
-    text
 }

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::component::{ComponentOptions, Inputs, Outputs};
 use crate::dit::{self, RopeTable, TextContext, WanTransformer};
@@ -16,8 +16,32 @@ use crate::scheduler::{self, FlowScheduler, SchedulerKind, SchedulerSpec};
 
 /// One expert of the loop with its guidance scale.
 pub struct Expert<'a> {
-    pub model: &'a WanTransformer,
+    pub model: ExpertModel<'a>,
     pub guidance: f64,
+}
+
+impl<'a> Expert<'a> {
+    /// An expert loaded by the caller.
+    pub fn resident(model: &'a WanTransformer, guidance: f64) -> Self {
+        Self {
+            model: ExpertModel::Resident(model),
+            guidance,
+        }
+    }
+}
+
+/// How the loop gets an expert's weights.
+pub enum ExpertModel<'a> {
+    /// Loaded by the caller, resident for the whole loop.
+    Resident(&'a WanTransformer),
+    /// Loaded by the loop before the expert's first step and released (with its text contexts)
+    /// before the other expert is loaded, so only one expert occupies memory at a time: no OOM at
+    /// the A14B expert switch.
+    OnDemand {
+        /// Where the loaded expert will run.
+        device: Device,
+        load: Box<dyn FnMut() -> Result<WanTransformer> + 'a>,
+    },
 }
 
 /// Prompt embeddings [B, L, text_dim]; `negative` is needed whenever a guidance scale is > 1.
@@ -77,46 +101,61 @@ pub fn uses_high_noise_expert(t: f32, opts: &DenoiseOptions) -> bool {
     }
 }
 
-struct Prepared<'a> {
-    expert: &'a Expert<'a>,
+enum Held<'a> {
+    Borrowed(&'a WanTransformer),
+    Owned(Box<WanTransformer>),
+}
+
+/// The expert running now, with its text contexts (cond and, under guidance, uncond).
+struct Active<'a> {
+    high_noise: bool,
+    model: Held<'a>,
+    guidance: f64,
     cond: TextContext,
     uncond: Option<TextContext>,
 }
 
-impl<'a> Prepared<'a> {
-    fn new(expert: &'a Expert<'a>, prompts: &Prompts) -> Result<Self> {
-        let cond = expert.model.prepare_context(prompts.positive)?;
-        let uncond = if expert.guidance > 1.0 {
-            let neg = prompts.negative.ok_or_else(|| {
-                invalid!(
-                    "negative_prompt_embeds: required when guidance {} > 1",
-                    expert.guidance
-                )
-            })?;
-            Some(expert.model.prepare_context(neg)?)
-        } else {
-            None
+impl<'a> Active<'a> {
+    fn load(expert: &mut Expert<'a>, high_noise: bool, prompts: &Prompts) -> Result<Self> {
+        let model = match &mut expert.model {
+            ExpertModel::Resident(m) => Held::Borrowed(m),
+            ExpertModel::OnDemand { load, .. } => Held::Owned(Box::new(load()?)),
+        };
+        let m = match &model {
+            Held::Borrowed(m) => *m,
+            Held::Owned(m) => m,
+        };
+        let cond = m.prepare_context(prompts.positive)?;
+        let uncond = match (expert.guidance > 1.0, prompts.negative) {
+            (true, Some(neg)) => Some(m.prepare_context(neg)?),
+            _ => None,
         };
         Ok(Self {
-            expert,
+            high_noise,
+            model,
+            guidance: expert.guidance,
             cond,
             uncond,
         })
     }
 
+    fn model(&self) -> &WanTransformer {
+        match &self.model {
+            Held::Borrowed(m) => m,
+            Held::Owned(m) => m,
+        }
+    }
+
     /// Guided velocity: uncond + g·(cond − uncond); guidance 1 skips the unconditional pass.
     fn predict(&self, x: &Tensor, t: &Tensor, rope: &RopeTable) -> Result<Tensor> {
         match &self.uncond {
-            None => self.expert.model.forward(x, t, &self.cond, rope),
+            None => self.model().forward(x, t, &self.cond, rope),
             Some(u) => {
                 // Both passes block by block: a streamed block is uploaded once per step.
-                let mut out = self
-                    .expert
-                    .model
-                    .forward_many(x, t, &[&self.cond, u], rope)?;
+                let mut out = self.model().forward_many(x, t, &[&self.cond, u], rope)?;
                 let uncond = out.pop().expect("two passes");
                 let cond = out.pop().expect("two passes");
-                Ok((&uncond + ((cond - &uncond)? * self.expert.guidance)?)?)
+                Ok((&uncond + ((cond - &uncond)? * self.guidance)?)?)
             }
         }
     }
@@ -125,11 +164,11 @@ impl<'a> Prepared<'a> {
 /// Runs the loop from `latents` (f32 [B, C, F, H, W]). `on_step(i, total)` is called after every
 /// step; returning an error (e.g. cancelled) stops the loop.
 #[allow(clippy::too_many_arguments)]
-pub fn denoise(
+pub fn denoise<'a>(
     latents: &Tensor,
     prompts: &Prompts,
-    high: &Expert,
-    low: Option<&Expert>,
+    mut high: Expert<'a>,
+    mut low: Option<Expert<'a>>,
     scheduler: &mut dyn FlowScheduler,
     opts: &DenoiseOptions,
     conditioning: &Conditioning,
@@ -140,27 +179,27 @@ pub fn denoise(
             "boundary_ratio: a boundary needs two experts (transformer and transformer_2) and two experts need a boundary"
         ));
     }
-    let device = high.model.device().clone();
+    let timesteps: Vec<f32> = scheduler.timesteps().to_vec();
+    // Checked before anything loads: every expert that runs under guidance needs the negative.
+    for (expert, high_noise) in std::iter::once((&high, true)).chain(low.iter().map(|l| (l, false)))
+    {
+        let runs = timesteps
+            .iter()
+            .any(|&t| uses_high_noise_expert(t, opts) == high_noise);
+        if runs && expert.guidance > 1.0 && prompts.negative.is_none() {
+            return Err(invalid!(
+                "negative_prompt_embeds: required when guidance {} > 1",
+                expert.guidance
+            ));
+        }
+    }
+    let device = match &high.model {
+        ExpertModel::Resident(m) => m.device().clone(),
+        ExpertModel::OnDemand { device, .. } => device.clone(),
+    };
     let mut x = latents.to_device(&device)?.to_dtype(DType::F32)?;
     let dims = x.dims().to_vec();
-    let mut input_dims = dims.clone();
-    input_dims[1] = high.model.config().in_channels;
-    let rope = high.model.rope(&input_dims)?;
-    let [gf, gh, gw] = high.model.grid(&input_dims)?;
     let b = dims[0];
-    let timesteps: Vec<f32> = scheduler.timesteps().to_vec();
-    // Only the experts that will actually run get their contexts prepared.
-    let need_low = timesteps.iter().any(|&t| !uses_high_noise_expert(t, opts));
-    let need_high = timesteps.iter().any(|&t| uses_high_noise_expert(t, opts));
-    let prepared_high = if need_high {
-        Some(Prepared::new(high, prompts)?)
-    } else {
-        None
-    };
-    let prepared_low = match (low, need_low) {
-        (Some(l), true) => Some(Prepared::new(l, prompts)?),
-        _ => None,
-    };
 
     // First-frame conditioning: mask is 0 on latent frame 0, 1 elsewhere.
     let cond = match conditioning {
@@ -211,15 +250,33 @@ pub fn denoise(
         x = apply_cond(&x)?;
     }
 
-    let tokens_per_frame = gh * gw;
     let total = timesteps.len();
+    let mut active: Option<Active> = None;
+    // RoPE table and token grid, from the first expert's config (both experts share it).
+    let mut grid: Option<(RopeTable, [usize; 3])> = None;
     for (i, &t) in timesteps.iter().enumerate() {
-        let prepared = if uses_high_noise_expert(t, opts) {
-            prepared_high.as_ref()
-        } else {
-            prepared_low.as_ref()
+        let high_noise = uses_high_noise_expert(t, opts);
+        if active.as_ref().map(|a| a.high_noise) != Some(high_noise) {
+            // Release the previous expert (and its contexts) before the next one loads.
+            drop(active.take());
+            let expert = if high_noise {
+                &mut high
+            } else {
+                low.as_mut().expect("a boundary implies a low-noise expert")
+            };
+            active = Some(Active::load(expert, high_noise, prompts)?);
         }
-        .expect("expert prepared for every timestep it runs");
+        let expert = active.as_ref().expect("loaded above");
+        if grid.is_none() {
+            let mut input_dims = dims.clone();
+            input_dims[1] = expert.model().config().in_channels;
+            grid = Some((
+                expert.model().rope(&input_dims)?,
+                expert.model().grid(&input_dims)?,
+            ));
+        }
+        let (rope, [gf, gh, gw]) = grid.as_ref().expect("computed above");
+        let tokens_per_frame = gh * gw;
         let t_input = if opts.expand_timesteps || cond.is_some() {
             // per-token: first-frame tokens get 0 when conditioned, every other token t
             let mut per = vec![t; gf * tokens_per_frame];
@@ -231,8 +288,8 @@ pub fn denoise(
             Tensor::full(t, b, &device)?
         };
         let v = match &concat {
-            Some(y) => prepared.predict(&Tensor::cat(&[&x, y], 1)?, &t_input, &rope)?,
-            None => prepared.predict(&x, &t_input, &rope)?,
+            Some(y) => expert.predict(&Tensor::cat(&[&x, y], 1)?, &t_input, rope)?,
+            None => expert.predict(&x, &t_input, rope)?,
         };
         x = scheduler.step(&v, i, &x)?;
         if cond.is_some() {
@@ -341,15 +398,11 @@ pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> 
         }
         (None, _) => None,
     };
-    let high = Expert {
-        model: &high_model,
-        guidance,
-    };
-    let low = low_model.as_ref().map(|m| Expert {
-        model: m,
-        // diffusers: guidance_scale_2 defaults to guidance_scale
-        guidance: guidance_2.unwrap_or(guidance),
-    });
+    let high = Expert::resident(&high_model, guidance);
+    // diffusers: guidance_scale_2 defaults to guidance_scale
+    let low = low_model
+        .as_ref()
+        .map(|m| Expert::resident(m, guidance_2.unwrap_or(guidance)));
     let mut sched = scheduler::build(&spec, steps)?;
     let dopts = DenoiseOptions {
         boundary_ratio: if low.is_some() { boundary_ratio } else { None },
@@ -368,8 +421,8 @@ pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> 
     let out = denoise(
         &latents,
         &prompts,
-        &high,
-        low.as_ref(),
+        high,
+        low,
         sched.as_mut(),
         &dopts,
         &conditioning,

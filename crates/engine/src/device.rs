@@ -68,6 +68,8 @@ pub mod gpu_memory {
     pub struct PoolUsage {
         pub used: u64,
         pub peak: u64,
+        /// Held by the pool from the driver: `used` plus freed blocks kept for reuse.
+        pub reserved: u64,
     }
 
     /// Free and total device memory as the driver reports them (all processes); `None` on the CPU.
@@ -156,6 +158,7 @@ pub mod gpu_memory {
             Ok(Some(PoolUsage {
                 used: get(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
                 peak: get(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+                reserved: get(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
             }))
         }
 

@@ -20,6 +20,8 @@ pub const GIB: f64 = (1u64 << 30) as f64;
 pub enum WeightFormat {
     Bf16,
     F32,
+    /// Block linears in FP8 e4m3 with per-channel f32 scales, the rest bf16 (bf16 compute).
+    Fp8,
 }
 
 impl WeightFormat {
@@ -27,15 +29,18 @@ impl WeightFormat {
         match s {
             "bf16" => Ok(Self::Bf16),
             "f32" => Ok(Self::F32),
+            "fp8" => Ok(Self::Fp8),
             other => Err(invalid!(
-                "--weights: `{other}` is not one of bf16, f32 (FP8 and GGUF files are upcast to bf16 on \
-                 load today, so plan them as bf16)"
+                "--weights: `{other}` is not one of bf16, f32, fp8 (GGUF files are dequantised to \
+                 bf16 on load today, so plan them as bf16)"
             )),
         }
     }
+
+    /// Bytes of an activation (and of a dense weight) element.
     fn bytes(self) -> u64 {
         match self {
-            Self::Bf16 => 2,
+            Self::Bf16 | Self::Fp8 => 2,
             Self::F32 => 4,
         }
     }
@@ -158,6 +163,8 @@ pub struct Plan {
     pub gpu_peak: u64,
     pub host_peak: u64,
     pub fits: bool,
+    /// The text encoder runs on the CPU (it does not fit the budget).
+    pub text_on_cpu: bool,
 }
 
 /// Exact weight bytes of one transformer (expert) from its shapes.
@@ -175,6 +182,45 @@ fn params(shapes: &[(String, Vec<usize>)]) -> u64 {
         .iter()
         .map(|(_, s)| s.iter().product::<usize>() as u64)
         .sum()
+}
+
+/// A transformer block's linear weight (`blocks.N.attn1.to_q.weight`, `...ffn.net.2.weight`): what
+/// FP8 stores in one byte per value.
+fn is_block_linear(name: &str, shape: &[usize]) -> bool {
+    name.starts_with("blocks.")
+        && name.ends_with(".weight")
+        && shape.len() == 2
+        && (name.contains(".attn") || name.contains(".ffn."))
+}
+
+/// Bytes of one transformer's weights and of one of its blocks, stored as `format`.
+pub fn dit_weight_bytes(cfg: &DitConfig, format: WeightFormat) -> (u64, u64) {
+    let bytes = |name: &str, shape: &[usize]| -> u64 {
+        let n = shape.iter().product::<usize>() as u64;
+        match format {
+            // One f32 scale per output channel beside the FP8 values.
+            WeightFormat::Fp8 if is_block_linear(name, shape) => n + 4 * shape[0] as u64,
+            _ => n * format.bytes(),
+        }
+    };
+    let shapes = crate::dit::model::weight_shapes(cfg);
+    let total = shapes.iter().map(|(n, s)| bytes(n, s)).sum();
+    let block = shapes
+        .iter()
+        .filter(|(n, _)| n.starts_with("blocks.0."))
+        .map(|(n, s)| bytes(n, s))
+        .sum();
+    (total, block)
+}
+
+/// FP8: the largest block linear dequantised for its matmul (an f32 then a bf16 copy).
+fn fp8_dequantize_workspace(cfg: &DitConfig) -> u64 {
+    crate::dit::model::weight_shapes(cfg)
+        .iter()
+        .filter(|(n, s)| is_block_linear(n, s))
+        .map(|(_, s)| s.iter().product::<usize>() as u64 * (4 + 2))
+        .max()
+        .unwrap_or(0)
 }
 
 pub fn dit_params(cfg: &DitConfig) -> u64 {
@@ -203,7 +249,8 @@ pub fn text_params(c: &Umt5Config) -> u64 {
     c.vocab_size as u64 * d + c.num_layers as u64 * per_layer + d
 }
 
-fn vae_config(kind: VaeKind) -> VaeConfig {
+/// The VAE architecture of a preset.
+pub fn vae_config(kind: VaeKind) -> VaeConfig {
     match kind {
         VaeKind::Wan21 => VaeConfig::wan21(),
         VaeKind::Wan22 => VaeConfig::wan22(),
@@ -292,8 +339,7 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
     let elem = req.weights.bytes();
     let cfg = dit_config(p);
     let experts = if p.has_experts() { 2 } else { 1 };
-    let dit_w = dit_params(&cfg) * elem;
-    let block_w = dit_block_params(&cfg) * elem;
+    let (dit_w, block_w) = dit_weight_bytes(&cfg, req.weights);
     let text_w = text_params(&Umt5Config::umt5_xxl()) * 2;
     let vae_cfg = vae_config(p.vae);
     let vae_w = WanVae::expected_weights(&vae_cfg)
@@ -301,7 +347,10 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
         .unwrap_or(0);
     let tokens = dit_tokens(p, req.width, req.height, req.frames);
     let passes = if req.cfg { 2 } else { 1 };
-    let dit_act = dit_activations(p, tokens, passes, elem, p.name == "wan2.2-ti2v-5b");
+    let mut dit_act = dit_activations(p, tokens, passes, elem, p.name == "wan2.2-ti2v-5b");
+    if req.weights == WeightFormat::Fp8 {
+        dit_act += fp8_dequantize_workspace(&cfg);
+    }
     let text_act = (coeff::TEXT_PER_TOKEN * 512.0) as u64;
     let tiled =
         matches!(mode, Offload::Aggressive | Offload::Stream) || req.width * req.height > 512 * 512;
@@ -311,12 +360,18 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
     let (text_gpu, dits_gpu_during_denoise, others_during_decode, dit_host): (u64, u64, u64, u64) =
         match mode {
             Offload::None => (text_w, all_dits, text_w + all_dits, 0),
-            Offload::Cond => (text_w, all_dits, all_dits, 0),
-            Offload::CondDiffusion => (text_w, dit_w, 0, all_dits - dit_w),
-            Offload::Aggressive => (text_w, dit_w, 0, all_dits - dit_w),
+            // The transformers are freed after the loop: the decode holds only the VAE.
+            Offload::Cond => (text_w, all_dits, 0, 0),
+            // The second expert is read from its (mmap'd) file at the switch, after the first
+            // is freed: no host copy.
+            Offload::CondDiffusion | Offload::Aggressive => (text_w, dit_w, 0, 0),
             Offload::Stream => {
                 let non_block = dit_w - block_w * cfg.num_layers as u64;
-                let in_flight = (req.prefetch as u64 + 1) * block_w;
+                // `prefetch` uploads queued and the block computing, plus the block just finished:
+                // its memory returns to the pool on the compute stream, which the copy stream
+                // cannot reuse until the streams meet (measured: 4.38 GiB peak at a 4 GiB budget
+                // when it was not counted).
+                let in_flight = (req.prefetch as u64 + 2) * block_w;
                 let budget = req.vram_budget.unwrap_or(u64::MAX);
                 let room = budget
                     .saturating_sub(non_block + in_flight + dit_act)
@@ -325,7 +380,8 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
                     .min(cfg.num_layers as u64);
                 resident_blocks = Some(room as usize);
                 let on_gpu = non_block + in_flight + room * block_w;
-                (text_w, on_gpu, 0, all_dits)
+                // One expert's blocks page-locked on the host at a time.
+                (text_w, on_gpu, 0, dit_w)
             }
         };
     // In the strongest modes an encoder that does not fit the budget runs on the CPU (512 tokens:
@@ -338,12 +394,13 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
         0
     };
     let mut stages = vec![if text_on_cpu {
+        // f32 on the CPU: twice the bf16 checkpoint.
         stage(
             "text encode",
             0,
-            text_w,
+            2 * text_w,
             0,
-            "text encoder on the CPU".into(),
+            "text encoder on the CPU (f32)".into(),
         )
     } else {
         let placement = if mode == Offload::None {
@@ -375,7 +432,7 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
                 cfg.num_layers, req.prefetch
             ),
             (Offload::CondDiffusion | Offload::Aggressive, _) if experts == 2 => {
-                "one expert on GPU, the other on host until the switch".into()
+                "one expert on the GPU at a time, the other loaded at the switch".into()
             }
             _ => format!("{experts} expert(s) resident"),
         };
@@ -416,6 +473,7 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
         gpu_peak,
         host_peak,
         fits,
+        text_on_cpu,
     }
 }
 
@@ -472,6 +530,20 @@ fn p_sizes(req: &PlanRequest) -> Vec<(usize, usize)> {
         .collect();
     v.sort_by_key(|(w, h)| std::cmp::Reverse(w * h));
     v
+}
+
+/// Kept free on the GPU beside a plan (CUDA context, cuBLAS/cuDNN workspaces, other processes).
+pub const VRAM_RESERVE: u64 = 1 << 30;
+
+/// The GPU memory this process can plan with now: what the driver reports free plus what our
+/// memory pool already holds, minus [`VRAM_RESERVE`]. `None` on the CPU. Re-read before each
+/// stage, since other processes share the GPU.
+pub fn available_vram(device: &candle_core::Device) -> Result<Option<u64>> {
+    let Some((free, _)) = crate::device::gpu_memory::free_and_total(device)? else {
+        return Ok(None);
+    };
+    let held = crate::device::gpu_memory::usage(device)?.map_or(0, |u| u.reserved);
+    Ok(Some((free + held).saturating_sub(VRAM_RESERVE)))
 }
 
 /// "12GiB", "24 GB", "512MiB", "8" (GiB) -> bytes.

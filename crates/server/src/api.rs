@@ -637,6 +637,16 @@ async fn extend_video(State(state): St, req: Request) -> AppResult<Response> {
         ));
     };
     let source = get_job(&state, source_id)?;
+    // The model first: it can never extend, whereas an unfinished source only has to wait.
+    let model = pick_model(&state, Some(&source.settings.model))?;
+    if model.info.task == Task::T2v {
+        return Err(ApiError::invalid(format!(
+            "video: model `{}` is text-to-video only; extending a video conditions on its last \
+             frame and needs an image-to-video model (task ti2v or i2v)",
+            model.name
+        ))
+        .code("unsupported_model"));
+    }
     if source.status != Status::Completed || source.expired {
         return Err(ApiError::invalid(format!(
             "video: {source_id} is {}; only completed, unexpired videos can be extended",
@@ -646,15 +656,6 @@ async fn extend_video(State(state): St, req: Request) -> AppResult<Response> {
                 source.status.as_str()
             }
         )));
-    }
-    let model = pick_model(&state, Some(&source.settings.model))?;
-    if model.info.task == Task::T2v {
-        return Err(ApiError::invalid(format!(
-            "video: model `{}` is text-to-video only; extending a video conditions on its last \
-             frame and needs an image-to-video model (task ti2v or i2v)",
-            model.name
-        ))
-        .code("unsupported_model"));
     }
     let output = source
         .output

@@ -34,7 +34,8 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ModelEntry {
     pub name: String,
-    /// A model folder, or `demo` for the built-in demo model.
+    /// A model folder, `demo` for the built-in demo model, or `random:<configuration>` (e.g.
+    /// `random:wan2.1-t2v-1.3b`: full-size random weights, for load tests; the video is noise).
     pub path: String,
 }
 
@@ -119,7 +120,9 @@ impl Config {
             config.data_dir = base.join(&config.data_dir);
         }
         for model in &mut config.models {
-            if model.path != "demo" && Path::new(&model.path).is_relative() {
+            // `demo` and `random:<configuration>` name built-in weights, not files.
+            let builtin = model.path == "demo" || model.path.starts_with("random:");
+            if !builtin && Path::new(&model.path).is_relative() {
                 model.path = base.join(&model.path).to_string_lossy().into_owned();
             }
         }
@@ -218,6 +221,29 @@ mod tests {
         c.api_keys.clear();
         c.allow_unauthenticated = true;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn relative_model_paths_follow_the_config_file_but_builtin_names_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vidgen.toml");
+        std::fs::write(
+            &file,
+            "[[models]]\nname = 'a'\npath = 'models/wan'\n\
+             [[models]]\nname = 'b'\npath = 'demo'\n\
+             [[models]]\nname = 'c'\npath = 'random:wan2.1-t2v-1.3b'\n",
+        )
+        .unwrap();
+        let c = Config::load(&file).unwrap();
+        let paths: Vec<&str> = c.models.iter().map(|m| m.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                dir.path().join("models/wan").to_str().unwrap(),
+                "demo",
+                "random:wan2.1-t2v-1.3b"
+            ]
+        );
     }
 
     #[test]

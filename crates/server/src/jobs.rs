@@ -412,9 +412,10 @@ fn crash_message(status: Option<ExitStatus>, log: &Path) -> String {
 struct ProgressTracker {
     progress: u32,
     stored: u32,
-    stage: Option<(Stage, f64)>,
-    last_elapsed: f64,
-    job_id: Option<String>,
+    /// The current stage and when its event arrived. Timed here rather than from the worker's
+    /// `elapsed_s`, so the last stage (encoding, stills, an extension's stitching) ends when the
+    /// worker's end line arrives instead of counting as zero.
+    stage: Option<(Stage, Instant)>,
 }
 
 fn stage_name(stage: Stage) -> String {
@@ -442,23 +443,15 @@ impl ProgressTracker {
             progress: 0,
             stored: 0,
             stage: None,
-            last_elapsed: 0.0,
-            job_id: None,
         }
     }
 
     fn on_event(&mut self, state: &AppState, id: &str, event: ProgressEvent) {
-        self.job_id.get_or_insert_with(|| id.to_string());
         let mut live = state.live_progress(id).unwrap_or_default();
         let (name, new_progress) = match &event {
-            ProgressEvent::Stage { stage, elapsed_s } => {
-                if let Some((prev, started)) = self.stage.take() {
-                    state
-                        .metrics
-                        .stage_done(&stage_name(prev), (elapsed_s - started).max(0.0));
-                }
-                self.stage = Some((*stage, *elapsed_s));
-                self.last_elapsed = *elapsed_s;
+            ProgressEvent::Stage { stage, .. } => {
+                self.finish(state);
+                self.stage = Some((*stage, Instant::now()));
                 live = LiveProgress {
                     stage: Some(stage_name(*stage)),
                     step: None,
@@ -470,10 +463,9 @@ impl ProgressTracker {
                 stage,
                 step,
                 total,
-                elapsed_s,
                 eta_s,
+                ..
             } => {
-                self.last_elapsed = *elapsed_s;
                 live.stage = Some(stage_name(*stage));
                 live.step = Some((*step, *total));
                 live.eta_s = *eta_s;
@@ -512,12 +504,12 @@ impl ProgressTracker {
         state.publish(id, name, data.to_string());
     }
 
-    /// Records the last stage's duration.
+    /// Records the current stage's duration (it ended: the next began, or the job did).
     fn finish(&mut self, state: &AppState) {
         if let Some((stage, started)) = self.stage.take() {
             state
                 .metrics
-                .stage_done(&stage_name(stage), (self.last_elapsed - started).max(0.0));
+                .stage_done(&stage_name(stage), started.elapsed().as_secs_f64());
         }
     }
 }
@@ -569,4 +561,118 @@ pub fn recover(state: &AppState) -> anyhow::Result<()> {
         tracing::info!(queued, "queued jobs resume");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+    use serde_json::Value;
+
+    fn state(dir: &Path) -> AppState {
+        let store = crate::store::Store::open(&dir.join("db.sqlite")).unwrap();
+        let env = crate::state::ServerEnv {
+            worker_exe: PathBuf::from("/nonexistent"),
+            models: Vec::new(),
+        };
+        AppState::new(crate::Config::default(), dir.to_path_buf(), store, env)
+    }
+
+    fn next(rx: &mut tokio::sync::broadcast::Receiver<crate::state::LiveMsg>) -> (String, Value) {
+        let msg = rx.try_recv().expect("an event was published");
+        (
+            msg.event.to_string(),
+            serde_json::from_str(&msg.data).unwrap(),
+        )
+    }
+
+    /// The worker's events reach `/events` subscribers: stage, step (total, ETA, progress) and
+    /// the preview frame as a decodable PNG; stage durations land in the metrics.
+    #[test]
+    fn worker_events_are_forwarded_with_progress_and_stage_timings() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let id = "video_0123456789abcdef0123456789abcdef";
+        let mut rx = state.subscribe(id);
+        let mut tracker = ProgressTracker::new();
+
+        tracker.on_event(
+            &state,
+            id,
+            ProgressEvent::Stage {
+                stage: Stage::Denoise,
+                elapsed_s: 0.5,
+            },
+        );
+        let (name, data) = next(&mut rx);
+        assert_eq!(name, "stage");
+        assert_eq!(data["stage"], "denoise");
+        assert_eq!(data["progress"], 8);
+
+        tracker.on_event(
+            &state,
+            id,
+            ProgressEvent::Step {
+                stage: Stage::Denoise,
+                step: 2,
+                total: 4,
+                elapsed_s: 1.0,
+                eta_s: Some(1.5),
+            },
+        );
+        let (name, data) = next(&mut rx);
+        assert_eq!(name, "step");
+        assert_eq!(
+            (data["step"].as_u64(), data["total"].as_u64()),
+            (Some(2), Some(4))
+        );
+        assert_eq!(data["eta_s"], 1.5);
+        assert_eq!(
+            data["progress"], 49,
+            "halfway through denoise (8..90): {data}"
+        );
+        let live = state.live_progress(id).unwrap();
+        assert_eq!(live.step, Some((2, 4)));
+        assert_eq!(live.eta_s, Some(1.5));
+
+        let mut png = Vec::new();
+        image::RgbImage::from_fn(8, 6, |x, y| image::Rgb([x as u8 * 30, y as u8 * 40, 9]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        tracker.on_event(
+            &state,
+            id,
+            ProgressEvent::Preview {
+                step: 2,
+                width: 8,
+                height: 6,
+                png_base64: base64::engine::general_purpose::STANDARD.encode(&png),
+            },
+        );
+        let (name, data) = next(&mut rx);
+        assert_eq!(name, "preview");
+        assert_eq!(data["step"], 2);
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data["png_base64"].as_str().unwrap())
+            .unwrap();
+        let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).unwrap();
+        assert_eq!((img.width(), img.height()), (8, 6));
+        assert_eq!(data["progress"], 49, "a preview does not move the bar");
+
+        std::thread::sleep(Duration::from_millis(20));
+        tracker.on_event(
+            &state,
+            id,
+            ProgressEvent::Stage {
+                stage: Stage::VaeDecode,
+                elapsed_s: 2.0,
+            },
+        );
+        tracker.finish(&state);
+        let stages = state.metrics.stages();
+        let (denoise_s, n) = stages["denoise"];
+        assert_eq!(n, 1);
+        assert!(denoise_s >= 0.02, "{denoise_s}");
+        assert_eq!(stages["vae_decode"].1, 1, "the last stage is counted too");
+    }
 }

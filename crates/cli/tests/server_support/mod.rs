@@ -240,7 +240,9 @@ pub fn request(
     send_raw(addr, &raw, Duration::from_secs(30))
 }
 
-/// Sends raw bytes and reads the response until the server closes the connection.
+/// Sends raw bytes and reads the response until its body is complete (Content-Length) or the
+/// server closes the connection. Stopping at Content-Length matters: chromedriver keeps the
+/// connection open despite `Connection: close`, and reading to the end waited out the timeout.
 pub fn send_raw(addr: SocketAddr, raw: &[u8], timeout: Duration) -> Response {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(timeout)).unwrap();
@@ -248,8 +250,30 @@ pub fn send_raw(addr: SocketAddr, raw: &[u8], timeout: Duration) -> Response {
     // The server may answer (and close) before reading everything: a failed write is fine.
     let _ = stream.write_all(raw);
     let mut out = Vec::new();
-    let _ = stream.read_to_end(&mut out);
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+        if response_complete(&out) {
+            break;
+        }
+    }
     parse_response(&out)
+}
+
+/// Whether `raw` holds a whole response with a Content-Length body.
+fn response_complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..split]);
+    head.split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .is_some_and(|len| raw.len() >= split + 4 + len)
 }
 
 pub fn parse_response(raw: &[u8]) -> Response {
@@ -469,4 +493,61 @@ pub fn long_job() -> Value {
         "steps": 100,
         "seed": 1,
     })
+}
+
+/// Reads the job's SSE stream until `enough(text)` or the timeout.
+pub fn read_events(
+    server: &Server,
+    id: &str,
+    timeout: Duration,
+    enough: impl Fn(&str) -> bool,
+) -> String {
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /v1/videos/{id}/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let start = Instant::now();
+    let mut text = String::new();
+    let mut buf = [0u8; 8192];
+    while start.elapsed() < timeout && !enough(&text) {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(_) => continue,
+        }
+    }
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{text}"
+    );
+    text
+}
+
+/// The events of an SSE text (as read by [`read_events`]): (event name, JSON data) in order.
+pub fn sse_events(text: &str) -> Vec<(String, Value)> {
+    let body = text.split_once("\r\n\r\n").map_or(text, |(_, b)| b);
+    let mut out = Vec::new();
+    let (mut event, mut data) = (String::new(), String::new());
+    // Chunk-size lines of the chunked encoding hold neither prefix and are skipped.
+    for line in body.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(e) = line.strip_prefix("event:") {
+            event = e.trim().to_string();
+        } else if let Some(d) = line.strip_prefix("data:") {
+            data.push_str(d.trim());
+        } else if line.is_empty() && !event.is_empty() {
+            let value = serde_json::from_str(&data)
+                .unwrap_or_else(|e| panic!("event {event}: data is not JSON ({e}): {data}"));
+            out.push((std::mem::take(&mut event), value));
+            data.clear();
+        }
+    }
+    out
 }

@@ -56,20 +56,51 @@ pub fn open_weights(path: &Path, device: &Device, dtype: DType) -> Result<(Weigh
 
 /// Loads a transformer (see [`open_weights`] for `path`), strictly.
 pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<WanTransformer> {
-    let (wm, cfg) = open_weights(path, device, dtype)?;
-    WanTransformer::from_weights(cfg, &wm)
+    load_with(path, device, dtype, &LoadOptions::default())
 }
 
-/// Loads a transformer with its blocks streamed from host memory (see [`streaming`]): the
-/// checkpoint is read on the CPU, then everything but the streamed blocks moves to `device`.
+/// Loads a transformer with its blocks streamed from host memory (see [`streaming`]).
 pub fn load_streamed(
     path: &Path,
     device: &Device,
     dtype: DType,
     opts: StreamOptions,
 ) -> Result<WanTransformer> {
-    let (wm, cfg) = open_weights(path, &Device::Cpu, dtype)?;
-    WanTransformer::from_weights(cfg, &wm)?.into_streamed(device, opts)
+    let options = LoadOptions {
+        stream: Some(opts),
+        ..LoadOptions::default()
+    };
+    load_with(path, device, dtype, &options)
+}
+
+/// How a transformer is held in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoadOptions {
+    /// Block linear weights in FP8 e4m3 with per-channel scales (half of bf16), quantised while
+    /// loading, one layer at a time on the device it loads to.
+    pub fp8_linears: bool,
+    /// Blocks streamed from page-locked host memory: the checkpoint is read on the CPU, then
+    /// everything but the streamed blocks moves to the device.
+    pub stream: Option<StreamOptions>,
+}
+
+pub fn load_with(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    options: &LoadOptions,
+) -> Result<WanTransformer> {
+    let load_device = if options.stream.is_some() {
+        Device::Cpu
+    } else {
+        device.clone()
+    };
+    let (wm, cfg) = open_weights(path, &load_device, dtype)?;
+    let model = WanTransformer::from_weights(cfg, &wm.with_fp8_linears(options.fp8_linears))?;
+    match options.stream {
+        Some(opts) => model.into_streamed(device, opts),
+        None => Ok(model),
+    }
 }
 
 /// `run-component dit`: inputs `hidden_states` [B,C,F,H,W], `timestep` [B] or [B,L],

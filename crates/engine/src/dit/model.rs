@@ -16,7 +16,65 @@ use super::rope::RopeTable;
 use super::streaming::{self, HostBlock, StreamOptions, Uploader};
 use crate::invalid;
 use crate::profile::scope;
+use crate::weights::fp8::{Fp8Granularity, Fp8Weight};
 use crate::weights::{MemorySource, WeightMap, WeightPath};
+
+/// A transformer block's linear layer (the bulk of the weights): dense in the model dtype, or
+/// FP8 e4m3 with one f32 scale per output channel — half the memory of bf16, dequantised to the
+/// activation dtype for each call.
+struct BlockLinear {
+    weight: BlockWeight,
+    bias: Tensor,
+}
+
+enum BlockWeight {
+    Dense(Tensor),
+    Fp8(Fp8Weight),
+}
+
+impl BlockLinear {
+    /// `weight` and `bias` of `wp.{name}`. Stored FP8 (a `weight_scale` beside the weight, as
+    /// [`Self::named_tensors`] writes them for streaming) stays FP8; a dense weight is quantised
+    /// when the weight map asks for FP8 linears, on the weight's device, one layer at a time.
+    fn load(wp: &WeightPath, name: &str, d_in: usize, d_out: usize) -> Result<Self> {
+        let p = wp.pp(name);
+        let bias = p.get("bias", &[d_out])?;
+        let weight = if p.contains(FP8_SCALE) {
+            BlockWeight::Fp8(Fp8Weight::from_parts(
+                p.get_as("weight", &[d_out, d_in], DType::F8E4M3)?,
+                p.get_as(FP8_SCALE, &[d_out], DType::F32)?,
+            )?)
+        } else if wp.map().fp8_linears() {
+            let dense = p.get_as("weight", &[d_out, d_in], DType::F32)?;
+            BlockWeight::Fp8(Fp8Weight::quantize(&dense, Fp8Granularity::PerChannel)?)
+        } else {
+            BlockWeight::Dense(p.get("weight", &[d_out, d_in])?)
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// The weight in `dtype` for a matmul (FP8: dequantised now; dense: as stored).
+    fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
+        match &self.weight {
+            BlockWeight::Dense(w) => Ok(w.clone()),
+            BlockWeight::Fp8(q) => q.dequantize(dtype),
+        }
+    }
+
+    fn named_tensors(&self, name: &str, out: &mut Vec<(String, Tensor)>) {
+        match &self.weight {
+            BlockWeight::Dense(w) => out.push((format!("{name}.weight"), w.clone())),
+            BlockWeight::Fp8(q) => {
+                out.push((format!("{name}.weight"), q.weight().clone()));
+                out.push((format!("{name}.{FP8_SCALE}"), q.scale().clone()));
+            }
+        }
+        out.push((format!("{name}.bias"), self.bias.clone()));
+    }
+}
+
+/// Name of an FP8 block weight's per-channel scales beside `weight` (streamed blocks).
+const FP8_SCALE: &str = "weight_scale";
 
 fn linear(wp: &WeightPath, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
     let p = wp.pp(name);
@@ -132,21 +190,24 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// `x·Wᵀ` then the bias through [`fused::bias_add`] (one pass on the GPU; the same ops as
 /// candle's `Linear` on the CPU).
-fn linear_forward(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    let y = scope("dit.matmul", x.device(), || matmul_t(x, layer.weight()))?;
-    match layer.bias() {
-        Some(b) => scope("dit.bias", x.device(), || fused::bias_add(y, b)),
-        None => Ok(y),
-    }
+fn linear_forward(layer: &BlockLinear, x: &Tensor) -> Result<Tensor> {
+    let y = block_matmul(layer, x)?;
+    scope("dit.bias", x.device(), || fused::bias_add(y, &layer.bias))
 }
 
 /// The FFN's first layer with its tanh-GELU fused into the bias pass.
-fn linear_gelu(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    let y = scope("dit.matmul", x.device(), || matmul_t(x, layer.weight()))?;
-    let b = layer
-        .bias()
-        .ok_or_else(|| anyhow::anyhow!("FFN layer without bias"))?;
-    scope("dit.bias_gelu", x.device(), || fused::bias_gelu(y, b))
+fn linear_gelu(layer: &BlockLinear, x: &Tensor) -> Result<Tensor> {
+    let y = block_matmul(layer, x)?;
+    scope("dit.bias_gelu", x.device(), || {
+        fused::bias_gelu(y, &layer.bias)
+    })
+}
+
+fn block_matmul(layer: &BlockLinear, x: &Tensor) -> Result<Tensor> {
+    let w = scope("dit.fp8_dequantize", x.device(), || {
+        layer.dense_weight(x.dtype())
+    })?;
+    scope("dit.matmul", x.device(), || matmul_t(x, &w))
 }
 
 /// `x [.., K] · wᵀ` with w `[N, K]`, as one 2-D matmul over all rows.
@@ -195,10 +256,10 @@ fn attention_chunked_blhd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> 
 }
 
 struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: BlockLinear,
+    to_k: BlockLinear,
+    to_v: BlockLinear,
+    to_out: BlockLinear,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
     heads: usize,
@@ -214,10 +275,10 @@ impl Attention {
             })
         };
         Ok(Self {
-            to_q: linear(wp, "to_q", d, d)?,
-            to_k: linear(wp, "to_k", d, d)?,
-            to_v: linear(wp, "to_v", d, d)?,
-            to_out: linear(wp, "to_out.0", d, d)?,
+            to_q: BlockLinear::load(wp, "to_q", d, d)?,
+            to_k: BlockLinear::load(wp, "to_k", d, d)?,
+            to_v: BlockLinear::load(wp, "to_v", d, d)?,
+            to_out: BlockLinear::load(wp, "to_out.0", d, d)?,
             norm_q: rms("norm_q")?,
             norm_k: rms("norm_k")?,
             heads: cfg.num_attention_heads,
@@ -232,10 +293,7 @@ impl Attention {
             ("to_v", &self.to_v),
             ("to_out.0", &self.to_out),
         ] {
-            out.push((format!("{prefix}.{name}.weight"), l.weight().clone()));
-            if let Some(b) = l.bias() {
-                out.push((format!("{prefix}.{name}.bias"), b.clone()));
-            }
+            l.named_tensors(&format!("{prefix}.{name}"), out);
         }
         out.push((
             format!("{prefix}.norm_q.weight"),
@@ -263,7 +321,7 @@ impl Attention {
     /// Takes the normalised input by value: it is freed once q, k and v exist, and those once the
     /// attention output exists (the peak is one of these sets, not all of them).
     fn self_attention(&self, x: Tensor, rope: &RopeTable) -> Result<Tensor> {
-        let norm_rope = |norm: &RmsNorm, proj: &Linear| -> Result<Tensor> {
+        let norm_rope = |norm: &RmsNorm, proj: &BlockLinear| -> Result<Tensor> {
             let y = linear_forward(proj, &x)?;
             scope("dit.rms_rope", x.device(), || {
                 fused::rms_norm_rope(&y, &norm.weight, norm.eps, rope, self.heads)
@@ -291,8 +349,8 @@ struct Block {
     norm1: Norm,
     norm2: Option<Norm>,
     norm3: Norm,
-    ffn_in: Linear,
-    ffn_out: Linear,
+    ffn_in: BlockLinear,
+    ffn_out: BlockLinear,
     /// [1, 1, 6, D] f32
     scale_shift_table: Tensor,
 }
@@ -318,8 +376,8 @@ impl Block {
             norm1: Norm::plain(cfg.eps),
             norm2,
             norm3: Norm::plain(cfg.eps),
-            ffn_in: linear(wp, "ffn.net.0.proj", d, cfg.ffn_dim)?,
-            ffn_out: linear(wp, "ffn.net.2", cfg.ffn_dim, d)?,
+            ffn_in: BlockLinear::load(wp, "ffn.net.0.proj", d, cfg.ffn_dim)?,
+            ffn_out: BlockLinear::load(wp, "ffn.net.2", cfg.ffn_dim, d)?,
             scale_shift_table: wp
                 .get_as("scale_shift_table", &[1, 6, d], DType::F32)?
                 .unsqueeze(0)?,
@@ -335,15 +393,8 @@ impl Block {
             out.push(("norm2.weight".into(), w.clone()));
             out.push(("norm2.bias".into(), b.clone()));
         }
-        for (name, l) in [
-            ("ffn.net.0.proj", &self.ffn_in),
-            ("ffn.net.2", &self.ffn_out),
-        ] {
-            out.push((format!("{name}.weight"), l.weight().clone()));
-            if let Some(b) = l.bias() {
-                out.push((format!("{name}.bias"), b.clone()));
-            }
-        }
+        self.ffn_in.named_tensors("ffn.net.0.proj", &mut out);
+        self.ffn_out.named_tensors("ffn.net.2", &mut out);
         out.push((
             "scale_shift_table".into(),
             self.scale_shift_table.squeeze(0)?,

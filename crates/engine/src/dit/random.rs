@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::DitConfig;
 use super::model::weight_shapes;
+use crate::weights::TensorSource;
 
 /// Weights ~ N(0, 1/fan_in) for matrices, norm gains 1, biases and modulation tables small
 /// N(0, 0.02²); deterministic for a seed (the host RNG of [`crate::rng`]).
@@ -45,24 +46,65 @@ pub fn random_weights_on_device(
     device: &Device,
     dtype: DType,
 ) -> Result<HashMap<String, Tensor>> {
-    device.set_seed(seed)?;
-    weight_shapes(cfg)
+    let source = RandomSource::new(cfg, seed, device, dtype)?;
+    source
+        .keys()
         .into_iter()
-        .map(|(name, shape)| {
-            let t = if name.contains("norm") && name.ends_with("weight") {
-                Tensor::ones(shape.as_slice(), DType::F32, device)?
-            } else if shape.len() >= 2 && !name.ends_with("scale_shift_table") {
-                let fan_in: usize = shape[1..].iter().product();
-                Tensor::randn(
-                    0f32,
-                    (1.0 / fan_in as f64).sqrt() as f32,
-                    shape.as_slice(),
-                    device,
-                )?
-            } else {
-                Tensor::randn(0f32, 0.02, shape.as_slice(), device)?
-            };
-            Ok((name, t.to_dtype(dtype)?))
+        .map(|name| {
+            let t = source.load(&name, device)?;
+            Ok((name, t))
         })
         .collect()
+}
+
+/// [`random_weights_on_device`] as a [`TensorSource`]: each tensor is drawn when it is loaded,
+/// so a model built from it (e.g. with FP8 block linears) never holds the whole dense model.
+pub struct RandomSource {
+    shapes: std::collections::BTreeMap<String, Vec<usize>>,
+    dtype: DType,
+}
+
+impl RandomSource {
+    pub fn new(cfg: &DitConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
+        device.set_seed(seed)?;
+        Ok(Self {
+            shapes: weight_shapes(cfg).into_iter().collect(),
+            dtype,
+        })
+    }
+}
+
+impl TensorSource for RandomSource {
+    fn keys(&self) -> Vec<String> {
+        self.shapes.keys().cloned().collect()
+    }
+
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.shapes.get(key).cloned()
+    }
+
+    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let shape = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| crate::invalid!("random transformer: no tensor named `{name}`"))?;
+        let t = if name.contains("norm") && name.ends_with("weight") {
+            Tensor::ones(shape.as_slice(), DType::F32, device)?
+        } else if shape.len() >= 2 && !name.ends_with("scale_shift_table") {
+            let fan_in: usize = shape[1..].iter().product();
+            Tensor::randn(
+                0f32,
+                (1.0 / fan_in as f64).sqrt() as f32,
+                shape.as_slice(),
+                device,
+            )?
+        } else {
+            Tensor::randn(0f32, 0.02, shape.as_slice(), device)?
+        };
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    fn describe(&self) -> String {
+        "random transformer".into()
+    }
 }

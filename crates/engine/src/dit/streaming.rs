@@ -223,6 +223,7 @@ mod gpu {
             DType::BF16 => raw(&cpu.as_slice::<half::bf16>()?[start..start + n]),
             DType::F16 => raw(&cpu.as_slice::<half::f16>()?[start..start + n]),
             DType::U8 => raw(&cpu.as_slice::<u8>()?[start..start + n]),
+            DType::F8E4M3 => raw(&cpu.as_slice::<float8::F8E4M3>()?[start..start + n]),
             other => bail!("block streaming: weights of dtype {other:?} are not supported"),
         };
         dst.copy_from_slice(src);
@@ -272,6 +273,7 @@ mod gpu {
                     DType::BF16 => self.copy_typed::<half::bf16>(src)?,
                     DType::F16 => self.copy_typed::<half::f16>(src)?,
                     DType::U8 => self.copy_typed::<u8>(src)?,
+                    DType::F8E4M3 => self.copy_typed::<float8::F8E4M3>(src)?,
                     other => bail!("block streaming: dtype {other:?} is not supported"),
                 };
                 let t = Tensor::from_storage(

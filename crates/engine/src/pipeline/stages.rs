@@ -2,7 +2,14 @@
 //! stage needs the memory: text encoder → (VAE encode of a conditioning image) → diffusion
 //! transformer(s) → VAE decode. The caller (CLI, worker) runs them in order and checks the output
 //! between them (the quality guard sits between denoise and decode).
+//!
+//! Where components live follows a [`Placement`] (from the memory plan, `--offload`): kept
+//! resident across stages, freed after use, one A14B expert at a time, blocks streamed from host
+//! memory, the text encoder on the CPU. Each stage's GPU peak is measured (the CUDA pool's
+//! high-water mark) so it can be reported against the plan.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -13,18 +20,68 @@ use super::events::{ProgressEvent, ProgressSink, Stage};
 use super::image::{load_conditioning_image, ImageLimits};
 use super::layout::{ModelLayout, WanVariant};
 use super::request::ResolvedRequest;
-use crate::denoise::{denoise, i2v_condition, Conditioning, DenoiseOptions, Expert, Prompts};
-use crate::dit::{self, WanTransformer};
+use crate::denoise::{
+    denoise, i2v_condition, Conditioning, DenoiseOptions, Expert, ExpertModel, Prompts,
+};
+use crate::device::gpu_memory;
+use crate::dit::random::RandomSource;
+use crate::dit::{self, LoadOptions, StreamOptions, WanTransformer};
 use crate::invalid;
+use crate::memory::Offload;
+use crate::presets::{ModelPreset, TaskKind};
 use crate::scheduler::{self, SchedulerKind, SchedulerSpec};
-use crate::text::{self, TextEncoder, Tokenizer};
+use crate::text::{self, TextEncoder, Tokenizer, Umt5Config};
 use crate::vae::{TileConfig, WanVae};
+use crate::weights::WeightMap;
 
 /// Where the weights come from.
 #[derive(Clone, Copy)]
 pub enum Components<'a> {
     Demo,
     Layout(&'a ModelLayout),
+    /// Full-size random weights of a known configuration, drawn on the device (benchmarks of the
+    /// whole pipeline without a download; the video is noise).
+    Random(&'static ModelPreset),
+}
+
+/// Where components live during a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    pub offload: Offload,
+    /// `Offload::Stream`: blocks kept on the GPU and blocks uploaded ahead.
+    pub stream: StreamOptions,
+    /// The text encoder runs on the CPU (in f32).
+    pub text_on_cpu: bool,
+    /// Transformer block linears in FP8 (per-channel scales): half the weight memory.
+    pub fp8_linears: bool,
+}
+
+impl Default for Placement {
+    /// Free each component after its stage; both experts resident during the loop.
+    fn default() -> Self {
+        Self {
+            offload: Offload::Cond,
+            stream: StreamOptions::default(),
+            text_on_cpu: false,
+            fp8_linears: false,
+        }
+    }
+}
+
+/// A stage's measured GPU memory: the pool's peak while it ran (`None` on the CPU).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageMemory {
+    pub stage: String,
+    pub gpu_peak: Option<u64>,
+    pub seconds: f64,
+}
+
+/// Components kept between stages (`Offload::None`).
+#[derive(Default)]
+struct Resident {
+    text: Option<Rc<(TextEncoder, Tokenizer)>>,
+    vae: Option<Rc<WanVae>>,
+    transformers: Option<Rc<(WanTransformer, Option<WanTransformer>)>>,
 }
 
 pub struct Stages<'a> {
@@ -32,11 +89,23 @@ pub struct Stages<'a> {
     pub device: Device,
     /// Transformer dtype: f32 on the CPU, bf16 on a GPU.
     pub dtype: DType,
+    pub placement: Placement,
     started: Instant,
+    resident: RefCell<Resident>,
+    memory: RefCell<Vec<StageMemory>>,
+    stage_started: RefCell<Instant>,
 }
 
 impl<'a> Stages<'a> {
     pub fn new(components: Components<'a>, device: Device) -> Self {
+        Self::with_placement(components, device, Placement::default())
+    }
+
+    pub fn with_placement(
+        components: Components<'a>,
+        device: Device,
+        placement: Placement,
+    ) -> Self {
         let dtype = if device.is_cpu() {
             DType::F32
         } else {
@@ -46,86 +115,182 @@ impl<'a> Stages<'a> {
             components,
             device,
             dtype,
+            placement,
             started: Instant::now(),
+            resident: RefCell::default(),
+            memory: RefCell::default(),
+            stage_started: RefCell::new(Instant::now()),
         }
+    }
+
+    /// Changes the placement for the stages still to run (components kept resident are released
+    /// when the new placement does not keep them).
+    pub fn set_placement(&mut self, placement: Placement) {
+        if placement.offload != Offload::None {
+            *self.resident.borrow_mut() = Resident::default();
+        }
+        self.placement = placement;
+    }
+
+    /// The measured GPU peak of every stage run so far, in order.
+    pub fn memory_report(&self) -> Vec<StageMemory> {
+        self.memory.borrow().clone()
     }
 
     fn elapsed(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
     }
 
+    /// Starts measuring a stage: the pool's peak restarts from what is held now.
+    fn begin_measure(&self) -> Result<()> {
+        gpu_memory::reset_peak(&self.device)?;
+        *self.stage_started.borrow_mut() = Instant::now();
+        Ok(())
+    }
+
+    /// Records the peak since [`Self::begin_measure`] under `name` and starts the next measure.
+    fn end_measure(&self, name: &str) -> Result<()> {
+        if let Device::Cuda(_) = &self.device {
+            self.device.synchronize()?;
+        }
+        let gpu_peak = gpu_memory::usage(&self.device)?.map(|u| u.peak);
+        let seconds = self.stage_started.borrow().elapsed().as_secs_f64();
+        self.memory.borrow_mut().push(StageMemory {
+            stage: name.to_string(),
+            gpu_peak,
+            seconds,
+        });
+        self.begin_measure()
+    }
+
     fn stage(&self, sink: &mut dyn ProgressSink, stage: Stage) -> Result<()> {
+        self.begin_measure()?;
         sink.event(ProgressEvent::Stage {
             stage,
             elapsed_s: self.elapsed(),
         })
     }
 
+    fn keep_resident(&self) -> bool {
+        self.placement.offload == Offload::None
+    }
+
     fn variant(&self) -> Option<WanVariant> {
         match self.components {
-            Components::Demo => None,
             Components::Layout(l) => l.variant,
+            _ => None,
         }
     }
 
-    fn load_vae(&self) -> Result<WanVae> {
+    fn preset(&self) -> Option<&'static ModelPreset> {
         match self.components {
-            // The VAE runs in f32: its outputs are pixels, and the reference does the same.
-            Components::Demo => demo::vae(&self.device, DType::F32),
-            Components::Layout(l) => WanVae::load(&l.vae, &self.device, DType::F32),
+            Components::Demo => None,
+            Components::Layout(l) => l.variant.map(|v| v.preset()),
+            Components::Random(p) => Some(p),
         }
     }
 
-    fn load_text(&self) -> Result<(TextEncoder, Tokenizer)> {
-        match self.components {
-            Components::Demo => Ok((
+    /// I2V-A14B: the image latents are concatenated on channels (other image models hold the
+    /// first latent frame).
+    fn concat_condition(&self) -> bool {
+        self.variant() == Some(WanVariant::Wan22I2vA14B)
+            || matches!(self.components, Components::Random(p) if p.task == TaskKind::I2V && p.has_experts())
+    }
+
+    fn vae(&self) -> Result<Rc<WanVae>> {
+        if let Some(v) = &self.resident.borrow().vae {
+            return Ok(v.clone());
+        }
+        // The VAE runs in f32: its outputs are pixels, and the reference does the same.
+        let vae = Rc::new(match self.components {
+            Components::Demo => demo::vae(&self.device, DType::F32)?,
+            Components::Layout(l) => WanVae::load(&l.vae, &self.device, DType::F32)?,
+            Components::Random(p) => WanVae::random(
+                crate::memory::vae_config(p.vae),
+                11,
+                &self.device,
+                DType::F32,
+            )?,
+        });
+        if self.keep_resident() {
+            self.resident.borrow_mut().vae = Some(vae.clone());
+        }
+        Ok(vae)
+    }
+
+    fn text(&self) -> Result<Rc<(TextEncoder, Tokenizer)>> {
+        if let Some(t) = &self.resident.borrow().text {
+            return Ok(t.clone());
+        }
+        let (device, dtype) = if self.placement.text_on_cpu || self.device.is_cpu() {
+            (Device::Cpu, DType::F32)
+        } else {
+            (self.device.clone(), DType::BF16)
+        };
+        let text = Rc::new(match self.components {
+            Components::Demo => (
                 demo::text_encoder(&self.device, DType::F32)?,
                 demo::tokenizer()?,
-            )),
-            Components::Layout(l) => {
-                let dtype = if self.device.is_cpu() {
-                    DType::F32
-                } else {
-                    DType::BF16
-                };
-                Ok((
-                    TextEncoder::load(&l.text_encoder, &self.device, dtype)?,
-                    Tokenizer::from_file(&l.tokenizer)?,
-                ))
-            }
+            ),
+            Components::Layout(l) => (
+                TextEncoder::load(&l.text_encoder, &device, dtype)?,
+                Tokenizer::from_file(&l.tokenizer)?,
+            ),
+            Components::Random(_) => (
+                TextEncoder::random_on_device(Umt5Config::umt5_xxl(), 13, &device, dtype)?,
+                demo::tokenizer()?,
+            ),
+        });
+        if self.keep_resident() {
+            self.resident.borrow_mut().text = Some(text.clone());
         }
+        Ok(text)
+    }
+
+    /// Loads every component up front when the placement keeps them resident (`Offload::None`),
+    /// so each stage holds what the plan counts; otherwise nothing.
+    pub fn preload(&self) -> Result<()> {
+        if self.keep_resident() {
+            self.text()?;
+            self.vae()?;
+            self.resident_transformers()?;
+        }
+        Ok(())
     }
 
     /// Prompt (and negative prompt, when any guidance > 1) embeddings [1, 512, text_dim], f32.
-    /// The encoder is freed before returning.
+    /// The encoder is freed before returning (unless kept resident).
     pub fn encode_text(
         &self,
         req: &ResolvedRequest,
         sink: &mut dyn ProgressSink,
     ) -> Result<(Tensor, Option<Tensor>)> {
         self.stage(sink, Stage::TextEncode)?;
-        let (encoder, tokenizer) = self.load_text()?;
-        let positive = text::encode_prompts(&encoder, &tokenizer, &[&req.prompt])?;
+        let text = self.text()?;
+        let (encoder, tokenizer) = (&text.0, &text.1);
+        let positive = text::encode_prompts(encoder, tokenizer, &[&req.prompt])?;
         let guided = req.guidance > 1.0 || req.guidance_2.is_some_and(|g| g > 1.0);
         let negative = if guided {
             Some(text::encode_prompts(
-                &encoder,
-                &tokenizer,
+                encoder,
+                tokenizer,
                 &[&req.negative_prompt],
             )?)
         } else {
             None
         };
-        drop(encoder);
-        Ok((
+        drop(text);
+        let out = (
             positive.to_dtype(DType::F32)?,
             negative.map(|n| n.to_dtype(DType::F32)).transpose()?,
-        ))
+        );
+        self.end_measure("text encode")?;
+        Ok(out)
     }
 
     /// Image conditioning, normalised latents: for TI2V (and the demo) the first latent frame
     /// [1, z, 1, h, w]; for I2V-A14B the mask + latents of [image, zeros...] [1, 4 + z, F, h, w].
-    /// `None` without an image. The VAE is freed before returning.
+    /// `None` without an image. The VAE is freed before returning (unless kept resident).
     pub fn encode_condition(
         &self,
         req: &ResolvedRequest,
@@ -142,9 +307,9 @@ impl<'a> Stages<'a> {
             &ImageLimits::default(),
             &self.device,
         )?;
-        let vae = self.load_vae()?;
+        let vae = self.vae()?;
         let image = image.unsqueeze(0)?.unsqueeze(2)?; // [1, 3, 1, H, W]
-        if self.variant() == Some(WanVariant::Wan22I2vA14B) {
+        let out = if self.concat_condition() {
             let rest = Tensor::zeros(
                 (
                     1,
@@ -158,24 +323,87 @@ impl<'a> Stages<'a> {
             )?;
             let video = Tensor::cat(&[&image, &rest], 2)?;
             let latents = vae.normalize(&vae.encode_mean(&video)?)?;
-            return Ok(Some(i2v_condition(&latents)?));
-        }
-        let mean = vae.encode_mean(&image)?;
-        Ok(Some(vae.normalize(&mean)?.to_dtype(DType::F32)?))
+            i2v_condition(&latents)?
+        } else {
+            let mean = vae.encode_mean(&image)?;
+            vae.normalize(&mean)?.to_dtype(DType::F32)?
+        };
+        drop(vae);
+        self.end_measure("image encode")?;
+        Ok(Some(out))
     }
 
-    fn load_transformers(&self) -> Result<(WanTransformer, Option<WanTransformer>)> {
+    /// Loads one transformer (`second`: the low-noise expert) as the placement says: resident on
+    /// the device, or streamed from page-locked host memory.
+    fn load_transformer(&self, second: bool) -> Result<WanTransformer> {
+        let stream = (self.placement.offload == Offload::Stream).then_some(self.placement.stream);
+        let options = LoadOptions {
+            fp8_linears: self.placement.fp8_linears,
+            stream,
+        };
         match self.components {
-            Components::Demo => Ok((demo::transformer(&self.device, self.dtype)?, None)),
+            Components::Demo => {
+                let model = demo::transformer(&self.device, self.dtype)?;
+                match stream {
+                    Some(opts) => model.into_streamed(&self.device, opts),
+                    None => Ok(model),
+                }
+            }
             Components::Layout(l) => {
-                let high = dit::load(&l.dit, &self.device, self.dtype)?;
-                let low = match &l.dit_2 {
-                    Some(p) => Some(dit::load(p, &self.device, self.dtype)?),
-                    None => None,
+                let path = if second {
+                    l.dit_2
+                        .as_ref()
+                        .ok_or_else(|| invalid!("dit_2: this model has no second expert"))?
+                } else {
+                    &l.dit
                 };
-                Ok((high, low))
+                dit::load_with(path, &self.device, self.dtype, &options)
+            }
+            Components::Random(p) => {
+                let cfg = crate::memory::dit_config(p);
+                let seed = if second { 8 } else { 7 };
+                let source = RandomSource::new(&cfg, seed, &self.device, self.dtype)?;
+                let wm = WeightMap::plain(Box::new(source), &self.device, self.dtype)?
+                    .with_fp8_linears(options.fp8_linears);
+                let model = WanTransformer::from_weights(cfg, &wm)?;
+                match stream {
+                    Some(opts) => {
+                        let model = model.into_streamed(&self.device, opts)?;
+                        // Random weights are drawn on the GPU, then staged to the host: that
+                        // transient is not part of what a checkpoint (read on the CPU) costs.
+                        gpu_memory::reset_peak(&self.device)?;
+                        Ok(model)
+                    }
+                    None => Ok(model),
+                }
             }
         }
+    }
+
+    fn has_second_expert(&self) -> bool {
+        match self.components {
+            Components::Demo => false,
+            Components::Layout(l) => l.dit_2.is_some(),
+            Components::Random(p) => p.has_experts(),
+        }
+    }
+
+    /// Both experts loaded together (kept between runs when resident).
+    fn resident_transformers(&self) -> Result<Rc<(WanTransformer, Option<WanTransformer>)>> {
+        if let Some(t) = &self.resident.borrow().transformers {
+            return Ok(t.clone());
+        }
+        let high = self.load_transformer(false)?;
+        let low = if self.has_second_expert() {
+            Some(self.load_transformer(true)?)
+        } else {
+            None
+        };
+        let both = Rc::new((high, low));
+        if self.keep_resident() {
+            self.resident.borrow_mut().transformers = Some(both.clone());
+        }
+        Ok(both)
     }
 
     fn scheduler_spec(&self, req: &ResolvedRequest) -> Result<SchedulerSpec> {
@@ -194,8 +422,50 @@ impl<'a> Stages<'a> {
         })
     }
 
+    /// Latent channels and spatial stride of the model's VAE.
+    fn latent_geometry(&self) -> Result<(usize, usize)> {
+        if let Some(p) = self.preset() {
+            return Ok((p.latent_channels, p.vae_stride[1]));
+        }
+        Ok(match self.components {
+            Components::Layout(l) => {
+                // Unknown variant: the transformer's config says (48 channels: the Wan2.2 VAE).
+                let (_, cfg) = dit::open_weights(&l.dit, &Device::Cpu, self.dtype)?;
+                let z = cfg.out_channels;
+                (z, if z == 48 { 16 } else { 8 })
+            }
+            _ => (16, 8),
+        })
+    }
+
+    fn boundary_ratio(&self) -> Result<Option<f64>> {
+        if !self.has_second_expert() {
+            return Ok(None);
+        }
+        let ratio = match self.components {
+            Components::Layout(l) => l
+                .boundary_ratio
+                .or(l.variant.and_then(|v| v.preset().boundary_ratio)),
+            _ => self.preset().and_then(|p| p.boundary_ratio),
+        };
+        ratio.map(Some).ok_or_else(|| {
+            invalid!("two experts but no boundary_ratio in model_index.json or preset")
+        })
+    }
+
+    fn expand_timesteps(&self) -> bool {
+        match self.components {
+            Components::Demo => true,
+            Components::Layout(l) => l
+                .expand_timesteps
+                .unwrap_or(l.variant == Some(WanVariant::Wan22Ti2v5B)),
+            Components::Random(p) => p.name == "wan2.2-ti2v-5b",
+        }
+    }
+
     /// Seeded noise -> denoised (normalised) latents [1, z, F_lat, h, w], f32. Transformers are
-    /// freed before returning.
+    /// freed before returning (unless kept resident); with an offload mode that swaps experts,
+    /// only one expert is in memory at a time.
     pub fn denoise(
         &self,
         req: &ResolvedRequest,
@@ -205,63 +475,60 @@ impl<'a> Stages<'a> {
         sink: &mut dyn ProgressSink,
     ) -> Result<Tensor> {
         self.stage(sink, Stage::Denoise)?;
-        let (high_model, low_model) = self.load_transformers()?;
+        let (z, s) = self.latent_geometry()?;
         let vae_stride_t = 4;
-        let (z, s) = match self.components {
-            Components::Demo => (16, 8),
-            Components::Layout(l) => {
-                let preset = l.variant.map(|v| v.preset());
-                (
-                    high_model.config().out_channels,
-                    preset.map(|p| p.vae_stride[1]).unwrap_or(
-                        if high_model.config().out_channels == 48 {
-                            16
-                        } else {
-                            8
-                        },
-                    ),
-                )
-            }
-        };
         let f_lat = (req.frames as usize - 1) / vae_stride_t + 1;
         let shape = (1, z, f_lat, req.height as usize / s, req.width as usize / s);
         let noise = crate::rng::gaussian_noise(req.seed, shape, &Device::Cpu)?;
-
-        let boundary_ratio = match (self.components, &low_model) {
-            (Components::Layout(l), Some(_)) => Some(
-                l.boundary_ratio
-                    .or(l.variant.and_then(|v| v.preset().boundary_ratio))
-                    .ok_or_else(|| {
-                        invalid!("two experts but no boundary_ratio in model_index.json or preset")
-                    })?,
+        let boundary_ratio = self.boundary_ratio()?;
+        let guidance_2 = req.guidance_2.unwrap_or(req.guidance);
+        let swap = boundary_ratio.is_some()
+            && matches!(
+                self.placement.offload,
+                Offload::CondDiffusion | Offload::Aggressive | Offload::Stream
+            );
+        let resident = if swap {
+            None
+        } else {
+            Some(self.resident_transformers()?)
+        };
+        let (high, low) = match &resident {
+            Some(both) => (
+                Expert::resident(&both.0, req.guidance),
+                both.1.as_ref().map(|m| Expert::resident(m, guidance_2)),
             ),
-            _ => None,
+            None => (
+                Expert {
+                    model: ExpertModel::OnDemand {
+                        device: self.device.clone(),
+                        load: Box::new(|| self.load_transformer(false)),
+                    },
+                    guidance: req.guidance,
+                },
+                Some(Expert {
+                    model: ExpertModel::OnDemand {
+                        device: self.device.clone(),
+                        load: Box::new(|| {
+                            // The high-noise expert is gone: its peak is this stage's first half.
+                            self.end_measure("denoise (high-noise expert)")?;
+                            self.load_transformer(true)
+                        }),
+                    },
+                    guidance: guidance_2,
+                }),
+            ),
         };
-        let expand_timesteps = match self.components {
-            Components::Demo => true,
-            Components::Layout(l) => l
-                .expand_timesteps
-                .unwrap_or(l.variant == Some(WanVariant::Wan22Ti2v5B)),
-        };
-        let high = Expert {
-            model: &high_model,
-            guidance: req.guidance,
-        };
-        let low = low_model.as_ref().map(|m| Expert {
-            model: m,
-            guidance: req.guidance_2.unwrap_or(req.guidance),
-        });
         let spec = self.scheduler_spec(req)?;
         let mut sched = scheduler::build(&spec, req.steps as usize)?;
         let opts = DenoiseOptions {
             boundary_ratio,
             num_train_timesteps: spec.num_train_timesteps,
-            expand_timesteps,
+            expand_timesteps: self.expand_timesteps(),
         };
         let prompts = Prompts { positive, negative };
         let conditioning = match condition {
             None => Conditioning::None,
-            Some(c) if self.variant() == Some(WanVariant::Wan22I2vA14B) => Conditioning::Concat(c),
+            Some(c) if self.concat_condition() => Conditioning::Concat(c),
             Some(c) => Conditioning::FirstFrame(c),
         };
         let t0 = Instant::now();
@@ -269,8 +536,8 @@ impl<'a> Stages<'a> {
         let out = denoise(
             &noise,
             &prompts,
-            &high,
-            low.as_ref(),
+            high,
+            low,
             sched.as_mut(),
             &opts,
             &conditioning,
@@ -285,29 +552,45 @@ impl<'a> Stages<'a> {
                 })
             },
         )?;
-        drop(low_model);
-        drop(high_model);
+        drop(resident);
+        let swapped = self
+            .memory
+            .borrow()
+            .last()
+            .is_some_and(|m| m.stage == "denoise (high-noise expert)");
+        self.end_measure(if swapped {
+            "denoise (low-noise expert)"
+        } else {
+            "denoise"
+        })?;
         Ok(out)
     }
 
-    /// Normalised latents -> video [3, T, H, W] f32 on the CPU, in [-1, 1]. Large videos are decoded
-    /// in spatial tiles (bounded memory); the VAE is freed before returning.
+    /// Normalised latents -> video [3, T, H, W] f32 on the CPU, in [-1, 1]. Large videos (and
+    /// every video under `aggressive` or `stream` offload) are decoded in spatial tiles (bounded
+    /// memory); the VAE is freed before returning (unless kept resident).
     pub fn decode(&self, latents: &Tensor, sink: &mut dyn ProgressSink) -> Result<Tensor> {
         self.stage(sink, Stage::VaeDecode)?;
-        let vae = self.load_vae()?;
+        let vae = self.vae()?;
         let z = vae.denormalize(latents)?;
         let (_, _, _, h, w) = z.dims5()?;
         let s = vae.config().spatial_stride();
-        // Plain decode for small frames; tiles above ~512x512 pixels keep memory bounded.
-        let video = if h * w * s * s > 512 * 512 {
+        let tiled = h * w * s * s > 512 * 512
+            || matches!(
+                self.placement.offload,
+                Offload::Aggressive | Offload::Stream
+            );
+        let video = if tiled {
             vae.decode_tiled(&z, &TileConfig::default())?
         } else {
             vae.decode(&z)?
         };
         drop(vae);
-        Ok(video
+        let video = video
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?
-            .squeeze(0)?)
+            .squeeze(0)?;
+        self.end_measure("VAE decode")?;
+        Ok(video)
     }
 }

@@ -398,7 +398,33 @@ impl TextEncoder {
     /// Seeded random weights with transformers' init scales (demo model, tests).
     pub fn random(config: Umt5Config, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
         config.validate()?;
-        let wm = encoder_weight_map(Box::new(random_source(&config, seed)?), device, dtype)?;
+        let wm = encoder_weight_map(
+            Box::new(random_source(&config, seed, &Device::Cpu, DType::F32)?),
+            device,
+            dtype,
+        )?;
+        Self::from_weights(config, &wm)
+    }
+
+    /// Random weights drawn on `device` by its own generator in `dtype` (same scales as
+    /// [`Self::random`], other values): a full-size UMT5-XXL for benchmarks in seconds, where the
+    /// seeded host generator would take minutes.
+    pub fn random_on_device(
+        config: Umt5Config,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        config.validate()?;
+        if !device.is_cpu() {
+            // The CPU path draws from the seeded host generator instead (see random_source).
+            device.set_seed(seed)?;
+        }
+        let wm = encoder_weight_map(
+            Box::new(random_source(&config, seed, device, dtype)?),
+            device,
+            dtype,
+        )?;
         Self::from_weights(config, &wm)
     }
 
@@ -519,7 +545,9 @@ fn open_pth(path: &Path) -> Result<Box<dyn TensorSource>> {
 }
 
 /// Random weights under HF names, with transformers' `_init_weights` standard deviations.
-fn random_source(c: &Umt5Config, seed: u64) -> Result<MemorySource> {
+/// Random encoder weights. On the CPU in f32 they come from the seeded host generator
+/// (reproducible everywhere); elsewhere from the device's generator, in `dtype`.
+fn random_source(c: &Umt5Config, seed: u64, device: &Device, dtype: DType) -> Result<MemorySource> {
     let (gated, _) = c.feed_forward()?;
     let inner = c.inner_dim();
     let (dm, dff) = (c.d_model as f64, c.d_ff as f64);
@@ -580,9 +608,11 @@ fn random_source(c: &Umt5Config, seed: u64) -> Result<MemorySource> {
     for (i, (name, shape, std)) in specs.into_iter().enumerate() {
         // std 0 marks norm weights, which start at one as in transformers.
         let t = if std == 0.0 {
-            Tensor::ones(shape, DType::F32, &Device::Cpu)?
+            Tensor::ones(shape, dtype, device)?
+        } else if device.is_cpu() && dtype == DType::F32 {
+            (crate::rng::gaussian_noise(seed.wrapping_add(i as u64), shape, device)? * std)?
         } else {
-            (crate::rng::gaussian_noise(seed.wrapping_add(i as u64), shape, &Device::Cpu)? * std)?
+            Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?
         };
         tensors.insert(name, t);
     }

@@ -95,6 +95,7 @@ pub struct WeightMap {
     used: Mutex<BTreeSet<String>>,
     device: Device,
     dtype: DType,
+    fp8_linears: bool,
 }
 
 impl WeightMap {
@@ -124,7 +125,19 @@ impl WeightMap {
             used: Mutex::new(BTreeSet::new()),
             device: device.clone(),
             dtype,
+            fp8_linears: false,
         })
+    }
+
+    /// Asks the model built from this map to keep its large linear weights in FP8 (per-channel
+    /// scales), quantised as they load (the transformer's block linears).
+    pub fn with_fp8_linears(mut self, on: bool) -> Self {
+        self.fp8_linears = on;
+        self
+    }
+
+    pub fn fp8_linears(&self) -> bool {
+        self.fp8_linears
     }
 
     /// Identity key mapping.
