@@ -207,15 +207,6 @@ impl ModelSource {
             ModelSource::Random(p) => Ok(layout::model_info_from_preset(p)),
         }
     }
-
-    /// The known configuration, when there is one (the memory plan needs it).
-    pub fn preset(&self) -> Option<&'static ModelPreset> {
-        match self {
-            ModelSource::Demo => None,
-            ModelSource::Layout(layout) => layout.variant.map(|v| v.preset()),
-            ModelSource::Random(p) => Some(p),
-        }
-    }
 }
 
 const RANDOM_PREFIX: &str = "random:";
@@ -294,7 +285,7 @@ pub fn run_source(
         })?;
     }
     let started = Instant::now();
-    let planned = plan_placement(source.preset(), &req, &options.memory, &options.device)?;
+    let mut planned = plan_placement(components.preset(), &req, &options.memory, &options.device)?;
     let mut stages = Stages::with_placement(
         components,
         options.device.clone(),
@@ -303,10 +294,9 @@ pub fn run_source(
     stages.preload()?;
     let (positive, negative) = stages.encode_text(&req, sink)?;
     let condition = stages.encode_condition(&req, sink)?;
-    let mut plan = planned.plan.clone();
-    replan_if_squeezed(&mut stages, &mut plan, &planned, &options.memory, sink)?;
+    replan_if_squeezed(&mut stages, &mut planned, &options.memory, sink)?;
     let latents = stages.denoise(&req, &positive, negative.as_ref(), condition.as_ref(), sink)?;
-    replan_if_squeezed(&mut stages, &mut plan, &planned, &options.memory, sink)?;
+    replan_if_squeezed(&mut stages, &mut planned, &options.memory, sink)?;
     if let Some(path) = &options.save_latents {
         let latents = latents.to_device(&candle_core::Device::Cpu)?;
         // Written beside, then renamed: never a half-written file under the asked name.
@@ -320,7 +310,7 @@ pub fn run_source(
     }
     guard::check_latents(&latents.flatten_all()?.to_vec1::<f32>()?)?;
     let video = stages.decode(&latents, sink)?;
-    let memory = memory_rows(plan.as_ref(), &stages.memory_report());
+    let memory = memory_rows(planned.plan.as_ref(), &stages.memory_report());
     let (c, t, h, w) = video.dims4()?;
     anyhow::ensure!(
         t == req.frames as usize,
@@ -378,7 +368,8 @@ impl Default for MemoryOptions {
     }
 }
 
-/// The placement a run starts with, and the plan behind it (known configurations only).
+/// The placement a run starts with, and the plan behind it (known configurations only); updated
+/// when the budget is re-read between stages.
 pub struct PlannedRun {
     pub placement: Placement,
     pub plan: Option<Plan>,
@@ -477,12 +468,11 @@ pub fn plan_placement(
 /// that does (never a weaker one than planned).
 fn replan_if_squeezed(
     stages: &mut vidgen_engine::pipeline::stages::Stages<'_>,
-    plan: &mut Option<Plan>,
-    planned: &PlannedRun,
+    planned: &mut PlannedRun,
     memory: &MemoryOptions,
     sink: &mut dyn ProgressSink,
 ) -> anyhow::Result<()> {
-    let (Some(current), Some(request)) = (plan.as_ref(), planned.request.as_ref()) else {
+    let (Some(current), Some(request)) = (planned.plan.as_ref(), planned.request.as_ref()) else {
         return Ok(());
     };
     if memory.vram_budget.is_some() || memory.offload.is_some() {
@@ -519,9 +509,10 @@ fn replan_if_squeezed(
                 next.offload.name()
             ),
         })?;
-        stages.set_placement(placement_of(&next, memory));
+        planned.placement = placement_of(&next, memory);
+        stages.set_placement(planned.placement.clone());
     }
-    *plan = Some(next);
+    planned.plan = Some(next);
     Ok(())
 }
 

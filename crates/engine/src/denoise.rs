@@ -106,6 +106,15 @@ enum Held<'a> {
     Owned(Box<WanTransformer>),
 }
 
+impl Held<'_> {
+    fn get(&self) -> &WanTransformer {
+        match self {
+            Held::Borrowed(m) => m,
+            Held::Owned(m) => m,
+        }
+    }
+}
+
 /// The expert running now, with its text contexts (cond and, under guidance, uncond).
 struct Active<'a> {
     high_noise: bool,
@@ -121,10 +130,7 @@ impl<'a> Active<'a> {
             ExpertModel::Resident(m) => Held::Borrowed(m),
             ExpertModel::OnDemand { load, .. } => Held::Owned(Box::new(load()?)),
         };
-        let m = match &model {
-            Held::Borrowed(m) => *m,
-            Held::Owned(m) => m,
-        };
+        let m = model.get();
         let cond = m.prepare_context(prompts.positive)?;
         let uncond = match (expert.guidance > 1.0, prompts.negative) {
             (true, Some(neg)) => Some(m.prepare_context(neg)?),
@@ -140,10 +146,7 @@ impl<'a> Active<'a> {
     }
 
     fn model(&self) -> &WanTransformer {
-        match &self.model {
-            Held::Borrowed(m) => m,
-            Held::Owned(m) => m,
-        }
+        self.model.get()
     }
 
     /// Guided velocity: uncond + g·(cond − uncond); guidance 1 skips the unconditional pass.

@@ -8,7 +8,7 @@
 //! memory, the text encoder on the CPU. Each stage's GPU peak is measured (the CUDA pool's
 //! high-water mark) so it can be reported against the plan.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use super::demo;
 use super::events::{ProgressEvent, ProgressSink, Stage};
 use super::image::{load_conditioning_image, ImageLimits};
-use super::layout::{ModelLayout, WanVariant};
+use super::layout::ModelLayout;
 use super::request::ResolvedRequest;
 use crate::denoise::{
     denoise, i2v_condition, Conditioning, DenoiseOptions, Expert, ExpertModel, Prompts,
@@ -42,6 +42,18 @@ pub enum Components<'a> {
     /// Full-size random weights of a known configuration, drawn on the device (benchmarks of the
     /// whole pipeline without a download; the video is noise).
     Random(&'static ModelPreset),
+}
+
+impl Components<'_> {
+    /// The released configuration these components are, when known (the memory plan, latent
+    /// geometry and expert boundary come from it).
+    pub fn preset(&self) -> Option<&'static ModelPreset> {
+        match self {
+            Components::Demo => None,
+            Components::Layout(l) => l.variant.map(|v| v.preset()),
+            Components::Random(p) => Some(p),
+        }
+    }
 }
 
 /// Where components live during a run.
@@ -175,26 +187,15 @@ impl<'a> Stages<'a> {
         self.placement.offload == Offload::None
     }
 
-    fn variant(&self) -> Option<WanVariant> {
-        match self.components {
-            Components::Layout(l) => l.variant,
-            _ => None,
-        }
-    }
-
     fn preset(&self) -> Option<&'static ModelPreset> {
-        match self.components {
-            Components::Demo => None,
-            Components::Layout(l) => l.variant.map(|v| v.preset()),
-            Components::Random(p) => Some(p),
-        }
+        self.components.preset()
     }
 
     /// I2V-A14B: the image latents are concatenated on channels (other image models hold the
     /// first latent frame).
     fn concat_condition(&self) -> bool {
-        self.variant() == Some(WanVariant::Wan22I2vA14B)
-            || matches!(self.components, Components::Random(p) if p.task == TaskKind::I2V && p.has_experts())
+        self.preset()
+            .is_some_and(|p| p.task == TaskKind::I2V && p.has_experts())
     }
 
     fn vae(&self) -> Result<Rc<WanVae>> {
@@ -442,24 +443,25 @@ impl<'a> Stages<'a> {
         if !self.has_second_expert() {
             return Ok(None);
         }
-        let ratio = match self.components {
-            Components::Layout(l) => l
-                .boundary_ratio
-                .or(l.variant.and_then(|v| v.preset().boundary_ratio)),
-            _ => self.preset().and_then(|p| p.boundary_ratio),
+        // A diffusers folder's model_index.json wins over the released configuration.
+        let from_folder = match self.components {
+            Components::Layout(l) => l.boundary_ratio,
+            _ => None,
         };
-        ratio.map(Some).ok_or_else(|| {
-            invalid!("two experts but no boundary_ratio in model_index.json or preset")
-        })
+        from_folder
+            .or(self.preset().and_then(|p| p.boundary_ratio))
+            .map(Some)
+            .ok_or_else(|| {
+                invalid!("two experts but no boundary_ratio in model_index.json or preset")
+            })
     }
 
     fn expand_timesteps(&self) -> bool {
+        let ti2v = self.preset().is_some_and(|p| p.task == TaskKind::TI2V);
         match self.components {
             Components::Demo => true,
-            Components::Layout(l) => l
-                .expand_timesteps
-                .unwrap_or(l.variant == Some(WanVariant::Wan22Ti2v5B)),
-            Components::Random(p) => p.name == "wan2.2-ti2v-5b",
+            Components::Layout(l) => l.expand_timesteps.unwrap_or(ti2v),
+            Components::Random(_) => ti2v,
         }
     }
 
@@ -487,6 +489,8 @@ impl<'a> Stages<'a> {
                 self.placement.offload,
                 Offload::CondDiffusion | Offload::Aggressive | Offload::Stream
             );
+        // Set when the low-noise expert loads: the stage is then measured per expert.
+        let swapped = Cell::new(false);
         let resident = if swap {
             None
         } else {
@@ -511,6 +515,7 @@ impl<'a> Stages<'a> {
                         load: Box::new(|| {
                             // The high-noise expert is gone: its peak is this stage's first half.
                             self.end_measure("denoise (high-noise expert)")?;
+                            swapped.set(true);
                             self.load_transformer(true)
                         }),
                     },
@@ -553,12 +558,7 @@ impl<'a> Stages<'a> {
             },
         )?;
         drop(resident);
-        let swapped = self
-            .memory
-            .borrow()
-            .last()
-            .is_some_and(|m| m.stage == "denoise (high-noise expert)");
-        self.end_measure(if swapped {
+        self.end_measure(if swapped.get() {
             "denoise (low-noise expert)"
         } else {
             "denoise"
