@@ -58,6 +58,9 @@ function applyModel() {
   const sched = $("scheduler");
   sched.innerHTML = "";
   for (const s of m.scheduler.values) sched.add(new Option(s, s, false, s === m.scheduler.default));
+  const offload = $("offload");
+  offload.innerHTML = "";
+  for (const o of m.offload.values) offload.add(new Option(o, o, false, o === m.offload.default));
   $("negative_prompt").value = m.default_negative_prompt;
   $("image-label").hidden = !m.image_conditioning;
   $("image").required = m.image_required;
@@ -98,7 +101,7 @@ async function submitJob(ev) {
   } else {
     body.append("size", $("size").value);
   }
-  for (const id of ["frames", "fps", "steps", "guidance", "shift", "scheduler", "seed", "output_format"]) {
+  for (const id of ["frames", "fps", "steps", "guidance", "shift", "scheduler", "seed", "output_format", "offload"]) {
     if ($(id).value !== "") body.append(id, $(id).value);
   }
   if (m.guidance_2 && $("guidance_2").value !== "") body.append("guidance_2", $("guidance_2").value);

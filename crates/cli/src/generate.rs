@@ -247,11 +247,12 @@ impl Default for RunOptions {
 pub fn run_request(
     model: &str,
     request: &GenerateRequest,
+    options: &RunOptions,
     output: &Path,
     sink: &mut dyn ProgressSink,
 ) -> anyhow::Result<GenerateSummary> {
     let source = ModelSource::resolve(Some(model), &ComponentPaths::default())?;
-    run_source(&source, request, &RunOptions::default(), output, sink)
+    run_source(&source, request, options, output, sink)
 }
 
 /// [`run_request`] for an already detected model, with device and quality-guard options.
@@ -555,7 +556,7 @@ pub fn parse_size(text: &str) -> anyhow::Result<(u32, u32)> {
     Ok((w, h))
 }
 
-fn default_device() -> &'static str {
+pub fn default_device() -> &'static str {
     if cfg!(feature = "cuda") {
         "cuda"
     } else {

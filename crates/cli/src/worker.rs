@@ -7,10 +7,13 @@
 //! `failed` with a code and message). A job stops at its next step once its cancel file exists.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use vidgen_engine::pipeline::ProgressEvent;
+use vidgen_engine::memory::Offload;
+use vidgen_engine::pipeline::{ProgressEvent, ProgressSink};
+
+use crate::generate::{MemoryOptions, RunOptions};
 use vidgen_server::protocol::{codes, JobOutput, WorkerEnd, WorkerJob, WorkerLine};
 
 #[derive(clap::Args)]
@@ -82,14 +85,30 @@ fn emit(line: &WorkerLine) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_job(job: &WorkerJob) -> WorkerEnd {
-    let cancelled = || job.cancel_file.exists();
-    let mut sink = |event: ProgressEvent| -> anyhow::Result<()> {
+/// Forwards progress to the server (previews included: the portal shows them) and stops the run
+/// at the next event once the server has asked to cancel.
+struct ServerSink<'a> {
+    cancel_file: &'a Path,
+}
+
+impl ProgressSink for ServerSink<'_> {
+    fn event(&mut self, event: ProgressEvent) -> anyhow::Result<()> {
         emit(&WorkerLine::Progress(event))?;
-        if cancelled() {
+        if self.cancel_file.exists() {
             anyhow::bail!("cancelled");
         }
         Ok(())
+    }
+
+    fn wants_previews(&self) -> bool {
+        true
+    }
+}
+
+fn run_job(job: &WorkerJob) -> WorkerEnd {
+    let cancelled = || job.cancel_file.exists();
+    let mut sink = ServerSink {
+        cancel_file: &job.cancel_file,
     };
     let result = generate_job(job, &mut sink);
     match result {
@@ -117,12 +136,32 @@ fn run_job(job: &WorkerJob) -> WorkerEnd {
     }
 }
 
-fn generate_job(
-    job: &WorkerJob,
-    sink: &mut dyn vidgen_engine::pipeline::ProgressSink,
-) -> anyhow::Result<JobOutput> {
+/// The job's device and placement: the server's `queue.device` (else the build's default) and
+/// the request's `offload` (else chosen by the planner from the free GPU memory).
+fn run_options(job: &WorkerJob) -> anyhow::Result<RunOptions> {
+    let device = job
+        .device
+        .as_deref()
+        .unwrap_or(crate::generate::default_device());
+    let offload = match &job.offload {
+        Some(mode) => Offload::parse(mode)?,
+        None => None,
+    };
+    Ok(RunOptions {
+        device: vidgen_engine::device::parse_device(device)?,
+        memory: MemoryOptions {
+            offload,
+            ..MemoryOptions::default()
+        },
+        ..RunOptions::default()
+    })
+}
+
+fn generate_job(job: &WorkerJob, sink: &mut dyn ProgressSink) -> anyhow::Result<JobOutput> {
+    let options = run_options(job)?;
     let Some(source) = &job.extend_from else {
-        let summary = crate::generate::run_request(&job.model, &job.request, &job.output, sink)?;
+        let summary =
+            crate::generate::run_request(&job.model, &job.request, &options, &job.output, sink)?;
         let (thumbnail, spritesheet) = still_images(job, &job.output, sink);
         return Ok(JobOutput {
             width: summary.width,
@@ -158,7 +197,7 @@ fn generate_job(
             .and_then(|e| e.to_str())
             .unwrap_or("mp4")
     ));
-    let summary = crate::generate::run_request(&job.model, &job.request, &segment, sink)?;
+    let summary = crate::generate::run_request(&job.model, &job.request, &options, &segment, sink)?;
     let (_, new_frames) = vidgen_media::decode(&segment)
         .with_context(|| format!("decoding the new segment {}", segment.display()))?;
     if (new_frames.width(), new_frames.height()) != (source_frames.width(), source_frames.height())
@@ -201,7 +240,7 @@ fn generate_job(
 fn still_images(
     job: &WorkerJob,
     video: &std::path::Path,
-    sink: &mut dyn vidgen_engine::pipeline::ProgressSink,
+    sink: &mut dyn ProgressSink,
 ) -> (bool, bool) {
     let frames = match vidgen_media::decode(video) {
         Ok((_, frames)) => frames,

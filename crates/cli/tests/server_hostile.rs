@@ -53,6 +53,7 @@ fn hostile_requests_get_clear_4xx_and_leave_no_trace() {
         (json!({"prompt": "p", "shift": 0}), "shift"),
         (json!({"prompt": "p", "fps": 0}), "fps"),
         (json!({"prompt": "p", "scheduler": "ddim"}), "scheduler"),
+        (json!({"prompt": "p", "offload": "gpu"}), "offload"),
         (
             json!({"prompt": "p", "output_format": "gif"}),
             "output_format",

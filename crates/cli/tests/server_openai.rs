@@ -109,7 +109,7 @@ fn openai_flow_on_the_demo_model() {
         &json!({
             "model": "demo", "prompt": "from json", "frames": 5, "steps": 2, "seed": 42,
             "guidance": 3.5, "shift": 3.0, "scheduler": "euler", "negative_prompt": "blurry",
-            "input_reference": {"image_url": data_url},
+            "offload": "aggressive", "input_reference": {"image_url": data_url},
         }),
     );
     assert_eq!(resp.status, 200, "{}", resp.text());
@@ -123,6 +123,7 @@ fn openai_flow_on_the_demo_model() {
         (Some(5), Some(2), Some(42))
     );
     assert_eq!(j["scheduler"], "euler");
+    assert_eq!(j["offload"], "aggressive");
     assert_eq!(j["has_image"], true);
     let json_id = j["id"].as_str().unwrap().to_string();
     let stored = server
@@ -299,6 +300,8 @@ fn models_openapi_portal_and_health() {
     assert_eq!(demo["fps"], 16);
     assert_eq!(demo["image_conditioning"], true);
     assert!(demo["steps"]["default"].is_u64());
+    assert_eq!(demo["offload"]["default"], "auto");
+    assert_eq!(demo["offload"]["values"][4], "stream");
 
     let spec = server.get("/openapi.json").json();
     assert_eq!(spec["openapi"], "3.1.0");

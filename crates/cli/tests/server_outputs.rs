@@ -6,6 +6,7 @@ mod server_support;
 
 use std::path::Path;
 
+use base64::Engine as _;
 use image::imageops::FilterType;
 use std::time::Duration;
 
@@ -384,6 +385,42 @@ fn check_event_stream(events: &[(String, Value)], steps: u64) {
         assert!(eta >= 0.0, "{d}");
     }
     assert_eq!(step_events.last().unwrap()["eta_s"], 0.0);
+    // Under 8 steps a preview follows every step: the estimate of the clean middle frame at latent
+    // resolution (the demo's 256x256 has 32x32 latents), a PNG that decodes to its stated size.
+    let previews: Vec<(usize, &Value)> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, (e, _))| e == "preview")
+        .map(|(i, (_, d))| (i, d))
+        .collect();
+    assert_eq!(
+        previews
+            .iter()
+            .map(|(_, d)| d["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        (1..=steps).collect::<Vec<_>>(),
+        "{names:?}"
+    );
+    for (i, d) in &previews {
+        assert_eq!(
+            events[i - 1].0,
+            "step",
+            "a preview follows its step: {names:?}"
+        );
+        assert_eq!(events[i - 1].1["step"], d["step"]);
+        assert_eq!(
+            (d["width"].as_u64(), d["height"].as_u64()),
+            (Some(32), Some(32))
+        );
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(d["png_base64"].as_str().unwrap())
+            .unwrap();
+        let img = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(img.dimensions(), (32, 32));
+        assert!(std_dev(&img) > 1.0, "a preview is not a flat colour");
+    }
     let progress: Vec<u64> = events
         .iter()
         .filter_map(|(_, d)| d["progress"].as_u64())

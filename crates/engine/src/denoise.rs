@@ -164,8 +164,30 @@ impl<'a> Active<'a> {
     }
 }
 
-/// Runs the loop from `latents` (f32 [B, C, F, H, W]). `on_step(i, total)` is called after every
-/// step; returning an error (e.g. cancelled) stops the loop.
+/// A finished step, as the loop hands it to its caller (progress, previews).
+pub struct StepDone<'s> {
+    /// 1-based index of the step just taken.
+    pub step: usize,
+    pub total: usize,
+    /// The sample the model saw (at `sigma`) and its guided velocity.
+    sample: &'s Tensor,
+    velocity: &'s Tensor,
+    sigma: f32,
+}
+
+impl StepDone<'_> {
+    /// The model's estimate of the clean latents at this step: x₀ = x_σ − σ·v (flow matching:
+    /// x_σ = (1 − σ)·x₀ + σ·ε and v = ε − x₀). Only the first `velocity` channels (the latent
+    /// channels; conditioning channels are not predicted).
+    pub fn denoised(&self) -> Result<Tensor> {
+        let c = self.velocity.dim(1)?;
+        let x = self.sample.narrow(1, 0, c)?;
+        Ok((x - (self.velocity * f64::from(self.sigma))?)?)
+    }
+}
+
+/// Runs the loop from `latents` (f32 [B, C, F, H, W]). `on_step` is called after every step;
+/// returning an error (e.g. cancelled) stops the loop.
 #[allow(clippy::too_many_arguments)]
 pub fn denoise<'a>(
     latents: &Tensor,
@@ -175,7 +197,7 @@ pub fn denoise<'a>(
     scheduler: &mut dyn FlowScheduler,
     opts: &DenoiseOptions,
     conditioning: &Conditioning,
-    on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
+    on_step: &mut dyn FnMut(&StepDone) -> Result<()>,
 ) -> Result<Tensor> {
     if opts.boundary_ratio.is_some() != low.is_some() {
         return Err(invalid!(
@@ -294,11 +316,18 @@ pub fn denoise<'a>(
             Some(y) => expert.predict(&Tensor::cat(&[&x, y], 1)?, &t_input, rope)?,
             None => expert.predict(&x, &t_input, rope)?,
         };
-        x = scheduler.step(&v, i, &x)?;
+        let sample = x;
+        x = scheduler.step(&v, i, &sample)?;
         if cond.is_some() {
             x = apply_cond(&x)?;
         }
-        on_step(i + 1, total)?;
+        on_step(&StepDone {
+            step: i + 1,
+            total,
+            sample: &sample,
+            velocity: &v,
+            sigma: scheduler.sigmas()[i],
+        })?;
     }
     Ok(x)
 }
@@ -429,7 +458,7 @@ pub fn run_component(model: &Path, inputs: &Inputs, opts: &ComponentOptions) -> 
         sched.as_mut(),
         &dopts,
         &conditioning,
-        &mut |_, _| Ok(()),
+        &mut |_| Ok(()),
     )?;
     Ok(vec![("latents".to_string(), out)])
 }

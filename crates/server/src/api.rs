@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tower::ServiceExt as _;
+use vidgen_engine::memory::Offload;
 use vidgen_engine::pipeline::image::ImageLimits;
 use vidgen_engine::pipeline::request::SCHEDULERS;
 use vidgen_engine::pipeline::{GenerateRequest, ResolvedRequest, Task};
@@ -176,6 +177,7 @@ fn model_json(m: &ModelSlot) -> Value {
         "default_negative_prompt": i.default_negative_prompt,
         "max_prompt_chars": i.max_prompt_chars,
         "output_formats": ["mp4", "webm"],
+        "offload": {"default": "auto", "values": Offload::NAMES},
     })
 }
 
@@ -249,6 +251,7 @@ pub fn video_object(state: &AppState, row: &JobRow) -> Value {
         "shift": r.shift,
         "scheduler": r.scheduler,
         "output_format": row.settings.output_format,
+        "offload": row.settings.offload.as_deref().unwrap_or("auto"),
         "has_image": r.image.is_some(),
         "notes": row.settings.notes,
         "warnings": row.output.as_ref().map(|o| o.warnings.clone()).unwrap_or_default(),
@@ -291,6 +294,7 @@ const CREATE_FIELDS: &[(&str, Kind)] = &[
     ("scheduler", Kind::Str),
     ("seed", Kind::U53),
     ("output_format", Kind::Str),
+    ("offload", Kind::Str),
 ];
 
 /// Typed view of a normalised create form.
@@ -314,6 +318,7 @@ struct CreateBody {
     scheduler: Option<String>,
     seed: Option<u64>,
     output_format: Option<String>,
+    offload: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -361,6 +366,18 @@ fn output_format(v: Option<&str>) -> AppResult<OutputFormat> {
     }
 }
 
+/// `offload`: a placement mode, or `auto` / absent for the planner's choice.
+fn offload_mode(v: Option<&str>) -> AppResult<Option<String>> {
+    match v {
+        None | Some("auto") => Ok(None),
+        Some(s) if Offload::NAMES.contains(&s) => Ok(Some(s.to_string())),
+        Some(s) => Err(ApiError::invalid(format!(
+            "offload: `{s}` is not one of {}",
+            Offload::NAMES.join(", ")
+        ))),
+    }
+}
+
 fn pick_model<'a>(state: &'a AppState, name: Option<&str>) -> AppResult<&'a ModelSlot> {
     match name {
         None => Ok(&state.env.models[0]),
@@ -389,6 +406,7 @@ struct Submission<'a> {
     request: GenerateRequest,
     image: ImageSource,
     output_format: OutputFormat,
+    offload: Option<String>,
     remixed_from: Option<String>,
     extend_from: Option<String>,
 }
@@ -463,6 +481,7 @@ async fn create_video(State(state): St, req: Request) -> AppResult<Response> {
         request,
         image,
         output_format: output_format(body.output_format.as_deref())?,
+        offload: offload_mode(body.offload.as_deref())?,
         remixed_from: None,
         extend_from: None,
     };
@@ -552,6 +571,7 @@ async fn submit(state: &Arc<AppState>, mut sub: Submission<'_>) -> AppResult<Job
         output_format: sub.output_format,
         extend_from: sub.extend_from,
         notes: resolved.notes.clone(),
+        offload: sub.offload,
     };
     let inserted = state
         .store
@@ -608,6 +628,7 @@ async fn remix_video(
         request,
         image,
         output_format: source.settings.output_format,
+        offload: source.settings.offload.clone(),
         remixed_from: Some(id),
         extend_from: None,
     };
@@ -673,6 +694,7 @@ async fn extend_video(State(state): St, req: Request) -> AppResult<Response> {
         request,
         image: ImageSource::Worker,
         output_format: source.settings.output_format,
+        offload: source.settings.offload.clone(),
         remixed_from: None,
         extend_from: Some(source_id.to_string()),
     };

@@ -58,6 +58,9 @@ pub struct QueueConfig {
     /// GPUs to run on: one worker each (`CUDA_VISIBLE_DEVICES` is set per worker). Empty means one
     /// worker with the inherited environment.
     pub gpus: Vec<String>,
+    /// Device the workers compute on: `cpu`, `cuda` or `cuda:N` (an index among the GPUs the
+    /// worker sees). Unset: the GPU when vidgen was built with CUDA, else the CPU.
+    pub device: Option<String>,
     /// Keep one long-lived worker per GPU (`vidgen worker --serve`) so models stay loaded. Meant
     /// for a dedicated GPU: its memory is not returned between jobs.
     pub warm_worker: bool,
@@ -100,6 +103,7 @@ impl Default for QueueConfig {
         QueueConfig {
             max_queued: 64,
             gpus: Vec::new(),
+            device: None,
             warm_worker: false,
             requeue_interrupted: false,
             cancel_grace_s: 10.0,
@@ -161,6 +165,14 @@ impl Config {
             }
             if !names.insert(&m.name) {
                 return Err(invalid!("models: `{}` is listed twice", m.name));
+            }
+        }
+        if let Some(d) = &self.queue.device {
+            let ordinal = d.strip_prefix("cuda:").map(|i| i.parse::<usize>());
+            if !(d == "cpu" || d == "cuda" || matches!(ordinal, Some(Ok(_)))) {
+                return Err(invalid!(
+                    "queue.device: `{d}` is not one of cpu, cuda, cuda:N"
+                ));
             }
         }
         if self.queue.max_queued == 0 {
@@ -244,6 +256,22 @@ mod tests {
                 "random:wan2.1-t2v-1.3b"
             ]
         );
+    }
+
+    #[test]
+    fn worker_device_is_checked_at_load() {
+        for ok in ["cpu", "cuda", "cuda:1"] {
+            let c: Config = toml::from_str(&format!("[queue]\ndevice = '{ok}'")).unwrap();
+            c.validate().unwrap();
+        }
+        for bad in ["gpu", "cuda:x", "cuda:"] {
+            let c: Config = toml::from_str(&format!("[queue]\ndevice = '{bad}'")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.starts_with("queue.device") && err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -366,6 +366,8 @@ fn prepare(state: &AppState, job: &JobRow) -> anyhow::Result<(WorkerJob, PathBuf
         spritesheet: dir.join("spritesheet.jpg"),
         cancel_file,
         extend_from,
+        offload: job.settings.offload.clone(),
+        device: state.config.queue.device.clone(),
     };
     let file = dir.join("job.json");
     std::fs::write(&file, serde_json::to_vec_pretty(&worker_job)?)?;

@@ -59,6 +59,10 @@ pub struct JobSettings {
     /// Adjustments validation made (e.g. seconds -> frames), shown to the user.
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Placement mode asked for (`none`, `cond`, `cond-diffusion`, `aggressive`, `stream`);
+    /// `None` lets the worker's planner choose from the free GPU memory.
+    #[serde(default)]
+    pub offload: Option<String>,
 }
 
 /// The job file handed to a worker (absolute paths, all inside the job's folder).
@@ -78,6 +82,13 @@ pub struct WorkerJob {
     /// is the source followed by the new segment in one file.
     #[serde(default)]
     pub extend_from: Option<PathBuf>,
+    /// Placement mode (see [`JobSettings::offload`]).
+    #[serde(default)]
+    pub offload: Option<String>,
+    /// Device to run on (`cpu`, `cuda`, `cuda:N`); `None`: the build's default (the GPU when
+    /// built with CUDA).
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 /// What was actually made.

@@ -390,6 +390,7 @@ mod tests {
             output_format: OutputFormat::Mp4,
             extend_from: None,
             notes: vec![],
+            offload: None,
         }
     }
 

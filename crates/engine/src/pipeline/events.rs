@@ -42,6 +42,12 @@ pub enum ProgressEvent {
 /// Receives progress; returning `Err` (e.g. cancelled) stops the run at the next step.
 pub trait ProgressSink {
     fn event(&mut self, event: ProgressEvent) -> anyhow::Result<()>;
+
+    /// Whether [`ProgressEvent::Preview`] frames are wanted (they cost a one-time VAE probe and
+    /// a small matmul per preview).
+    fn wants_previews(&self) -> bool {
+        false
+    }
 }
 
 /// Discards events.

@@ -8,11 +8,12 @@
 //! memory, the text encoder on the CPU. Each stage's GPU peak is measured (the CUDA pool's
 //! high-water mark) so it can be reported against the plan.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::Result;
+use base64::Engine as _;
 use candle_core::{DType, Device, Tensor};
 
 use super::demo;
@@ -31,6 +32,7 @@ use crate::memory::Offload;
 use crate::presets::{ModelPreset, TaskKind};
 use crate::scheduler::{self, SchedulerKind, SchedulerSpec};
 use crate::text::{self, TextEncoder, Tokenizer, Umt5Config};
+use crate::vae::preview::LatentPreview;
 use crate::vae::{TileConfig, WanVae};
 use crate::weights::WeightMap;
 
@@ -106,6 +108,8 @@ pub struct Stages<'a> {
     resident: RefCell<Resident>,
     memory: RefCell<Vec<StageMemory>>,
     stage_started: RefCell<Instant>,
+    /// The VAE's latent -> RGB map, probed once when a sink first wants previews.
+    preview: OnceCell<LatentPreview>,
 }
 
 impl<'a> Stages<'a> {
@@ -132,6 +136,7 @@ impl<'a> Stages<'a> {
             resident: RefCell::default(),
             memory: RefCell::default(),
             stage_started: RefCell::new(Instant::now()),
+            preview: OnceCell::new(),
         }
     }
 
@@ -476,6 +481,11 @@ impl<'a> Stages<'a> {
         condition: Option<&Tensor>,
         sink: &mut dyn ProgressSink,
     ) -> Result<Tensor> {
+        let preview = if sink.wants_previews() {
+            Some(self.latent_preview()?)
+        } else {
+            None
+        };
         self.stage(sink, Stage::Denoise)?;
         let (z, s) = self.latent_geometry()?;
         let vae_stride_t = 4;
@@ -546,7 +556,8 @@ impl<'a> Stages<'a> {
             sched.as_mut(),
             &opts,
             &conditioning,
-            &mut |step, total| {
+            &mut |done| {
+                let (step, total) = (done.step, done.total);
                 let per_step = t0.elapsed().as_secs_f64() / step as f64;
                 sink.event(ProgressEvent::Step {
                     stage: Stage::Denoise,
@@ -554,7 +565,22 @@ impl<'a> Stages<'a> {
                     total: total as u32,
                     elapsed_s: started + t0.elapsed().as_secs_f64(),
                     eta_s: Some(per_step * (total - step) as f64),
-                })
+                })?;
+                match preview {
+                    Some(p) if step.is_multiple_of(preview_interval(total)) => {
+                        // The middle latent frame: the first one is the input image under I2V.
+                        let x0 = done.denoised()?;
+                        let image = p.render(&x0, x0.dim(2)? / 2, PREVIEW_MAX_SIDE)?;
+                        sink.event(ProgressEvent::Preview {
+                            step: step as u32,
+                            width: image.width,
+                            height: image.height,
+                            png_base64: base64::engine::general_purpose::STANDARD
+                                .encode(&image.png),
+                        })
+                    }
+                    _ => Ok(()),
+                }
             },
         )?;
         drop(resident);
@@ -564,6 +590,18 @@ impl<'a> Stages<'a> {
             "denoise"
         })?;
         Ok(out)
+    }
+
+    /// The preview map, probed on first use. The probe runs between stages and is measured as
+    /// its own row: it holds the VAE (freed after unless resident) and decodes 2z + 1 pixels, so
+    /// it never needs more memory than the decode stage that follows.
+    fn latent_preview(&self) -> Result<&LatentPreview> {
+        if let Some(p) = self.preview.get() {
+            return Ok(p);
+        }
+        let probed = LatentPreview::probe(&*self.vae()?)?;
+        self.end_measure("preview probe")?;
+        Ok(self.preview.get_or_init(|| probed))
     }
 
     /// Normalised latents -> video [3, T, H, W] f32 on the CPU, in [-1, 1]. Large videos (and
@@ -593,4 +631,12 @@ impl<'a> Stages<'a> {
         self.end_measure("VAE decode")?;
         Ok(video)
     }
+}
+
+/// Longer side of a preview frame in pixels (latent resolution is below this for every preset).
+const PREVIEW_MAX_SIDE: u32 = 256;
+
+/// A preview every quarter of the loop (every step for runs under 8 steps).
+fn preview_interval(total: usize) -> usize {
+    (total / 4).max(1)
 }

@@ -19,6 +19,7 @@ pub mod gpu;
 pub mod keys;
 pub mod layers;
 pub mod model;
+pub mod preview;
 pub mod tiling;
 
 use std::collections::HashMap;
