@@ -18,7 +18,8 @@ use vidgen_engine::weights::{MemorySource, WeightMap};
 #[derive(clap::Args)]
 pub struct Args {
     /// What to measure, comma-separated: attention, dit, vae, check (bf16 vs f32 full-size forward),
-    /// stream (block streaming under `--budgets` vs resident).
+    /// stream (block streaming under `--budgets` vs resident), fp8 (FP8 block linears vs bf16:
+    /// device vs CPU bytes, memory, time, error).
     #[arg(long, default_value = "attention,dit,vae")]
     what: String,
     /// VAE decode modes, comma-separated: plain, tiled.
@@ -321,6 +322,122 @@ impl Bench {
         Ok(())
     }
 
+    /// FP8 quantisation and dequantisation on the device against the CPU path, on one FFN-sized
+    /// weight: the bytes and the dequantised values must be identical.
+    fn fp8_kernels(&self) -> Result<()> {
+        use vidgen_engine::weights::fp8::{Fp8Granularity, Fp8Weight};
+        let w = rand(&[5120, 13824], DType::F32, &self.device)?;
+        let w_cpu = w.to_device(&Device::Cpu)?;
+        for granularity in [Fp8Granularity::PerChannel, Fp8Granularity::PerTensor] {
+            let (gpu, q_seconds) = {
+                self.device.synchronize()?;
+                let t0 = Instant::now();
+                let q = Fp8Weight::quantize(&w, granularity)?;
+                self.device.synchronize()?;
+                (q, t0.elapsed().as_secs_f64())
+            };
+            let cpu = Fp8Weight::quantize(&w_cpu, granularity)?;
+            let values = |q: &Fp8Weight| -> Result<Vec<f32>> {
+                Ok(q.weight()
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?)
+            };
+            let (vg, vc) = (values(&gpu)?, values(&cpu)?);
+            let byte_mismatches = vg
+                .iter()
+                .zip(&vc)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            let mut dequant_mismatches = 0;
+            let mut dequant_seconds = 0.0;
+            for dtype in [DType::BF16, DType::F32] {
+                self.device.synchronize()?;
+                let t0 = Instant::now();
+                let dg = gpu.dequantize(dtype)?;
+                self.device.synchronize()?;
+                if dtype == DType::BF16 {
+                    dequant_seconds = t0.elapsed().as_secs_f64();
+                }
+                let dc = cpu.dequantize(dtype)?;
+                let a: Vec<f32> = dg
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let b: Vec<f32> = dc.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                dequant_mismatches += a
+                    .iter()
+                    .zip(&b)
+                    .filter(|(x, y)| x.to_bits() != y.to_bits())
+                    .count();
+            }
+            let err = vidgen_engine::tensor_util::rel_err(&gpu.dequantize(DType::F32)?, &w)?;
+            emit(json!({
+                "what": "fp8_kernels", "granularity": format!("{granularity:?}"),
+                "shape": [5120, 13824], "byte_mismatches_vs_cpu": byte_mismatches,
+                "dequant_mismatches_vs_cpu": dequant_mismatches, "rel_err_vs_f32": err,
+                "quantize_seconds": q_seconds, "dequantize_bf16_seconds": dequant_seconds,
+                "pass": byte_mismatches == 0 && dequant_mismatches == 0,
+            }));
+        }
+        Ok(())
+    }
+
+    /// The same random weights as bf16 and with FP8 block linears (per-channel scales): weight
+    /// memory, forward time and the FP8 output's error against bf16.
+    fn fp8_forward(&self, case: &DitCase) -> Result<()> {
+        let cfg = &case.config;
+        let ((w, h), frames) = self.shape(case.size, case.frames);
+        let latent = [
+            1,
+            cfg.in_channels,
+            (frames - 1) / 4 + 1,
+            h / case.vae_stride,
+            w / case.vae_stride,
+        ];
+        let x = rand(&latent, DType::F32, &self.device)?;
+        let text = rand(&[1, 512, cfg.text_dim], DType::F32, &self.device)?;
+        let t = Tensor::new(&[500f32], &self.device)?;
+        let used = || -> Result<f64> {
+            self.device.synchronize()?;
+            Ok(gpu_memory::usage(&self.device)?.map_or(0.0, |u| gib(u.used)))
+        };
+        let mut outputs = Vec::new();
+        for fp8 in [false, true] {
+            let before = used()?;
+            let weights = dit::random::random_weights_on_device(cfg, 7, &self.device, self.dtype)?;
+            let source = MemorySource::new("random transformer", weights);
+            let map =
+                WeightMap::plain(Box::new(source), &self.device, self.dtype)?.with_fp8_linears(fp8);
+            let model = WanTransformer::from_weights(cfg.clone(), &map)?;
+            drop(map);
+            let model_gib = used()? - before;
+            let context = model.prepare_context(&text)?;
+            let rope = model.rope(&latent)?;
+            let mut out = None;
+            let (seconds, peak) = self.time(|| {
+                out = Some(model.forward(&x, &t, &context, &rope)?);
+                Ok(())
+            })?;
+            let out = out.expect("ran at least once").to_dtype(DType::F32)?;
+            let err = match outputs.first() {
+                Some(reference) => Some(vidgen_engine::tensor_util::rel_err(&out, reference)?),
+                None => None,
+            };
+            emit(json!({
+                "what": "fp8_forward", "model": case.name, "size": format!("{w}x{h}"),
+                "frames": frames, "linears": if fp8 { "fp8" } else { "bf16" },
+                "model_gib": model_gib, "seconds": seconds, "peak_gib": peak,
+                "rel_err_vs_bf16": err,
+            }));
+            drop(model);
+            outputs.push(out);
+        }
+        Ok(())
+    }
+
     /// Resident forward, then the same weights streamed from pinned host memory under each budget:
     /// blocks kept resident = what fits beside the non-block weights, the activations measured in
     /// the resident run and `prefetch + 1` blocks in flight. Output must be bit-identical.
@@ -508,7 +625,7 @@ pub fn run(args: Args) -> Result<()> {
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let what: Vec<&str> = args.what.split(',').filter(|s| !s.is_empty()).collect();
-    const WHAT: [&str; 5] = ["attention", "dit", "vae", "check", "stream"];
+    const WHAT: [&str; 6] = ["attention", "dit", "vae", "check", "stream", "fp8"];
     for w in &what {
         if !WHAT.contains(w) {
             return Err(invalid!("--what: `{w}` is not one of {}", WHAT.join(", ")));
@@ -572,6 +689,12 @@ pub fn run(args: Args) -> Result<()> {
                 case.name,
                 bench.stream(case, &budgets, args.prefetch),
             );
+        }
+    }
+    if what.contains(&"fp8") {
+        report("fp8_kernels", "", bench.fp8_kernels());
+        for case in &dits {
+            report("fp8_forward", case.name, bench.fp8_forward(case));
         }
     }
     if what.contains(&"check") {

@@ -22,7 +22,7 @@ pub fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     Ok(t.device().as_cuda_device()?.clone())
 }
 
-/// Device address of a tensor's first element (f32, bf16 or f16).
+/// Device address of a tensor's first element (f32, bf16, f16 or f8e4m3).
 pub fn address(t: &Tensor) -> Result<u64> {
     let (storage, layout): (_, &Layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
@@ -34,6 +34,7 @@ pub fn address(t: &Tensor) -> Result<u64> {
         CudaStorageSlice::F32(v) => (v.device_ptr(&stream).0, 4),
         CudaStorageSlice::BF16(v) => (v.device_ptr(&stream).0, 2),
         CudaStorageSlice::F16(v) => (v.device_ptr(&stream).0, 2),
+        CudaStorageSlice::F8E4M3(v) => (v.device_ptr(&stream).0, 1),
         _ => bail!("CUDA kernels: dtype {:?} is not supported", t.dtype()),
     };
     Ok(base + offset * size)
@@ -49,7 +50,10 @@ pub fn alloc(dev: &CudaDevice, dtype: DType, dims: &[usize]) -> Result<(Tensor, 
             DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
             DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
             DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
-            other => bail!("CUDA kernels: dtype {other:?} is not f32, bf16 or f16"),
+            DType::F8E4M3 => {
+                CudaStorage::wrap_cuda_slice(dev.alloc::<float8::F8E4M3>(n)?, dev.clone())
+            }
+            other => bail!("CUDA kernels: dtype {other:?} is not f32, bf16, f16 or f8e4m3"),
         }
     };
     let t = Tensor::from_storage(Storage::Cuda(storage), dims, BackpropOp::none(), false);

@@ -78,7 +78,8 @@ fn gcd(a: u32, b: u32) -> u32 {
 #[derive(Clone, Debug)]
 pub struct EncodeOptions {
     /// H.264 quantiser, 0..=51 (lower: better and larger). Fixed, so quality does not depend on a
-    /// bitrate guess for the size and motion.
+    /// bitrate guess for the size and motion. A clip that cannot fit OpenH264's per-frame buffer at
+    /// this quantiser (noise-like content) is encoded whole at the finest coarser one that fits.
     pub h264_qp: u8,
     /// VP9 constant-quality level, 0..=63 (lower: better and larger).
     pub vp9_cq_level: u8,

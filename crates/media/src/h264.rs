@@ -49,7 +49,58 @@ impl YUVSource for Yuv420 {
     }
 }
 
+/// OpenH264's lowest quantiser: it raises any smaller one to this.
+const OPENH264_MIN_QP: u8 = 12;
+/// How much coarser each new attempt is after the stream did not fit (see [`encode`]).
+const QP_STEP: u8 = 2;
+/// `cmMallocMemeError`: what `EncodeFrame` returns when a coded frame overflows its buffer.
+const NATIVE_OVERFLOW: i64 = openh264_sys2::cmMallocMemeError as i64;
+
+/// Encodes every frame at the quantiser `options.h264_qp`, or, if the clip does not fit in
+/// OpenH264's output buffer at that quantiser, at the finest coarser one at which it does.
+///
+/// OpenH264 allocates one bitstream buffer per frame the size of the raw I420 picture
+/// (`COMPRESS_RATIO_THR` = 1.0 in its `RequestMemorySvc`) and, lacking I_PCM macroblocks, has no
+/// way to bound a frame below that: content with no spatial or temporal redundancy (random noise,
+/// e.g. a VAE decoding random weights) at a fine quantiser (about QP < 22 for full-range noise)
+/// codes to more than 12 bits per pixel. The encoder then aborts the frame with `cmMallocMemeError`
+/// (native code 3) and frees its own context, so the encoder cannot go on. We restart the whole
+/// clip with a fresh encoder at a coarser quantiser instead: one encoder per clip keeps the stream
+/// simple (one SPS/PPS, IDR ids in sequence, keyframes where requested), and the retry costs time
+/// only for the rare clip that needs it. Every frame is still coded (frame skipping stays off); at
+/// QP 51 any content fits.
 pub fn encode(frames: &Frames, fps: Rational, options: &EncodeOptions) -> Result<H264Stream> {
+    let mut qp = options.h264_qp;
+    loop {
+        match encode_at_qp(frames, fps, options, qp)? {
+            Ok(stream) => return Ok(stream),
+            Err(_) if qp < 51 => qp = (qp.max(OPENH264_MIN_QP) + QP_STEP).min(51),
+            Err(overflow) => {
+                return Err(anyhow::Error::new(overflow.error).context(format!(
+                    "H.264 encoding of frame {}: the coded frame does not fit in OpenH264's \
+                     output buffer even at QP 51",
+                    overflow.frame
+                )))
+            }
+        }
+    }
+}
+
+/// A frame that did not fit in OpenH264's output buffer at some quantiser.
+#[derive(Debug)]
+pub(crate) struct Overflow {
+    pub frame: usize,
+    pub error: openh264::Error,
+}
+
+/// One attempt of [`encode`] at a fixed quantiser: `Ok(Err(_))` when a frame overflowed OpenH264's
+/// buffer (worth retrying coarser), `Err(_)` for any other failure.
+pub(crate) fn encode_at_qp(
+    frames: &Frames,
+    fps: Rational,
+    options: &EncodeOptions,
+    qp: u8,
+) -> Result<std::result::Result<H264Stream, Overflow>> {
     let keyframe_interval = options.keyframe_interval_frames(fps);
     let config = EncoderConfig::new()
         // Skipped frames would break the frame count: never.
@@ -58,7 +109,7 @@ pub fn encode(frames: &Frames, fps: Rational, options: &EncodeOptions) -> Result
         // QP range and always uses 26. The bitrate is only a ceiling hint for the rate controller.
         .rate_control_mode(RateControlMode::Quality)
         .bitrate(BitRate::from_bps(100_000_000))
-        .qp(QpRange::new(options.h264_qp, options.h264_qp))
+        .qp(QpRange::new(qp, qp))
         .max_frame_rate(FrameRate::from_hz(fps.as_f64() as f32))
         .usage_type(UsageType::CameraVideoRealTime)
         .complexity(Complexity::High)
@@ -88,9 +139,20 @@ pub fn encode(frames: &Frames, fps: Rational, options: &EncodeOptions) -> Result
     for index in 0..frames.len() {
         let yuv = Yuv420::from_frame(frames, index);
         let millis = (index as u64 * 1000 * fps.den as u64) / fps.num as u64;
-        let bitstream = encoder
-            .encode_at(&yuv, Timestamp::from_millis(millis))
-            .with_context(|| format!("H.264 encoding of frame {index}"))?;
+        let bitstream = match encoder.encode_at(&yuv, Timestamp::from_millis(millis)) {
+            Ok(bitstream) => bitstream,
+            // OpenH264 has freed its context: this encoder is done either way.
+            Err(error) if error.native_code() == NATIVE_OVERFLOW => {
+                return Ok(Err(Overflow {
+                    frame: index,
+                    error,
+                }))
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("H.264 encoding of frame {index} at QP {qp}")))
+            }
+        };
         if matches!(bitstream.frame_type(), FrameType::Skip | FrameType::Invalid) {
             bail!("H.264 encoder skipped frame {index}; the file would miss a frame");
         }
@@ -123,7 +185,7 @@ pub fn encode(frames: &Frames, fps: Rational, options: &EncodeOptions) -> Result
     if stream.sps.is_empty() || stream.pps.is_empty() {
         bail!("H.264 encoder produced no SPS/PPS");
     }
-    Ok(stream)
+    Ok(Ok(stream))
 }
 
 /// The encoder repeats SPS/PPS before every IDR; `avcC` holds them once, so they must not change.
@@ -234,5 +296,46 @@ fn planes_of<'a>(picture: &'a impl YUVSource) -> YuvPlanes<'a> {
         v: picture.v(),
         y_stride,
         uv_stride,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Full-range noise, one byte per channel from a tiny deterministic generator.
+    fn noise(width: usize, height: usize, count: usize) -> Frames {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let rgb = (0..width * height * 3 * count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 56) as u8
+            })
+            .collect();
+        Frames::from_rgb(rgb, width, height, count).unwrap()
+    }
+
+    #[test]
+    fn noise_overflows_at_the_default_qp_and_is_retried_coarser() {
+        let frames = noise(320, 192, 6);
+        let fps = Rational { num: 24, den: 1 };
+        let options = EncodeOptions::default();
+        // The root cause: at QP 20 the first frame codes to more than the raw picture, which is all
+        // the output buffer OpenH264 allocates.
+        let Err(overflow) = encode_at_qp(&frames, fps, &options, options.h264_qp).unwrap() else {
+            panic!("noise at QP 20 should overflow OpenH264's buffer");
+        };
+        assert_eq!(overflow.frame, 0);
+        assert_eq!(overflow.error.native_code(), NATIVE_OVERFLOW);
+        // `encode` retries coarser and keeps every frame.
+        let stream = encode(&frames, fps, &options).unwrap();
+        assert_eq!(stream.samples.len(), frames.len());
+        assert!(stream.keyframes[0]);
+        let decoded = decode(&[stream.sps, stream.pps], &stream.samples, 4).unwrap();
+        assert_eq!(decoded.len(), frames.len());
+        // At the coarsest quantiser anything fits.
+        assert!(encode_at_qp(&frames, fps, &options, 51).unwrap().is_ok());
     }
 }

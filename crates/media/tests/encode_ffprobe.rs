@@ -156,6 +156,77 @@ fn mp4_counts_sizes_and_durations_are_exact() {
     check(Format::Mp4, 832, 480, 81, 16, false); // Wan 480p
 }
 
+/// Encodes `frames` as MP4 and checks that ffprobe, our `probe` and our decoder all count every
+/// frame; returns our decoding.
+fn mp4_keeps_every_frame(frames: &Frames, fps: u32, case: &str) -> Frames {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("clip.mp4");
+    let started = std::time::Instant::now();
+    encode(frames, fps as f64, &path, Format::Mp4)
+        .unwrap_or_else(|e| panic!("{case}: encoding failed: {e:#}"));
+    let encoded_in = started.elapsed();
+    let count = frames.len();
+    let json = ffprobe(&path);
+    let stream = &json["streams"][0];
+    let read: usize = str_field(stream, "nb_read_frames").parse().unwrap();
+    assert_eq!(read, count, "{case}: ffprobe counted {read} frames");
+    assert_eq!(
+        (stream["width"].as_u64(), stream["height"].as_u64()),
+        (Some(frames.width() as u64), Some(frames.height() as u64)),
+        "{case}"
+    );
+    let info = probe(&path).unwrap();
+    assert_eq!(info.frames, count, "{case}: probe");
+    let (_, decoded) = vidgen_media::decode(&path).unwrap();
+    assert_eq!(decoded.len(), count, "{case}: decoded frames");
+    println!(
+        "{case}: ok, {} bytes ({:.2} bytes/pixel), encoded in {encoded_in:.2?}",
+        info.file_bytes,
+        info.file_bytes as f64 / (frames.width() * frames.height() * count) as f64
+    );
+    decoded
+}
+
+/// Full-range noise has no redundancy to remove: at the default quantiser OpenH264 codes it to
+/// more than its raw size, which overflows its per-frame output buffer and used to fail the whole
+/// encode ("OpenH264 ... Native:3", seen with random weights at 1280x704). Every frame must still
+/// be stored, at every size.
+#[test]
+fn mp4_noise_encodes_every_frame() {
+    for (width, height, count) in [(1280, 704, 25), (1280, 720, 5), (832, 480, 17)] {
+        let frames = video(width, height, count, |i| {
+            uniform_noise(i as u64, width, height)
+        });
+        mp4_keeps_every_frame(
+            &frames,
+            24,
+            &format!("noise {width}x{height} {count} frames"),
+        );
+    }
+}
+
+/// A burst of noise in the middle of an ordinary clip (overflowing a P-frame, not the first
+/// frame): all frames are kept, and the ordinary ones still look right.
+#[test]
+fn mp4_noise_burst_mid_clip_keeps_every_frame() {
+    let (width, height, count) = (832, 480, 40);
+    let scene = moving_shapes(width, height, count);
+    let burst = 24..28;
+    let frames = video(width, height, count, |i| {
+        if burst.contains(&i) {
+            uniform_noise(100 + i as u64, width, height)
+        } else {
+            scene.frame(i).to_vec()
+        }
+    });
+    let decoded = mp4_keeps_every_frame(&frames, 16, "noise burst in 832x480 40 frames");
+    let worst = (0..count)
+        .filter(|i| !burst.contains(i))
+        .map(|i| psnr(decoded.frame(i), frames.frame(i)))
+        .fold(f64::INFINITY, f64::min);
+    assert!(worst > 30.0, "worst ordinary frame PSNR {worst:.1} dB");
+}
+
 #[test]
 fn webm_counts_sizes_and_durations_are_exact() {
     check(Format::Webm, 320, 192, 1, 16, true);

@@ -82,9 +82,7 @@ impl Fp8Weight {
         };
         // Divide (not multiply by a reciprocal) so that rounding matches torch's reference.
         let scaled = w.broadcast_div(&channel_broadcast(&scale, w.rank())?)?;
-        let q = scaled
-            .clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)?
-            .to_dtype(DType::F8E4M3)?;
+        let q = to_e4m3(&scaled.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)?)?;
         Ok(Self { weight: q, scale })
     }
 
@@ -136,6 +134,10 @@ impl Fp8Weight {
 
     /// `weight · scale`, computed in f32, returned in `dtype`.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.weight.device().is_cuda() {
+            return gpu::dequantize(&self.weight, &self.scale, dtype);
+        }
         let w = self.weight.to_dtype(DType::F32)?;
         let scale = channel_broadcast(&self.scale, w.rank())?;
         Ok(w.broadcast_mul(&scale)?.to_dtype(dtype)?)
@@ -146,6 +148,99 @@ impl Fp8Weight {
             weight: self.weight.to_device(device)?,
             scale: self.scale.to_device(device)?,
         })
+    }
+}
+
+/// f32 values already in e4m3 range -> F8E4M3 (round to nearest even). candle has no CUDA kernel
+/// for this cast: ours gives the same bytes as the CPU's.
+fn to_e4m3(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return gpu::to_e4m3(x);
+    }
+    Ok(x.to_dtype(DType::F8E4M3)?)
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use anyhow::{ensure, Result};
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{DType, Tensor};
+
+    use crate::cuda_util::{address, alloc, cuda_device, launched, suffix};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8.ptx"));
+    const MODULE: &str = "vidgen_fp8";
+
+    /// Enough CTAs to fill an H100 several times over; the kernels loop over the rest.
+    fn config(items: usize) -> LaunchConfig {
+        let threads = 256u32;
+        let blocks = items.div_ceil(threads as usize).clamp(1, 132 * 16) as u32;
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    pub fn to_e4m3(x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let dev = cuda_device(&x)?;
+        let (q, pq) = alloc(&dev, DType::F8E4M3, x.dims())?;
+        let px = address(&x)?;
+        let n = x.elem_count() as i64;
+        let func = dev.get_or_load_custom_func("f32_to_e4m3", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&px).arg(&pq).arg(&n);
+        // SAFETY: the arguments match `f32_to_e4m3` in kernels/fp8.cu; both buffers hold n values.
+        launched(unsafe { b.launch(config(x.elem_count())) }.map(|_| ()))?;
+        Ok(q)
+    }
+
+    /// `q · scale` (per tensor: `scale` has one value; per channel: one per index of dim 0).
+    pub fn dequantize(q: &Tensor, scale: &Tensor, dtype: DType) -> Result<Tensor> {
+        let q = q.contiguous()?;
+        let scale = scale.to_dtype(DType::F32)?.contiguous()?;
+        let n = q.elem_count();
+        let per_row = i32::from(scale.elem_count() > 1);
+        let cols = if per_row == 1 {
+            ensure!(
+                q.rank() >= 1 && scale.elem_count() == q.dim(0)?,
+                "FP8 scale: {} values for a weight of shape {:?}",
+                scale.elem_count(),
+                q.dims()
+            );
+            n / q.dim(0)?
+        } else {
+            n.max(1)
+        };
+        let dev = cuda_device(&q)?;
+        let (y, py) = alloc(&dev, dtype, q.dims())?;
+        if n == 0 {
+            return Ok(y);
+        }
+        let (pq, ps) = (address(&q)?, address(&scale)?);
+        // Four bytes per load when rows hold whole groups of four (every Wan linear).
+        let vec4 = cols.is_multiple_of(4) && pq.is_multiple_of(4);
+        let (kernel, items) = if vec4 {
+            ("e4m3_dequant4", n / 4)
+        } else {
+            ("e4m3_dequant1", n)
+        };
+        let name = format!("{kernel}_{}", suffix(dtype)?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let (cols, items_i) = (cols as i64, items as i64);
+        let mut b = func.builder();
+        b.arg(&pq)
+            .arg(&ps)
+            .arg(&cols)
+            .arg(&per_row)
+            .arg(&py)
+            .arg(&items_i);
+        // SAFETY: the arguments match `e4m3_dequant{4,1}_T` in kernels/fp8.cu; `y` holds n values
+        // of `dtype`, `q` n bytes, `scale` one value per row (or one).
+        launched(unsafe { b.launch(config(items)) }.map(|_| ()))?;
+        Ok(y)
     }
 }
 

@@ -206,6 +206,15 @@ pub fn gaussian_noise(seed: u64, width: usize, height: usize, sigma: f32) -> Vec
         .collect()
 }
 
+/// Independent uniform noise over the full 0..=255 range per pixel and channel: no spatial or
+/// temporal redundancy at all, what a VAE with random weights tends to decode to.
+pub fn uniform_noise(seed: u64, width: usize, height: usize) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    (0..width * height * 3)
+        .map(|_| (rng.next_u64() >> 56) as u8)
+        .collect()
+}
+
 /// Blue noise: white noise minus its 3×3 box blur (high frequencies only), per channel.
 pub fn blue_noise(seed: u64, width: usize, height: usize) -> Vec<u8> {
     let mut rng = Rng::new(seed);
