@@ -213,14 +213,16 @@ pub fn dit_weight_bytes(cfg: &DitConfig, format: WeightFormat) -> (u64, u64) {
     (total, block)
 }
 
-/// FP8: the largest block linear dequantised for its matmul (an f32 then a bf16 copy).
+/// FP8: the two FFN weights of a block dequantised to bf16 for its matmuls (held across the FFN's
+/// token chunks; the GPU kernel writes bf16 directly, no f32 copy).
 fn fp8_dequantize_workspace(cfg: &DitConfig) -> u64 {
-    crate::dit::model::weight_shapes(cfg)
+    let mut sizes: Vec<u64> = crate::dit::model::weight_shapes(cfg)
         .iter()
         .filter(|(n, s)| is_block_linear(n, s))
-        .map(|(_, s)| s.iter().product::<usize>() as u64 * (4 + 2))
-        .max()
-        .unwrap_or(0)
+        .map(|(_, s)| s.iter().product::<usize>() as u64 * 2)
+        .collect();
+    sizes.sort_unstable();
+    sizes.iter().rev().take(2).sum()
 }
 
 pub fn dit_params(cfg: &DitConfig) -> u64 {

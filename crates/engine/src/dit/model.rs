@@ -191,23 +191,29 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// `x·Wᵀ` then the bias through [`fused::bias_add`] (one pass on the GPU; the same ops as
 /// candle's `Linear` on the CPU).
 fn linear_forward(layer: &BlockLinear, x: &Tensor) -> Result<Tensor> {
-    let y = block_matmul(layer, x)?;
+    linear_forward_with(layer, &matmul_weight(layer, x.dtype())?, x)
+}
+
+/// [`linear_forward`] with the layer's weight already in the activation dtype (`w`).
+fn linear_forward_with(layer: &BlockLinear, w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let y = scope("dit.matmul", x.device(), || matmul_t(x, w))?;
     scope("dit.bias", x.device(), || fused::bias_add(y, &layer.bias))
 }
 
-/// The FFN's first layer with its tanh-GELU fused into the bias pass.
-fn linear_gelu(layer: &BlockLinear, x: &Tensor) -> Result<Tensor> {
-    let y = block_matmul(layer, x)?;
+/// The FFN's first layer with its tanh-GELU fused into the bias pass (`w`: its weight in the
+/// activation dtype).
+fn linear_gelu_with(layer: &BlockLinear, w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let y = scope("dit.matmul", x.device(), || matmul_t(x, w))?;
     scope("dit.bias_gelu", x.device(), || {
         fused::bias_gelu(y, &layer.bias)
     })
 }
 
-fn block_matmul(layer: &BlockLinear, x: &Tensor) -> Result<Tensor> {
-    let w = scope("dit.fp8_dequantize", x.device(), || {
-        layer.dense_weight(x.dtype())
-    })?;
-    scope("dit.matmul", x.device(), || matmul_t(x, &w))
+/// A block linear's weight for a matmul in `dtype` (FP8: dequantised now, once per use).
+fn matmul_weight(layer: &BlockLinear, dtype: DType) -> Result<Tensor> {
+    scope("dit.fp8_dequantize", layer.bias.device(), || {
+        layer.dense_weight(dtype)
+    })
 }
 
 /// `x [.., K] · wᵀ` with w `[N, K]`, as one 2-D matmul over all rows.
@@ -464,6 +470,9 @@ impl Block {
     fn feed_forward_chunked(&self, x: &Tensor, m: &Tensor, chunk: usize) -> Result<Tensor> {
         let (_, l, _) = x.dims3()?;
         let per_token = m.dim(1)? != 1;
+        // FP8 weights are dequantised once for all chunks, not once per chunk.
+        let w_in = matmul_weight(&self.ffn_in, x.dtype())?;
+        let w_out = matmul_weight(&self.ffn_out, x.dtype())?;
         let mut parts = Vec::with_capacity(l.div_ceil(chunk));
         for start in (0..l).step_by(chunk) {
             let len = chunk.min(l - start);
@@ -474,9 +483,9 @@ impl Block {
                 m.clone()
             };
             let n = self.norm3.forward(&xc, Some((&mc, 3, 4)))?;
-            let hidden = linear_gelu(&self.ffn_in, &n)?;
+            let hidden = linear_gelu_with(&self.ffn_in, &w_in, &n)?;
             drop(n);
-            parts.push(linear_forward(&self.ffn_out, &hidden)?);
+            parts.push(linear_forward_with(&self.ffn_out, &w_out, &hidden)?);
         }
         if parts.len() == 1 {
             return Ok(parts.remove(0));
