@@ -282,7 +282,7 @@ pub fn dit_activations(
     let hidden = passes as f64 * l * d * b;
     let temporaries = coeff::DIT_TOKEN_BUFFERS * l * d * b;
     // cross-attention K/V of every block, per pass (text length 512)
-    let context = passes as f64 * p.dit.num_layers as f64 * 2.0 * 512.0 * d * b;
+    let context = p.dit.num_layers as f64 * context_kv_per_block(p, passes, elem) as f64;
     // per-token timesteps (TI2V): the f32 modulation table and its model-dtype projection
     let per_token = if per_token {
         l * 6.0 * d * (4.0 + b)
@@ -290,6 +290,11 @@ pub fn dit_activations(
         0.0
     };
     (hidden + temporaries + context + per_token + coeff::DIT_FIXED) as u64
+}
+
+/// Cross-attention keys and values of one block for `passes` CFG passes (512 text tokens).
+pub fn context_kv_per_block(p: &ModelPreset, passes: usize, elem: u64) -> u64 {
+    (passes * 2 * 512 * p.dit.dim) as u64 * elem
 }
 
 /// VAE decode working set (f32) for the whole frame or one tile, plus the decoded video when it
@@ -374,13 +379,20 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
                 // cannot reuse until the streams meet (measured: 4.38 GiB peak at a 4 GiB budget
                 // when it was not counted).
                 let in_flight = (req.prefetch as u64 + 2) * block_w;
+                // Streamed blocks project the text K/V when they arrive (one block's at a time, plus
+                // the projected text); only resident blocks keep theirs.
+                let kv_block = context_kv_per_block(p, passes, elem);
+                let streamed_act = dit_act - kv_block * cfg.num_layers as u64
+                    + (passes * 512 * p.dit.dim) as u64 * elem
+                    + kv_block;
                 let budget = req.vram_budget.unwrap_or(u64::MAX);
                 let room = budget
-                    .saturating_sub(non_block + in_flight + dit_act)
-                    .checked_div(block_w)
+                    .saturating_sub(non_block + in_flight + streamed_act)
+                    .checked_div(block_w + kv_block)
                     .unwrap_or(0)
                     .min(cfg.num_layers as u64);
                 resident_blocks = Some(room as usize);
+                dit_act = streamed_act + room * kv_block;
                 let on_gpu = non_block + in_flight + room * block_w;
                 // One expert's blocks page-locked on the host at a time.
                 (text_w, on_gpu, 0, dit_w)

@@ -510,11 +510,26 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[args.cos()?, args.sin()?], 1)?)
 }
 
-/// The text context of one expert, computed once per request: the embedded text and every block's
-/// cross-attention keys/values. (The two A14B experts have different text-embedding weights, so
-/// each expert needs its own.)
+/// The text context of one expert, computed once per request: the embedded text and the
+/// cross-attention keys/values of the blocks on the device. (The two A14B experts have different
+/// text-embedding weights, so each expert needs its own.)
 pub struct TextContext {
-    kv: Vec<(Tensor, Tensor)>,
+    /// The projected text (after the text embedder), for blocks without precomputed K/V.
+    ctx: Tensor,
+    /// Cross-attention K/V per block: precomputed for blocks on the device; `None` for streamed
+    /// blocks, which project `ctx` when they arrive (512 tokens: cheap), so a streamed model
+    /// holds no K/V for blocks that are not on the GPU.
+    kv: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl TextContext {
+    /// Block `index`'s cross-attention K/V: precomputed, or projected now by `block`.
+    fn key_value(&self, index: usize, block: &Block) -> Result<(Tensor, Tensor)> {
+        match &self.kv[index] {
+            Some(kv) => Ok(kv.clone()),
+            None => block.attn2.key_value(&self.ctx),
+        }
+    }
 }
 
 /// Where the transformer blocks live: all on the device, or streamed from host memory.
@@ -709,12 +724,16 @@ impl WanTransformer {
             .to_dtype(self.dtype)?;
         let ctx = self.text_linear_1.forward(&ctx)?.gelu()?;
         let ctx = self.text_linear_2.forward(&ctx)?;
-        let mut kv = Vec::with_capacity(self.cfg.num_layers);
-        self.for_each_block(|_, b| {
-            kv.push(b.attn2.key_value(&ctx)?);
-            Ok(())
-        })?;
-        Ok(TextContext { kv })
+        let on_device = match &self.blocks {
+            Blocks::Resident(blocks) => blocks,
+            Blocks::Streamed { resident, .. } => resident,
+        };
+        let mut kv = on_device
+            .iter()
+            .map(|b| Ok(Some(b.attn2.key_value(&ctx)?)))
+            .collect::<Result<Vec<_>>>()?;
+        kv.resize(self.cfg.num_layers, None);
+        Ok(TextContext { ctx, kv })
     }
 
     /// Token grid (frames, rows, cols) after patching a latent of shape [B, C, F, H, W].
@@ -788,7 +807,7 @@ impl WanTransformer {
         let mut out = None;
         self.for_each_block(|i, b| {
             if i == index {
-                out = Some(b.forward(&x, tproj, rope, &context.kv[index])?);
+                out = Some(b.forward(&x, tproj, rope, &context.key_value(index, b)?)?);
             }
             Ok(())
         })?;
@@ -861,7 +880,7 @@ impl WanTransformer {
         let mut hs = vec![h0; contexts.len()];
         self.for_each_block(|i, block| {
             for (h, context) in hs.iter_mut().zip(contexts) {
-                *h = block.forward(h, &tproj, rope, &context.kv[i])?;
+                *h = block.forward(h, &tproj, rope, &context.key_value(i, block)?)?;
             }
             Ok(())
         })?;
