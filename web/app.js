@@ -58,9 +58,12 @@ function applyModel() {
   const sched = $("scheduler");
   sched.innerHTML = "";
   for (const s of m.scheduler.values) sched.add(new Option(s, s, false, s === m.scheduler.default));
-  const offload = $("offload");
-  offload.innerHTML = "";
-  for (const o of m.offload.values) offload.add(new Option(o, o, false, o === m.offload.default));
+  // Memory and precision knobs: {default, values} each, as /v1/models lists them.
+  for (const id of ["offload", "weights", "vae_dtype"]) {
+    const sel = $(id), spec = m[id];
+    sel.innerHTML = "";
+    for (const o of spec.values) sel.add(new Option(o, o, false, o === spec.default));
+  }
   $("negative_prompt").value = m.default_negative_prompt;
   $("image-label").hidden = !m.image_conditioning;
   $("image").required = m.image_required;
@@ -101,7 +104,7 @@ async function submitJob(ev) {
   } else {
     body.append("size", $("size").value);
   }
-  for (const id of ["frames", "fps", "steps", "guidance", "shift", "scheduler", "seed", "output_format", "offload"]) {
+  for (const id of ["frames", "fps", "steps", "guidance", "shift", "scheduler", "seed", "output_format", "offload", "weights", "vae_dtype"]) {
     if ($(id).value !== "") body.append(id, $(id).value);
   }
   if (m.guidance_2 && $("guidance_2").value !== "") body.append("guidance_2", $("guidance_2").value);

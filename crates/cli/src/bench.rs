@@ -9,11 +9,11 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use vidgen_engine::device::{gpu_memory, parse_device, parse_dtype};
-use vidgen_engine::dit::{self, DitConfig, WanTransformer};
+use vidgen_engine::dit::{self, flash, DitConfig, WanTransformer};
 use vidgen_engine::invalid;
 use vidgen_engine::memory;
 use vidgen_engine::vae::{TileConfig, VaeConfig, WanVae};
-use vidgen_engine::weights::{MemorySource, WeightMap};
+use vidgen_engine::weights::{GgufType, GgufWeight, MemorySource, WeightMap};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -52,6 +52,13 @@ pub struct Args {
     /// Blocks uploaded ahead of the computing one when streaming.
     #[arg(long, default_value_t = 1)]
     prefetch: usize,
+    /// Transformer block linears for `dit` and `stream`: dense (in `--dtype`), or a GGUF block
+    /// format (q8_0, q6_k, q5_k, q4_k, q4_0, ...) kept quantised on the device as a GGUF file's
+    /// are. The random weights are quantised on the CPU (seconds for 1.3B, slow for 14B); `dit`
+    /// then runs the dense forward too and reports the error against it, and first checks the
+    /// device dequantisation of every block type against the CPU's, bit for bit.
+    #[arg(long, default_value = "dense")]
+    weights: String,
     /// Attention benchmark shape: sequence length and heads (head_dim is 128).
     #[arg(long, default_value_t = 32760)]
     attention_seq: usize,
@@ -144,6 +151,8 @@ fn pick<'a, T>(
 struct Bench {
     device: Device,
     dtype: DType,
+    /// `--weights`: block linears kept in this GGUF block format.
+    quant: Option<GgufType>,
     reps: usize,
     warmup: usize,
     size: Option<(usize, usize)>,
@@ -196,28 +205,65 @@ impl Bench {
         (self.size.unwrap_or(native), self.frames.unwrap_or(frames))
     }
 
-    /// The kernel against the chunked attention in f32 on the same (rounded) inputs, at odd
+    /// The fused kernels available here: cuDNN's and ours on a GPU (bf16), else the dispatcher's
+    /// choice (the chunked attention).
+    fn attention_kernels(&self) -> Vec<Option<flash::Kernel>> {
+        if self.device.is_cuda() && self.dtype == DType::BF16 {
+            vec![Some(flash::Kernel::Cudnn), Some(flash::Kernel::Own)]
+        } else {
+            vec![None]
+        }
+    }
+
+    /// One attention with `kernel` (`None`: the dispatcher); `Ok(None)` if cuDNN has no plan.
+    fn attention_once(
+        kernel: Option<flash::Kernel>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        match kernel {
+            Some(kernel) => flash::attention_with(kernel, q, k, v),
+            None => dit::model::attention_blhd(q, k, v).map(Some),
+        }
+    }
+
+    fn kernel_name(kernel: Option<flash::Kernel>, q: &Tensor, k: &Tensor) -> &'static str {
+        kernel.map_or_else(|| dit::model::attention_backend(q, k), |k| k.name())
+    }
+
+    /// Each kernel against the chunked attention in f32 on the same (rounded) inputs, at odd
     /// lengths and the cross-attention shape; fresh random inputs each case.
     fn attention_check(&self) -> Result<()> {
-        for (lq, lk, heads) in [
-            (1, 1, 2),
-            (17, 17, 3),
-            (513, 513, 4),
-            (4096, 512, 8),
-            (3000, 4099, 5),
-        ] {
-            let q = rand(&[1, lq, heads, 128], self.dtype, &self.device)?;
-            let k = rand(&[1, lk, heads, 128], self.dtype, &self.device)?;
-            let v = rand(&[1, lk, heads, 128], self.dtype, &self.device)?;
-            let backend = dit::model::attention_backend(&q, &k);
-            let ours = dit::model::attention_blhd(&q, &k, &v)?.to_dtype(DType::F32)?;
-            let f = |t: &Tensor| t.to_dtype(DType::F32);
-            let reference = dit::model::attention_blhd(&f(&q)?, &f(&k)?, &f(&v)?)?;
-            let err = vidgen_engine::tensor_util::rel_err(&ours, &reference)?;
-            emit(json!({
-                "what": "attention_check", "backend": backend, "lq": lq, "lk": lk, "heads": heads,
-                "rel_err_vs_f32": err, "finite": ours.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite()),
-            }));
+        for kernel in self.attention_kernels() {
+            for (lq, lk, heads) in [
+                (1, 1, 2),
+                (17, 17, 3),
+                (513, 513, 4),
+                (4096, 512, 8),
+                (3000, 4099, 5),
+                (32760, 512, 2),
+            ] {
+                let q = rand(&[1, lq, heads, 128], self.dtype, &self.device)?;
+                let k = rand(&[1, lk, heads, 128], self.dtype, &self.device)?;
+                let v = rand(&[1, lk, heads, 128], self.dtype, &self.device)?;
+                let backend = Self::kernel_name(kernel, &q, &k);
+                let Some(ours) = Self::attention_once(kernel, &q, &k, &v)? else {
+                    emit(json!({
+                        "what": "attention_check", "backend": backend, "lq": lq, "lk": lk,
+                        "heads": heads, "available": false,
+                    }));
+                    continue;
+                };
+                let ours = ours.to_dtype(DType::F32)?;
+                let f = |t: &Tensor| t.to_dtype(DType::F32);
+                let reference = dit::model::attention_blhd(&f(&q)?, &f(&k)?, &f(&v)?)?;
+                let err = vidgen_engine::tensor_util::rel_err(&ours, &reference)?;
+                emit(json!({
+                    "what": "attention_check", "backend": backend, "lq": lq, "lk": lk, "heads": heads,
+                    "rel_err_vs_f32": err, "finite": ours.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite()),
+                }));
+            }
         }
         Ok(())
     }
@@ -230,20 +276,32 @@ impl Bench {
         let k = rand(&[1, seq, heads, d], self.dtype, &self.device)?;
         let v = rand(&[1, seq, heads, d], self.dtype, &self.device)?;
         let flops = 4.0 * (heads * seq * seq * d) as f64;
-        let backend = dit::model::attention_backend(&q, &k);
-        let (seconds, peak) = self.time(|| {
-            dit::model::attention_blhd(&q, &k, &v)?;
-            Ok(())
-        })?;
-        emit(json!({
-            "what": "attention", "backend": backend, "seq": seq, "heads": heads, "head_dim": d,
-            "dtype": format!("{:?}", self.dtype).to_lowercase(), "seconds": seconds,
-            "tflops": flops / seconds / 1e12, "peak_gib": peak,
-        }));
+        for kernel in self.attention_kernels() {
+            let backend = Self::kernel_name(kernel, &q, &k);
+            if Self::attention_once(kernel, &q, &k, &v)?.is_none() {
+                emit(
+                    json!({"what": "attention", "backend": backend, "seq": seq, "available": false}),
+                );
+                continue;
+            }
+            let (seconds, peak) = self.time(|| {
+                Self::attention_once(kernel, &q, &k, &v)?;
+                Ok(())
+            })?;
+            emit(json!({
+                "what": "attention", "backend": backend, "seq": seq, "heads": heads, "head_dim": d,
+                "dtype": format!("{:?}", self.dtype).to_lowercase(), "seconds": seconds,
+                "tflops": flops / seconds / 1e12, "peak_gib": peak,
+                "cudnn_version": vidgen_engine::dit::cudnn_attention::cudnn_version(),
+            }));
+        }
         Ok(())
     }
 
     fn dit_forward(&self, case: &DitCase) -> Result<()> {
+        if let Some(ty) = self.quant {
+            return self.gguf_forward(case, ty);
+        }
         let cfg = &case.config;
         let ((w, h), frames) = self.shape(case.size, case.frames);
         let latent = [
@@ -253,13 +311,13 @@ impl Bench {
             h / case.vae_stride,
             w / case.vae_stride,
         ];
-        let model = random_transformer(cfg, &self.device, self.dtype)?;
+        let model = random_transformer(cfg, &self.device, self.dtype, None)?;
         let x = rand(&latent, DType::F32, &self.device)?;
         let text = rand(&[1, 512, cfg.text_dim], DType::F32, &self.device)?;
         let t = Tensor::new(&[500f32], &self.device)?;
         let context = model.prepare_context(&text)?;
-        let rope = model.rope(&latent)?;
-        let [gf, gh, gw] = model.grid(&latent)?;
+        let rope = model.rope(x.dims())?;
+        let [gf, gh, gw] = model.grid(x.dims())?;
         let tokens = gf * gh * gw;
         let (seconds, peak) = self.time(|| {
             model.forward(&x, &t, &context, &rope)?;
@@ -303,7 +361,7 @@ impl Bench {
                     &WeightMap::plain(Box::new(source), &self.device, dtype)?,
                 )?;
                 let context = model.prepare_context(&text)?;
-                let rope = model.rope(&latent)?;
+                let rope = model.rope(x.dims())?;
                 model.forward(&x, &t, &context, &rope)
             };
         // The low-precision copy is made first, so the f32 weights can be given away to the f32 run.
@@ -353,12 +411,9 @@ impl Bench {
             let mut dequant_mismatches = 0;
             let mut dequant_seconds = 0.0;
             for dtype in [DType::BF16, DType::F32] {
-                self.device.synchronize()?;
-                let t0 = Instant::now();
-                let dg = gpu.dequantize(dtype)?;
-                self.device.synchronize()?;
+                let (dg, seconds) = self.synced(|| gpu.dequantize(dtype))?;
                 if dtype == DType::BF16 {
-                    dequant_seconds = t0.elapsed().as_secs_f64();
+                    dequant_seconds = seconds;
                 }
                 let dc = cpu.dequantize(dtype)?;
                 let a: Vec<f32> = dg
@@ -385,9 +440,17 @@ impl Bench {
         Ok(())
     }
 
-    /// The same random weights as bf16 and with FP8 block linears (per-channel scales): weight
-    /// memory, forward time and the FP8 output's error against bf16.
-    fn fp8_forward(&self, case: &DitCase) -> Result<()> {
+    /// `f`'s result and its wall time with the device idle before and after.
+    fn synced<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+        self.device.synchronize()?;
+        let t0 = Instant::now();
+        let out = f()?;
+        self.device.synchronize()?;
+        Ok((out, t0.elapsed().as_secs_f64()))
+    }
+
+    /// Random f32 inputs of one forward at the case's size: latents, 512 text tokens, t = 500.
+    fn forward_inputs(&self, case: &DitCase) -> Result<(Tensor, Tensor, Tensor)> {
         let cfg = &case.config;
         let ((w, h), frames) = self.shape(case.size, case.frames);
         let latent = [
@@ -397,13 +460,26 @@ impl Bench {
             h / case.vae_stride,
             w / case.vae_stride,
         ];
-        let x = rand(&latent, DType::F32, &self.device)?;
-        let text = rand(&[1, 512, cfg.text_dim], DType::F32, &self.device)?;
-        let t = Tensor::new(&[500f32], &self.device)?;
-        let used = || -> Result<f64> {
-            self.device.synchronize()?;
-            Ok(gpu_memory::usage(&self.device)?.map_or(0.0, |u| gib(u.used)))
-        };
+        Ok((
+            rand(&latent, DType::F32, &self.device)?,
+            rand(&[1, 512, cfg.text_dim], DType::F32, &self.device)?,
+            Tensor::new(&[500f32], &self.device)?,
+        ))
+    }
+
+    /// GPU memory in use now (GiB; 0 on the CPU), after the queued work has finished.
+    fn used_gib(&self) -> Result<f64> {
+        self.device.synchronize()?;
+        Ok(gpu_memory::usage(&self.device)?.map_or(0.0, |u| gib(u.used)))
+    }
+
+    /// The same random weights as bf16 and with FP8 block linears (per-channel scales): weight
+    /// memory, forward time and the FP8 output's error against bf16.
+    fn fp8_forward(&self, case: &DitCase) -> Result<()> {
+        let cfg = &case.config;
+        let ((w, h), frames) = self.shape(case.size, case.frames);
+        let (x, text, t) = self.forward_inputs(case)?;
+        let used = || self.used_gib();
         let mut outputs = Vec::new();
         for fp8 in [false, true] {
             let before = used()?;
@@ -415,7 +491,7 @@ impl Bench {
             drop(map);
             let model_gib = used()? - before;
             let context = model.prepare_context(&text)?;
-            let rope = model.rope(&latent)?;
+            let rope = model.rope(x.dims())?;
             let mut out = None;
             let (seconds, peak) = self.time(|| {
                 out = Some(model.forward(&x, &t, &context, &rope)?);
@@ -438,6 +514,110 @@ impl Bench {
         Ok(())
     }
 
+    /// GGUF dequantisation on the device against the CPU path, for every block type, on one
+    /// FFN-sized weight of the 1.3B model: the f32 and bf16 values must be identical.
+    fn gguf_kernels(&self) -> Result<()> {
+        let shape = [8960, 1536];
+        let w = rand(&shape, DType::F32, &Device::Cpu)?;
+        for ty in GgufType::QUANTIZED {
+            let t0 = Instant::now();
+            let cpu = GgufWeight::quantize(&w, ty)?;
+            let quantize_seconds = t0.elapsed().as_secs_f64();
+            let dev = cpu.to_device(&self.device)?;
+            let mut mismatches = 0;
+            let mut dequant_seconds = 0.0;
+            for dtype in [DType::BF16, DType::F32] {
+                let (on_device, seconds) = self.synced(|| dev.dequantize(dtype))?;
+                if dtype == DType::BF16 {
+                    dequant_seconds = seconds;
+                }
+                let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                    Ok(t.to_device(&Device::Cpu)?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect())
+                };
+                let (a, b) = (bits(&on_device)?, bits(&cpu.dequantize(dtype)?)?);
+                mismatches += a.iter().zip(&b).filter(|(x, y)| x != y).count();
+            }
+            let err = vidgen_engine::tensor_util::rel_err(&cpu.dequantize(DType::F32)?, &w)?;
+            emit(json!({
+                "what": "gguf_kernels", "type": ty.name(), "shape": shape,
+                "bytes": dev.storage_bytes(), "dequant_mismatches_vs_cpu": mismatches,
+                "rel_err_vs_f32": err, "quantize_cpu_seconds": quantize_seconds,
+                "dequantize_bf16_seconds": dequant_seconds, "pass": mismatches == 0,
+            }));
+        }
+        Ok(())
+    }
+
+    /// The same random weights dense and with the block linears kept in GGUF block format `ty`:
+    /// weight memory (measured and planned), forward time and peak, and the quantised output's
+    /// error against the dense one.
+    fn gguf_forward(&self, case: &DitCase, ty: GgufType) -> Result<()> {
+        let cfg = &case.config;
+        let ((w, h), frames) = self.shape(case.size, case.frames);
+        let (x, text, t) = self.forward_inputs(case)?;
+        let used = || self.used_gib();
+        let dtype = format!("{:?}", self.dtype).to_lowercase();
+        let preset = memory::known_model(case.preset)?;
+        let mut reference: Option<Tensor> = None;
+        for quant in [None, Some(ty)] {
+            let before = used()?;
+            let weights = dit::random::random_weights_on_device(cfg, 7, &self.device, self.dtype)?;
+            let t0 = Instant::now();
+            let source = match quant {
+                Some(ty) => quantized_source(weights, ty)?,
+                None => MemorySource::new("random transformer", weights),
+            };
+            let quantize_seconds = quant.map(|_| t0.elapsed().as_secs_f64());
+            let map = WeightMap::plain(Box::new(source), &self.device, self.dtype)?;
+            let model = WanTransformer::from_weights(cfg.clone(), &map)?;
+            drop(map);
+            let model_gib = used()? - before;
+            let context = model.prepare_context(&text)?;
+            let rope = model.rope(x.dims())?;
+            let [gf, gh, gw] = model.grid(x.dims())?;
+            let tokens = gf * gh * gw;
+            let mut out = None;
+            let (seconds, peak) = self.time(|| {
+                out = Some(model.forward(&x, &t, &context, &rope)?);
+                Ok(())
+            })?;
+            let out = out.expect("ran at least once").to_dtype(DType::F32)?;
+            let format = match quant {
+                Some(ty) => memory::WeightFormat::Gguf(ty),
+                None if self.dtype == DType::F32 => memory::WeightFormat::F32,
+                None => memory::WeightFormat::Bf16,
+            };
+            let planned = memory::DitWeights::of_config(cfg, format);
+            let elem = self.dtype.size_in_bytes() as u64;
+            let predicted_peak = planned.total
+                + planned.dequantize_workspace
+                + memory::dit_activations(preset, tokens, 1, elem, false);
+            let mut line = json!({
+                "what": "gguf_forward", "model": case.name, "size": format!("{w}x{h}"),
+                "frames": frames, "dtype": dtype,
+                "linears": quant.map_or(dtype.clone(), |q| q.name().to_string()),
+                "model_gib": model_gib, "planned_model_gib": planned.total as f64 / memory::GIB,
+                "seconds": seconds, "peak_gib": peak,
+                "predicted_peak_gib": predicted_peak as f64 / memory::GIB,
+                "quantize_cpu_seconds": quantize_seconds,
+            });
+            if let Some(reference) = &reference {
+                line[format!("rel_err_vs_{dtype}")] =
+                    json!(vidgen_engine::tensor_util::rel_err(&out, reference)?);
+            }
+            emit(line);
+            drop((model, context));
+            reference.get_or_insert(out);
+        }
+        Ok(())
+    }
+
     /// Resident forward, then the same weights streamed from pinned host memory under each budget:
     /// blocks kept resident = what fits beside the non-block weights, the activations measured in
     /// the resident run and `prefetch + 1` blocks in flight. Output must be bit-identical.
@@ -451,24 +631,25 @@ impl Bench {
             h / case.vae_stride,
             w / case.vae_stride,
         ];
-        let model = random_transformer(cfg, &self.device, self.dtype)?;
+        let model = random_transformer(cfg, &self.device, self.dtype, self.quant)?;
         let x = rand(&latent, DType::F32, &self.device)?;
         let text = rand(&[1, 512, cfg.text_dim], DType::F32, &self.device)?;
         let t = Tensor::new(&[500f32], &self.device)?;
-        let rope = model.rope(&latent)?;
+        let rope = model.rope(x.dims())?;
         let context = model.prepare_context(&text)?;
         let (resident_s, resident_peak) = self.time(|| {
             model.forward(&x, &t, &context, &rope)?;
             Ok(())
         })?;
         let reference = model.forward(&x, &t, &context, &rope)?;
-        let weights = param_count(cfg) * self.dtype.size_in_bytes();
+        let weights = model.weight_bytes();
         let block = model.block_bytes();
         let non_block = weights - block * cfg.num_layers;
         let peak = resident_peak.unwrap_or(0.0) * (1u64 << 30) as f64;
         let activations = (peak - weights as f64).max(0.0);
         emit(json!({
             "what": "stream_resident", "model": case.name, "seconds": resident_s,
+            "weights": self.quant.map_or("dense", GgufType::name),
             "peak_gib": resident_peak, "weights_gib": gib(weights as u64),
             "block_gib": gib(block as u64), "activations_gib": activations / (1u64 << 30) as f64,
         }));
@@ -577,13 +758,42 @@ fn rand(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
 }
 
-fn random_transformer(cfg: &DitConfig, device: &Device, dtype: DType) -> Result<WanTransformer> {
+/// Random weights drawn on the device; with `quant`, the block linears quantised to that GGUF
+/// block format and kept so.
+fn random_transformer(
+    cfg: &DitConfig,
+    device: &Device,
+    dtype: DType,
+    quant: Option<GgufType>,
+) -> Result<WanTransformer> {
     let weights = dit::random::random_weights_on_device(cfg, 7, device, dtype)?;
-    let source = MemorySource::new("random transformer", weights);
+    let source = match quant {
+        Some(ty) => quantized_source(weights, ty)?,
+        None => MemorySource::new("random transformer", weights),
+    };
     WanTransformer::from_weights(
         cfg.clone(),
         &WeightMap::plain(Box::new(source), device, dtype)?,
     )
+}
+
+/// `weights` with the transformer's block linears quantised to `ty` (through the CPU, one
+/// tensor at a time, each dense copy freed as its quantised one lands on the device).
+fn quantized_source(
+    weights: std::collections::HashMap<String, Tensor>,
+    ty: GgufType,
+) -> Result<MemorySource> {
+    let mut dense = std::collections::HashMap::new();
+    let mut quantized = std::collections::HashMap::new();
+    for (name, w) in weights {
+        if memory::is_block_linear(&name, w.dims()) {
+            let q = GgufWeight::quantize(&w, ty).with_context(|| format!("quantising `{name}`"))?;
+            quantized.insert(name, q);
+        } else {
+            dense.insert(name, w);
+        }
+    }
+    Ok(MemorySource::new("random transformer", dense).with_quantized(quantized))
 }
 
 fn param_count(cfg: &DitConfig) -> usize {
@@ -634,9 +844,20 @@ pub fn run(args: Args) -> Result<()> {
     if args.frames.is_some_and(|f| f == 0 || (f - 1) % 4 != 0) {
         return Err(invalid!("--frames: must be 4k+1 (1, 5, ..., 81, 121)"));
     }
+    let quant = match args.weights.as_str() {
+        "dense" => None,
+        other => Some(GgufType::quantized_from_name(other).ok_or_else(|| {
+            let names: Vec<&str> = GgufType::QUANTIZED.iter().map(|t| t.name()).collect();
+            invalid!(
+                "--weights: `{other}` is not one of dense, {}",
+                names.join(", ")
+            )
+        })?),
+    };
     let bench = Bench {
         device,
         dtype,
+        quant,
         reps: args.reps,
         warmup: args.warmup,
         size: args.size.as_deref().map(parse_size).transpose()?,
@@ -667,6 +888,9 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     if what.contains(&"dit") {
+        if bench.quant.is_some() {
+            report("gguf_kernels", "", bench.gguf_kernels());
+        }
         for case in &dits {
             report("dit_forward", case.name, bench.dit_forward(case));
         }

@@ -21,7 +21,9 @@ pub struct Args {
     /// Frame count, 4k+1 (default: the model's default).
     #[arg(long)]
     frames: Option<usize>,
-    /// Transformer weight dtype on the GPU: bf16 or f32.
+    /// Transformer weights on the GPU: bf16, f32, fp8 (block linears in FP8), or a GGUF block
+    /// format as in the GGUF file you will use (q8_0, q6_k, q5_k, q4_k, q4_0, ...: block linears
+    /// kept quantised, dequantised block by block).
     #[arg(long, default_value = "bf16")]
     weights: String,
     /// GPU memory available, e.g. 12GiB (default: free memory of GPU 0 minus 1 GiB in a CUDA
@@ -37,6 +39,10 @@ pub struct Args {
     /// Blocks uploaded ahead when streaming.
     #[arg(long, default_value_t = 1)]
     prefetch: usize,
+    /// VAE precision: auto (bf16 on a GPU), bf16 or f32 (the reference's, slower, twice the
+    /// memory).
+    #[arg(long, value_name = "auto|bf16|f32", default_value = "auto")]
+    vae_dtype: String,
     /// Guidance 1 skips the unconditional pass (less activation memory).
     #[arg(long)]
     no_cfg: bool,
@@ -126,6 +132,8 @@ pub fn run(args: Args) -> Result<()> {
         host_budget,
         offload: Offload::parse(&args.offload)?,
         prefetch: args.prefetch,
+        vae_bf16: memory::vae_bf16("--vae-dtype", &args.vae_dtype, true)?,
+        dit_weights: None,
     };
     let plan = memory::plan(&req);
     let suggestion = if plan.fits {

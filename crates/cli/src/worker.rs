@@ -14,7 +14,7 @@ use vidgen_engine::memory::Offload;
 use vidgen_engine::pipeline::{ProgressEvent, ProgressSink};
 
 use crate::generate::{MemoryOptions, RunOptions};
-use vidgen_server::protocol::{codes, JobOutput, WorkerEnd, WorkerJob, WorkerLine};
+use vidgen_server::protocol::{codes, JobOutput, Weights, WorkerEnd, WorkerJob, WorkerLine};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -136,21 +136,28 @@ fn run_job(job: &WorkerJob) -> WorkerEnd {
     }
 }
 
-/// The job's device and placement: the server's `queue.device` (else the build's default) and
-/// the request's `offload` (else chosen by the planner from the free GPU memory).
+/// The job's device and memory options: the server's `queue.device` (else the build's default),
+/// the request's `offload` (else chosen by the planner from the free GPU memory), `weights`
+/// (`fp8`: transformer block linears in FP8) and `vae_dtype` (`auto`: bf16 on a GPU, f32 on the
+/// CPU; `bf16` on the CPU is an invalid request, as `vidgen generate --vae-dtype bf16` is there).
 fn run_options(job: &WorkerJob) -> anyhow::Result<RunOptions> {
     let device = job
         .device
         .as_deref()
         .unwrap_or(crate::generate::default_device());
+    let device = vidgen_engine::device::parse_device(device)?;
     let offload = match &job.offload {
         Some(mode) => Offload::parse(mode)?,
         None => None,
     };
+    let vae_bf16 =
+        vidgen_engine::memory::vae_bf16("vae_dtype", job.vae_dtype.name(), !device.is_cpu())?;
     Ok(RunOptions {
-        device: vidgen_engine::device::parse_device(device)?,
+        device,
         memory: MemoryOptions {
             offload,
+            fp8: job.weights == Weights::Fp8,
+            vae_bf16,
             ..MemoryOptions::default()
         },
         ..RunOptions::default()
@@ -264,4 +271,52 @@ fn still_images(
         .map(|()| true)
         .unwrap_or_else(|e| warn("spritesheet", e));
     (thumbnail, spritesheet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vidgen_server::protocol::VaeDtype;
+
+    fn job(weights: Weights, vae_dtype: VaeDtype) -> WorkerJob {
+        WorkerJob {
+            id: "video_0".into(),
+            model: "demo".into(),
+            request: Default::default(),
+            output: "video.mp4".into(),
+            thumbnail: "thumbnail.webp".into(),
+            spritesheet: "spritesheet.jpg".into(),
+            cancel_file: "cancel".into(),
+            extend_from: None,
+            offload: Some("aggressive".into()),
+            weights,
+            vae_dtype,
+            device: Some("cpu".into()),
+        }
+    }
+
+    #[test]
+    fn run_options_apply_weights_and_vae_dtype() {
+        let o = run_options(&job(Weights::Fp8, VaeDtype::F32)).unwrap();
+        assert!(o.memory.fp8 && !o.memory.vae_bf16);
+        assert_eq!(o.memory.offload, Some(Offload::Aggressive));
+        // auto on the CPU: f32.
+        let o = run_options(&job(Weights::Bf16, VaeDtype::Auto)).unwrap();
+        assert!(!o.memory.fp8 && !o.memory.vae_bf16);
+        // bf16 on the CPU is the request's fault, as with `vidgen generate`.
+        let err = run_options(&job(Weights::Bf16, VaeDtype::Bf16)).unwrap_err();
+        assert!(vidgen_engine::error::is_invalid_input(&err), "{err:#}");
+        assert!(err.to_string().starts_with("vae_dtype: bf16"), "{err:#}");
+    }
+
+    #[test]
+    fn job_files_without_the_knobs_still_parse() {
+        let text = r#"{"id": "video_0", "model": "demo", "request": {"prompt": "p"},
+            "output": "v.mp4", "thumbnail": "t.webp", "spritesheet": "s.jpg", "cancel_file": "c"}"#;
+        let job: WorkerJob = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            (job.weights, job.vae_dtype),
+            (Weights::Bf16, VaeDtype::Auto)
+        );
+    }
 }

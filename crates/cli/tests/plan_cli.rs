@@ -91,9 +91,48 @@ fn bad_input_exits_2_naming_the_field() {
             vec!["--model", "wan2.2-ti2v-5b", "--offload", "maybe"],
             "--offload",
         ),
+        (
+            vec!["--model", "wan2.2-ti2v-5b", "--weights", "q3_xs"],
+            "--weights",
+        ),
     ] {
         let (code, _, err) = plan(&args);
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains(field), "{args:?}: {err}");
     }
+}
+
+/// GGUF block formats: block linears at their GGML block bytes (Q8_0: 34 per 32 values), the rest
+/// bf16; a smaller format keeps more blocks resident under the same budget.
+#[test]
+fn gguf_weight_formats_plan_their_block_bytes() {
+    let denoise = |weights: &str, budget: &str| -> serde_json::Value {
+        let (code, out, err) = plan(&[
+            "--model",
+            "wan2.1-t2v-1.3b",
+            "--weights",
+            weights,
+            "--vram-budget",
+            budget,
+            "--offload",
+            "stream",
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{weights}: {err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    // 1.3B: 30 blocks of 8 x 1536^2 + 2 x 1536 x 8960 block-linear values
+    let linear: f64 = 30.0 * (8.0 * 1536.0 * 1536.0 + 2.0 * 1536.0 * 8960.0);
+    let total: f64 = 1_418_996_800.0;
+    let expected = (total - linear) * 2.0 + linear * 34.0 / 32.0;
+    let v = denoise("q8_0", "80GiB");
+    let host = v["stages"][1]["weights_host_gib"].as_f64().unwrap() * (1u64 << 30) as f64;
+    assert!((host - expected).abs() < 1.0, "{host} vs {expected}");
+    let q8 = denoise("q8_0", "2GiB")["resident_blocks"].as_u64().unwrap();
+    let q4 = denoise("q4_k", "2GiB")["resident_blocks"].as_u64().unwrap();
+    let bf16 = denoise("bf16", "2GiB")["resident_blocks"].as_u64().unwrap();
+    assert!(bf16 < q8 && q8 < q4, "bf16 {bf16}, q8_0 {q8}, q4_k {q4}");
+    let (code, _, err) = plan(&["--model", "wan2.1-t2v-1.3b", "--weights", "gguf"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("q8_0") && err.contains("q4_k"), "{err}");
 }

@@ -28,6 +28,13 @@ fn hostile_requests_get_clear_4xx_and_leave_no_trace() {
     assert!(r.expect_error(400).contains("frame_count: unknown field"));
     assert_eq!(r.json()["error"]["param"], "frame_count");
     assert_eq!(r.json()["error"]["code"], "unknown_parameter");
+    // Near misses of the memory knobs are unknown fields, not silently ignored.
+    for field in ["weight", "vae_bf16", "vae-dtype", "fp8"] {
+        let r = post(format!(r#"{{"prompt": "p", "{field}": "fp8"}}"#).as_bytes());
+        let msg = r.expect_error(400);
+        assert!(msg.starts_with(&format!("{field}: unknown field")), "{msg}");
+        assert_eq!(r.json()["error"]["code"], "unknown_parameter");
+    }
     assert!(post(br#"{"prompt": "p", "input_reference": {"url": "x"}}"#)
         .expect_error(400)
         .contains("input_reference.url"));
@@ -54,6 +61,12 @@ fn hostile_requests_get_clear_4xx_and_leave_no_trace() {
         (json!({"prompt": "p", "fps": 0}), "fps"),
         (json!({"prompt": "p", "scheduler": "ddim"}), "scheduler"),
         (json!({"prompt": "p", "offload": "gpu"}), "offload"),
+        (json!({"prompt": "p", "weights": "fp16"}), "weights"),
+        (json!({"prompt": "p", "weights": "FP8"}), "weights"),
+        (json!({"prompt": "p", "weights": 8}), "weights"),
+        (json!({"prompt": "p", "vae_dtype": "f16"}), "vae_dtype"),
+        (json!({"prompt": "p", "vae_dtype": ["bf16"]}), "vae_dtype"),
+        (json!({"prompt": "p", "vae_dtype": ""}), "vae_dtype"),
         (
             json!({"prompt": "p", "output_format": "gif"}),
             "output_format",

@@ -1,6 +1,8 @@
 //! The OpenAI Videos API over real HTTP against `vidgen serve` on the demo model: create (multipart,
 //! as the official SDK sends it, and JSON) → poll → content read back with ffprobe, uploads, list
-//! and pagination, remix, delete; models, metrics, OpenAPI and auth.
+//! and pagination, remix, delete; models, metrics, OpenAPI and auth; the memory and precision
+//! knobs (`offload`, `weights`, `vae_dtype`) from request to worker, through remix, extension and a
+//! restart.
 
 mod server_support;
 
@@ -109,7 +111,8 @@ fn openai_flow_on_the_demo_model() {
         &json!({
             "model": "demo", "prompt": "from json", "frames": 5, "steps": 2, "seed": 42,
             "guidance": 3.5, "shift": 3.0, "scheduler": "euler", "negative_prompt": "blurry",
-            "offload": "aggressive", "input_reference": {"image_url": data_url},
+            "offload": "aggressive", "weights": "fp8", "vae_dtype": "f32",
+            "input_reference": {"image_url": data_url},
         }),
     );
     assert_eq!(resp.status, 200, "{}", resp.text());
@@ -124,6 +127,10 @@ fn openai_flow_on_the_demo_model() {
     );
     assert_eq!(j["scheduler"], "euler");
     assert_eq!(j["offload"], "aggressive");
+    assert_eq!(
+        (&j["weights"], &j["vae_dtype"]),
+        (&json!("fp8"), &json!("f32"))
+    );
     assert_eq!(j["has_image"], true);
     let json_id = j["id"].as_str().unwrap().to_string();
     let stored = server
@@ -165,6 +172,11 @@ fn openai_flow_on_the_demo_model() {
     let r = r.json();
     assert_eq!(r["remixed_from_video_id"], id.as_str());
     assert_eq!(r["prompt"], "a blue fox");
+    // The source asked for no memory knobs: the remix reports the defaults too.
+    assert_eq!(
+        (&r["offload"], &r["weights"], &r["vae_dtype"]),
+        (&json!("auto"), &json!("bf16"), &json!("auto"))
+    );
     assert_eq!(
         (r["seed"].clone(), r["frames"].clone(), r["size"].clone()),
         (
@@ -285,8 +297,200 @@ fn validation_happens_before_queueing_with_the_models_rules() {
     assert!(msg.contains("demo"), "{msg}");
     let e = server.post_json("/v1/videos", &json!({"prompt": "p", "steps": 0}));
     assert_eq!(e.json()["error"]["param"], "steps");
+    // Memory and precision knobs: the field and its valid values.
+    let e = server.post_json("/v1/videos", &json!({"prompt": "p", "weights": "fp16"}));
+    assert_eq!(
+        e.expect_error(400),
+        "weights: `fp16` is not one of bf16, fp8"
+    );
+    assert_eq!(e.json()["error"]["param"], "weights");
+    let e = server.post_multipart(
+        "/v1/videos",
+        &[Part::Text("prompt", "p"), Part::Text("vae_dtype", "f16")],
+    );
+    assert_eq!(
+        e.expect_error(400),
+        "vae_dtype: `f16` is not one of auto, bf16, f32"
+    );
+    assert_eq!(e.json()["error"]["param"], "vae_dtype");
+    if !cfg!(feature = "cuda") {
+        // A CPU-only build's workers run on the CPU: a bf16 VAE is refused here, not in a worker.
+        let msg = server
+            .post_json("/v1/videos", &json!({"prompt": "p", "vae_dtype": "bf16"}))
+            .expect_error(400);
+        assert!(
+            msg.starts_with("vae_dtype: bf16") && msg.contains("built without CUDA"),
+            "{msg}"
+        );
+    }
     // Nothing was queued by any of these.
     assert_eq!(server.get("/v1/videos").json()["data"], json!([]));
+}
+
+#[test]
+fn vae_dtype_bf16_follows_the_workers_device() {
+    // Workers on the CPU (queue.device): refused at the boundary, in OpenAI's error shape, and
+    // not offered by /v1/models.
+    let cpu = Server::start("[queue]\ndevice = \"cpu\"");
+    let e = cpu.post_json(
+        "/v1/videos",
+        &json!({"prompt": "p", "frames": 5, "vae_dtype": "bf16"}),
+    );
+    let msg = e.expect_error(400);
+    assert!(
+        msg.starts_with("vae_dtype: bf16 runs on a GPU only") && msg.contains("queue.device = cpu"),
+        "{msg}"
+    );
+    assert_eq!(e.json()["error"]["param"], "vae_dtype");
+    assert_eq!(e.json()["error"]["type"], "invalid_request_error");
+    let models = cpu.get("/v1/models").json();
+    assert_eq!(
+        models["data"][0]["vae_dtype"],
+        json!({"default": "auto", "values": ["auto", "f32"]})
+    );
+    assert_eq!(
+        cpu.get("/v1/videos").json()["data"],
+        json!([]),
+        "nothing queued"
+    );
+    drop(cpu);
+
+    // Workers on a GPU: accepted, reported and offered (whether this build can run it is the
+    // worker's business: the job is deleted before it matters).
+    let gpu = Server::start("[queue]\ndevice = \"cuda\"");
+    let models = gpu.get("/v1/models").json();
+    assert_eq!(
+        models["data"][0]["vae_dtype"]["values"],
+        json!(["auto", "bf16", "f32"])
+    );
+    let v = gpu.post_json(
+        "/v1/videos",
+        &json!({"prompt": "p", "frames": 5, "steps": 1, "vae_dtype": "bf16"}),
+    );
+    assert_eq!(v.status, 200, "{}", v.text());
+    let v = v.json();
+    assert_eq!(v["vae_dtype"], "bf16");
+    let id = v["id"].as_str().unwrap();
+    let del = gpu.request("DELETE", &format!("/v1/videos/{id}"), &[], b"");
+    assert_eq!(del.status, 200, "{}", del.text());
+}
+
+#[test]
+fn memory_knobs_reach_the_worker_and_survive_remix_extension_and_restart() {
+    let server = Server::start("");
+    let knobs = |v: &Value| {
+        (
+            v["offload"].as_str().unwrap().to_string(),
+            v["weights"].as_str().unwrap().to_string(),
+            v["vae_dtype"].as_str().unwrap().to_string(),
+        )
+    };
+    let asked = ("cond".to_string(), "fp8".to_string(), "f32".to_string());
+
+    // Multipart (as the SDK and the portal send it) with every knob; JSON with the defaults
+    // spelled out; and nothing at all.
+    let v = create_multipart(
+        &server,
+        &[
+            Part::Text("prompt", "fp8 weights, f32 vae"),
+            Part::Text("frames", "5"),
+            Part::Text("steps", "2"),
+            Part::Text("offload", "cond"),
+            Part::Text("weights", "fp8"),
+            Part::Text("vae_dtype", "f32"),
+        ],
+    );
+    assert_eq!(knobs(&v), asked, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let explicit = server.post_json(
+        "/v1/videos",
+        &json!({"prompt": "defaults spelled out", "frames": 5, "steps": 1,
+                "weights": "bf16", "vae_dtype": "auto", "offload": "auto"}),
+    );
+    assert_eq!(explicit.status, 200, "{}", explicit.text());
+    let defaults = server.post_json(
+        "/v1/videos",
+        &json!({"prompt": "no knobs", "frames": 5, "steps": 1}),
+    );
+    assert_eq!(defaults.status, 200, "{}", defaults.text());
+    for v in [explicit.json(), defaults.json()] {
+        assert_eq!(
+            knobs(&v),
+            ("auto".into(), "bf16".into(), "auto".into()),
+            "{v}"
+        );
+    }
+
+    // The worker is handed exactly what was asked for, and the job completes with it.
+    let done = server.wait_finished(&id, JOB_TIMEOUT);
+    assert_eq!(done["status"], "completed", "{done}\n{}", server.log());
+    assert_eq!(knobs(&done), asked);
+    let job_file = server.data_dir().join("jobs").join(&id).join("job.json");
+    let job: Value = serde_json::from_slice(&std::fs::read(&job_file).unwrap()).unwrap();
+    assert_eq!(
+        (&job["offload"], &job["weights"], &job["vae_dtype"]),
+        (&json!("cond"), &json!("fp8"), &json!("f32")),
+        "{job}"
+    );
+
+    // Remix and extension carry them; neither accepts them as fields (the source's settings).
+    let remix = server.post_json(
+        &format!("/v1/videos/{id}/remix"),
+        &json!({"prompt": "remixed"}),
+    );
+    assert_eq!(remix.status, 200, "{}", remix.text());
+    let remix = remix.json();
+    assert_eq!(knobs(&remix), asked, "{remix}");
+    let msg = server
+        .post_json(
+            &format!("/v1/videos/{id}/remix"),
+            &json!({"prompt": "p", "weights": "bf16"}),
+        )
+        .expect_error(400);
+    assert!(msg.contains("weights: unknown field"), "{msg}");
+    let ext = server.post_json(
+        "/v1/videos/extensions",
+        &json!({"prompt": "extended", "seconds": "0.3", "video": {"id": id}}),
+    );
+    assert_eq!(ext.status, 200, "{}", ext.text());
+    let ext = ext.json();
+    assert_eq!(knobs(&ext), asked, "{ext}");
+    let msg = server
+        .post_json(
+            "/v1/videos/extensions",
+            &json!({"prompt": "p", "video": {"id": id}, "vae_dtype": "f32"}),
+        )
+        .expect_error(400);
+    assert!(msg.contains("vae_dtype: unknown field"), "{msg}");
+    let remix_id = remix["id"].as_str().unwrap().to_string();
+    let ext_id = ext["id"].as_str().unwrap().to_string();
+    for other in [&remix_id, &ext_id] {
+        let v = server.wait_finished(other, JOB_TIMEOUT);
+        assert_eq!(v["status"], "completed", "{v}\n{}", server.log());
+        let job = server.data_dir().join("jobs").join(other).join("job.json");
+        let job: Value = serde_json::from_slice(&std::fs::read(job).unwrap()).unwrap();
+        assert_eq!(
+            (&job["weights"], &job["vae_dtype"]),
+            (&json!("fp8"), &json!("f32"))
+        );
+    }
+    let all = server.get("/v1/videos?limit=10").json();
+    for v in all["data"].as_array().unwrap() {
+        let _ = server.wait_finished(v["id"].as_str().unwrap(), JOB_TIMEOUT);
+    }
+
+    // Stored in SQLite: the same after a restart, and a remix made then still carries them.
+    let server = server.restart();
+    for other in [&id, &remix_id, &ext_id] {
+        let v = server.get(&format!("/v1/videos/{other}")).json();
+        assert_eq!(knobs(&v), asked, "{v}");
+    }
+    let again = server.post_json(
+        &format!("/v1/videos/{remix_id}/remix"),
+        &json!({"prompt": "after the restart"}),
+    );
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(knobs(&again.json()), asked);
 }
 
 #[test]
@@ -302,6 +506,18 @@ fn models_openapi_portal_and_health() {
     assert!(demo["steps"]["default"].is_u64());
     assert_eq!(demo["offload"]["default"], "auto");
     assert_eq!(demo["offload"]["values"][4], "stream");
+    assert_eq!(
+        demo["weights"],
+        json!({"default": "bf16", "values": ["bf16", "fp8"]})
+    );
+    assert_eq!(demo["vae_dtype"]["default"], "auto");
+    // bf16 is offered only when the workers run on a GPU (the default of a CUDA build).
+    let vae_values = if cfg!(feature = "cuda") {
+        json!(["auto", "bf16", "f32"])
+    } else {
+        json!(["auto", "f32"])
+    };
+    assert_eq!(demo["vae_dtype"]["values"], vae_values);
 
     let spec = server.get("/openapi.json").json();
     assert_eq!(spec["openapi"], "3.1.0");

@@ -1,6 +1,7 @@
 //! The portal in headless Chromium (driven through chromedriver's WebDriver JSON API): load the
 //! page served by the binary, submit a job on the demo model with the form, see it progress and
-//! finish, and the finished video load in the page's player.
+//! finish, and the finished video load in the page's player. The memory and precision selects
+//! (`offload`, `weights`, `vae_dtype`) are filled from /v1/models and reach the job.
 
 mod server_support;
 
@@ -202,6 +203,20 @@ fn portal_submits_a_job_and_plays_the_result() {
     driver.type_into("#frames", "9");
     driver.type_into("#steps", "3");
     driver.type_into("#seed", "7");
+    // The memory and precision selects offer what /v1/models lists, its default selected.
+    let models = server.get("/v1/models").json();
+    for id in ["offload", "weights", "vae_dtype"] {
+        let shown = driver.script(&format!(
+            "const s = document.getElementById('{id}'); \
+             return {{values: [...s.options].map((o) => o.value), selected: s.value}};"
+        ));
+        assert_eq!(shown["values"], models["data"][0][id]["values"], "{id}");
+        assert_eq!(shown["selected"], models["data"][0][id]["default"], "{id}");
+    }
+    let weights = driver.element("#weights option[value='fp8']");
+    driver.session_call("POST", &format!("/element/{weights}/click"), &json!({}));
+    let vae = driver.element("#vae_dtype option[value='f32']");
+    driver.session_call("POST", &format!("/element/{vae}/click"), &json!({}));
     let submit = driver.element("#submit");
     driver.session_call("POST", &format!("/element/{submit}/click"), &json!({}));
 
@@ -245,5 +260,10 @@ fn portal_submits_a_job_and_plays_the_result() {
             v["seed"].as_u64()
         ),
         (Some(9), Some(3), Some(7))
+    );
+    assert_eq!(
+        (&v["offload"], &v["weights"], &v["vae_dtype"]),
+        (&json!("auto"), &json!("fp8"), &json!("f32")),
+        "{v}"
     );
 }

@@ -66,3 +66,57 @@ pub fn launched(r: std::result::Result<(), DriverError>) -> Result<()> {
     r.map_err(candle_core::Error::wrap)?;
     Ok(())
 }
+
+/// A cuDNN handle bound to one of candle's streams, with a scratch workspace that grows as needed
+/// (shared by the VAE convolutions and the fused attention, each keeping one per thread and device).
+pub struct CudnnHandle {
+    pub handle: candle_core::cuda::cudarc::cudnn::sys::cudnnHandle_t,
+    workspace: Option<candle_core::cuda::cudarc::driver::CudaSlice<u8>>,
+}
+
+impl Drop for CudnnHandle {
+    fn drop(&mut self) {
+        // SAFETY: created in `CudnnHandle::new` and destroyed once, here.
+        let _ = unsafe { candle_core::cuda::cudarc::cudnn::result::destroy_handle(self.handle) };
+    }
+}
+
+impl CudnnHandle {
+    pub fn new(
+        stream: &std::sync::Arc<candle_core::cuda::cudarc::driver::CudaStream>,
+    ) -> Result<Self> {
+        use candle_core::cuda::cudarc::cudnn::result as cudnn;
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(candle_core::Error::wrap)?;
+        let handle = cudnn::create_handle()?;
+        // SAFETY: a fresh handle and candle's live stream.
+        unsafe { cudnn::set_stream(handle, stream.cu_stream() as *mut _) }?;
+        Ok(Self {
+            handle,
+            workspace: None,
+        })
+    }
+
+    /// The workspace's address, grown to at least `bytes` (0 when none is needed).
+    pub fn workspace(
+        &mut self,
+        stream: &std::sync::Arc<candle_core::cuda::cudarc::driver::CudaStream>,
+        bytes: usize,
+    ) -> Result<u64> {
+        use candle_core::cuda::cudarc::driver::DevicePtrMut;
+        if bytes == 0 {
+            return Ok(0);
+        }
+        if self.workspace.as_ref().is_none_or(|w| w.len() < bytes) {
+            // Freed in stream order, after any work still using it.
+            self.workspace = None;
+            // SAFETY: scratch memory; cuDNN needs no initial contents.
+            self.workspace =
+                Some(unsafe { stream.alloc::<u8>(bytes) }.map_err(candle_core::Error::wrap)?);
+        }
+        let ws = self.workspace.as_mut().expect("allocated above");
+        Ok(ws.device_ptr_mut(stream).0)
+    }
+}

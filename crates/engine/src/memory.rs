@@ -1,9 +1,12 @@
 //! Memory planning: what each stage of a generation needs on the GPU and on the host, for a model
 //! configuration, size, frame count and weight format, and the placement (offload mode) that fits a
-//! budget. Weights are counted exactly from the real tensor shapes; activations follow what OUR code
+//! budget. Weights are counted exactly from the real tensor shapes (a GGUF checkpoint: from its
+//! tensor table, [`DitWeights::of_checkpoint`]); activations follow what OUR code
 //! allocates (dit/model.rs: one stage's temporaries at a time, token-chunked FFN, fused attention),
 //! with the coefficients named below. Measured on the H100 (`vidgen bench`, random weights, bf16):
 //! see the closing notes of issue 8 for predicted vs measured.
+
+use std::path::Path;
 
 use anyhow::Result;
 
@@ -12,6 +15,7 @@ use crate::invalid;
 use crate::presets::{self, ModelPreset, VaeKind};
 use crate::text::Umt5Config;
 use crate::vae::{VaeConfig, WanVae};
+use crate::weights::GgufType;
 
 pub const GIB: f64 = (1u64 << 30) as f64;
 
@@ -22,6 +26,9 @@ pub enum WeightFormat {
     F32,
     /// Block linears in FP8 e4m3 with per-channel f32 scales, the rest bf16 (bf16 compute).
     Fp8,
+    /// Block linears kept in a GGUF block encoding (as a GGUF checkpoint stores them, dequantised
+    /// block by block), the rest bf16 (bf16 compute).
+    Gguf(GgufType),
 }
 
 impl WeightFormat {
@@ -30,19 +37,50 @@ impl WeightFormat {
             "bf16" => Ok(Self::Bf16),
             "f32" => Ok(Self::F32),
             "fp8" => Ok(Self::Fp8),
-            other => Err(invalid!(
-                "--weights: `{other}` is not one of bf16, f32, fp8 (GGUF files are dequantised to \
-                 bf16 on load today, so plan them as bf16)"
-            )),
+            other => GgufType::quantized_from_name(other)
+                .map(Self::Gguf)
+                .ok_or_else(|| {
+                    let gguf: Vec<&str> = GgufType::QUANTIZED.iter().map(|t| t.name()).collect();
+                    invalid!(
+                        "--weights: `{other}` is not one of bf16, f32, fp8, {} (the GGUF block \
+                         formats: the transformer's block linears stay quantised on the GPU, as \
+                         a GGUF file of that type stores them)",
+                        gguf.join(", ")
+                    )
+                }),
+        }
+    }
+
+    /// The `--weights` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bf16",
+            Self::F32 => "f32",
+            Self::Fp8 => "fp8",
+            Self::Gguf(t) => t.name(),
         }
     }
 
     /// Bytes of an activation (and of a dense weight) element.
     fn bytes(self) -> u64 {
         match self {
-            Self::Bf16 | Self::Fp8 => 2,
+            Self::Bf16 | Self::Fp8 | Self::Gguf(_) => 2,
             Self::F32 => 4,
         }
+    }
+}
+
+/// `--vae-dtype auto|bf16|f32` -> whether the VAE runs in bf16. `auto` is bf16 on a GPU and f32 on
+/// the CPU (where bf16 convolutions are slow and save nothing that matters).
+pub fn vae_bf16(flag: &str, value: &str, on_gpu: bool) -> Result<bool> {
+    match value {
+        "auto" => Ok(on_gpu),
+        "f32" => Ok(false),
+        "bf16" if on_gpu => Ok(true),
+        "bf16" => Err(invalid!(
+            "{flag}: bf16 runs on a GPU only; on the CPU the VAE runs in f32 (use auto or f32)"
+        )),
+        other => Err(invalid!("{flag}: `{other}` is not one of auto, bf16, f32")),
     }
 }
 
@@ -148,6 +186,12 @@ pub struct PlanRequest {
     pub offload: Option<Offload>,
     /// Blocks uploaded ahead when streaming.
     pub prefetch: usize,
+    /// The transformer's weights measured from its checkpoint (a GGUF file, whose block types
+    /// may be mixed; see [`DitWeights::of_layout`]); `None`: computed from the preset's shapes
+    /// stored as `weights`.
+    pub dit_weights: Option<DitWeights>,
+    /// The VAE runs in bf16 (GPU default) rather than f32.
+    pub vae_bf16: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -191,43 +235,196 @@ fn params(shapes: &[(String, Vec<usize>)]) -> u64 {
 
 /// A transformer block's linear weight (`blocks.N.attn1.to_q.weight`, `...ffn.net.2.weight`): what
 /// FP8 stores in one byte per value.
-fn is_block_linear(name: &str, shape: &[usize]) -> bool {
+pub fn is_block_linear(name: &str, shape: &[usize]) -> bool {
     name.starts_with("blocks.")
         && name.ends_with(".weight")
         && shape.len() == 2
         && (name.contains(".attn") || name.contains(".ffn."))
 }
 
+/// Bytes of a dense tensor of `shape` stored the way `format` stores `name`.
+fn stored_bytes(name: &str, shape: &[usize], format: WeightFormat) -> u64 {
+    let n = shape.iter().product::<usize>() as u64;
+    match format {
+        // One f32 scale per output channel beside the FP8 values.
+        WeightFormat::Fp8 if is_block_linear(name, shape) => n + 4 * shape[0] as u64,
+        // Whole blocks per row (every Wan row length is a multiple of 256).
+        WeightFormat::Gguf(ty) if is_block_linear(name, shape) => {
+            let (block_elems, block_bytes) = ty.block();
+            let cols = *shape.last().unwrap_or(&1);
+            (n / cols as u64) * cols.div_ceil(block_elems) as u64 * block_bytes as u64
+        }
+        _ => n * format.bytes(),
+    }
+}
+
 /// Bytes of one transformer's weights and of one of its blocks, stored as `format`.
 pub fn dit_weight_bytes(cfg: &DitConfig, format: WeightFormat) -> (u64, u64) {
-    let bytes = |name: &str, shape: &[usize]| -> u64 {
-        let n = shape.iter().product::<usize>() as u64;
-        match format {
-            // One f32 scale per output channel beside the FP8 values.
-            WeightFormat::Fp8 if is_block_linear(name, shape) => n + 4 * shape[0] as u64,
-            _ => n * format.bytes(),
-        }
-    };
     let shapes = crate::dit::model::weight_shapes(cfg);
-    let total = shapes.iter().map(|(n, s)| bytes(n, s)).sum();
+    let total = shapes.iter().map(|(n, s)| stored_bytes(n, s, format)).sum();
     let block = shapes
         .iter()
         .filter(|(n, _)| n.starts_with("blocks.0."))
-        .map(|(n, s)| bytes(n, s))
+        .map(|(n, s)| stored_bytes(n, s, format))
         .sum();
     (total, block)
 }
 
-/// FP8: the two FFN weights of a block dequantised to bf16 for its matmuls (held across the FFN's
-/// token chunks; the GPU kernel writes bf16 directly, no f32 copy).
-fn fp8_dequantize_workspace(cfg: &DitConfig) -> u64 {
-    let mut sizes: Vec<u64> = crate::dit::model::weight_shapes(cfg)
+/// How a block linear is dequantised for use (the device memory it takes meanwhile).
+#[derive(Clone, Copy, PartialEq)]
+enum Dequant {
+    /// Our FP8 kernel writes the activation dtype directly.
+    Fp8,
+    /// candle's GGML kernels write f32, which is then cast to the activation dtype.
+    Gguf,
+}
+
+/// Peak transient memory of per-use dequantisation (see `dit::model`): the block's two FFN
+/// weights are held in the activation dtype (`elem` bytes) across its token chunks, the second
+/// made while the first is held; a GGUF weight also has its f32 copy alive until the cast (none
+/// when the activations are f32). `linears`: elements of every per-use-dequantised block linear.
+fn dequantize_workspace(linears: &[(u64, Dequant)], elem: u64) -> u64 {
+    let mut sorted = linears.to_vec();
+    sorted.sort_by_key(|&(n, _)| std::cmp::Reverse(n));
+    let pair: u64 = sorted.iter().take(2).map(|&(n, _)| n * elem).sum();
+    let f32_copy = sorted
         .iter()
-        .filter(|(n, s)| is_block_linear(n, s))
-        .map(|(_, s)| s.iter().product::<usize>() as u64 * 2)
-        .collect();
-    sizes.sort_unstable();
-    sizes.iter().rev().take(2).sum()
+        .find(|&&(_, kind)| kind == Dequant::Gguf)
+        .filter(|_| elem != 4)
+        .map_or(0, |&(n, _)| 4 * n);
+    pair + f32_copy
+}
+
+/// One transformer's weight bytes as this engine holds them on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DitWeights {
+    /// Every tensor.
+    pub total: u64,
+    /// The largest transformer block (streaming moves whole blocks).
+    pub largest_block: u64,
+    /// Everything outside the blocks (stays on the device when streaming).
+    pub non_block: u64,
+    /// Transient memory of per-use dequantisation at the DiT's peak (FP8, GGUF; 0 for dense).
+    pub dequantize_workspace: u64,
+}
+
+impl DitWeights {
+    /// From the configuration's shapes, stored as `format`.
+    pub fn of_config(cfg: &DitConfig, format: WeightFormat) -> Self {
+        let (total, block) = dit_weight_bytes(cfg, format);
+        let kind = match format {
+            WeightFormat::Fp8 => Some(Dequant::Fp8),
+            WeightFormat::Gguf(_) => Some(Dequant::Gguf),
+            WeightFormat::Bf16 | WeightFormat::F32 => None,
+        };
+        let linears: Vec<(u64, Dequant)> = kind
+            .map(|kind| {
+                crate::dit::model::weight_shapes(cfg)
+                    .iter()
+                    .filter(|(n, s)| n.starts_with("blocks.0.") && is_block_linear(n, s))
+                    .map(|(_, s)| (s.iter().product::<usize>() as u64, kind))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            total,
+            largest_block: block,
+            non_block: total - block * cfg.num_layers as u64,
+            dequantize_workspace: dequantize_workspace(&linears, format.bytes()),
+        }
+    }
+
+    /// Measured from a GGUF checkpoint's tensor table: block linears stored block-quantised at
+    /// their stored size (the loader keeps them so), every other tensor as `format` stores it
+    /// (dense in the compute dtype, or FP8 for a dense block linear with `fp8`). `None` for other
+    /// formats, whose bytes follow from the shapes ([`of_config`](Self::of_config)).
+    pub fn of_checkpoint(path: &Path, format: WeightFormat) -> Result<Option<Self>> {
+        let is_gguf = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        if !is_gguf || !path.is_file() {
+            return Ok(None);
+        }
+        use crate::weights::TensorSource;
+        let source = crate::weights::gguf::GgufSource::open(path)?;
+        let keys = source.keys();
+        let layout = crate::dit::keys::detect_layout(&keys);
+        // A dense tensor is held in the compute dtype whatever the file stores.
+        let dense = match format {
+            WeightFormat::Gguf(_) => WeightFormat::Bf16,
+            other => other,
+        };
+        let mut total = 0u64;
+        let mut blocks: std::collections::BTreeMap<usize, u64> = Default::default();
+        let mut linears = Vec::new();
+        for key in &keys {
+            let name = crate::dit::keys::canonical_name(key, layout);
+            let info = source
+                .tensor_info(key)
+                .expect("keys come from the tensor table");
+            let shape = &info.shape;
+            let quantized = info.ggml_type.is_quantized() && is_block_linear(&name, shape);
+            let bytes = if quantized {
+                info.data_len() as u64
+            } else {
+                stored_bytes(&name, shape, dense)
+            };
+            let n = shape.iter().product::<usize>() as u64;
+            if quantized {
+                linears.push((n, Dequant::Gguf));
+            } else if dense == WeightFormat::Fp8 && is_block_linear(&name, shape) {
+                linears.push((n, Dequant::Fp8));
+            }
+            total += bytes;
+            let block = name
+                .strip_prefix("blocks.")
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok());
+            if let Some(i) = block {
+                *blocks.entry(i).or_default() += bytes;
+            }
+        }
+        let in_blocks: u64 = blocks.values().sum();
+        Ok(Some(Self {
+            total,
+            largest_block: blocks.values().copied().max().unwrap_or(0),
+            non_block: total - in_blocks,
+            dequantize_workspace: dequantize_workspace(&linears, dense.bytes()),
+        }))
+    }
+
+    /// The weights of a model folder's transformer(s) when a checkpoint is a GGUF file (measured;
+    /// the larger of two experts, each expert counted at that size), `None` when every
+    /// checkpoint's bytes follow from `cfg`'s shapes.
+    pub fn of_layout(
+        dit: &Path,
+        dit_2: Option<&Path>,
+        cfg: &DitConfig,
+        format: WeightFormat,
+    ) -> Result<Option<Self>> {
+        let first = Self::of_checkpoint(dit, format)?;
+        let second = match dit_2 {
+            Some(p) => Self::of_checkpoint(p, format)?,
+            None => None,
+        };
+        if first.is_none() && second.is_none() {
+            return Ok(None);
+        }
+        let computed = Self::of_config(cfg, format);
+        let a = first.unwrap_or(computed);
+        let b = if dit_2.is_some() {
+            second.unwrap_or(computed)
+        } else {
+            a
+        };
+        Ok(Some(Self {
+            total: a.total.max(b.total),
+            largest_block: a.largest_block.max(b.largest_block),
+            non_block: a.non_block.max(b.non_block),
+            dequantize_workspace: a.dequantize_workspace.max(b.dequantize_workspace),
+        }))
+    }
 }
 
 pub fn dit_params(cfg: &DitConfig) -> u64 {
@@ -302,7 +499,7 @@ pub fn context_kv_per_block(p: &ModelPreset, passes: usize, elem: u64) -> u64 {
     (passes * 2 * 512 * p.dit.dim) as u64 * elem
 }
 
-/// VAE decode working set (f32) for the whole frame or one tile, plus the decoded video when it
+/// VAE decode working set (`elem`-byte values) for the whole frame or one tile, plus the decoded video when it
 /// stays on the GPU (plain decode).
 pub fn vae_decode_activations(
     cfg: &VaeConfig,
@@ -352,22 +549,25 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
     let elem = req.weights.bytes();
     let cfg = dit_config(p);
     let experts = if p.has_experts() { 2 } else { 1 };
-    let (dit_w, block_w) = dit_weight_bytes(&cfg, req.weights);
+    let weights = req
+        .dit_weights
+        .unwrap_or_else(|| DitWeights::of_config(&cfg, req.weights));
+    let (dit_w, block_w) = (weights.total, weights.largest_block);
     let text_w = text_params(&Umt5Config::umt5_xxl()) * 2;
     let vae_cfg = vae_config(p.vae);
+    let vae_elem = if req.vae_bf16 { 2 } else { 4 };
     let vae_w = WanVae::expected_weights(&vae_cfg)
-        .map(|s| params(&s) * 4)
+        .map(|s| params(&s) * vae_elem)
         .unwrap_or(0);
     let tokens = dit_tokens(p, req.width, req.height, req.frames);
     let passes = if req.cfg { 2 } else { 1 };
-    let mut dit_act = dit_activations(p, tokens, passes, elem, p.name == "wan2.2-ti2v-5b");
-    if req.weights == WeightFormat::Fp8 {
-        dit_act += fp8_dequantize_workspace(&cfg);
-    }
+    let mut dit_act = dit_activations(p, tokens, passes, elem, p.name == "wan2.2-ti2v-5b")
+        + weights.dequantize_workspace;
     let text_act = (coeff::TEXT_PER_TOKEN * 512.0) as u64;
     let tiled =
         matches!(mode, Offload::Aggressive | Offload::Stream) || req.width * req.height > 512 * 512;
-    let vae_act = vae_decode_activations(&vae_cfg, req.width, req.height, req.frames, tiled, 4);
+    let vae_act =
+        vae_decode_activations(&vae_cfg, req.width, req.height, req.frames, tiled, vae_elem);
     let all_dits = dit_w * experts;
     let mut resident_blocks = None;
     let (text_gpu, dits_gpu_during_denoise, others_during_decode, dit_host): (u64, u64, u64, u64) =
@@ -379,7 +579,7 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
             // is freed: no host copy.
             Offload::CondDiffusion | Offload::Aggressive => (text_w, dit_w, 0, 0),
             Offload::Stream => {
-                let non_block = dit_w - block_w * cfg.num_layers as u64;
+                let non_block = weights.non_block;
                 // `prefetch` uploads queued and the block computing, plus the block just finished:
                 // its memory returns to the pool on the compute stream, which the copy stream
                 // cannot reuse until the streams meet (measured: 4.38 GiB peak at a 4 GiB budget
@@ -615,6 +815,8 @@ mod tests {
             host_budget: None,
             offload: None,
             prefetch: 1,
+            dit_weights: None,
+            vae_bf16: true,
         }
     }
 
@@ -664,6 +866,60 @@ mod tests {
         fixed.frames = frames;
         assert!(plan(&fixed).fits, "{s}");
         assert!((frames - 1).is_multiple_of(4) && frames < 81);
+    }
+
+    /// GGUF formats count the GGML block bytes for every block linear and bf16 for the rest; a
+    /// smaller format lets a budget keep more blocks resident.
+    #[test]
+    fn gguf_formats_count_block_bytes() {
+        let cfg = dit_config(known_model("wan2.2-t2v-a14b").unwrap());
+        let shapes = crate::dit::model::weight_shapes(&cfg);
+        let linear_values: u64 = shapes
+            .iter()
+            .filter(|(n, s)| is_block_linear(n, s))
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum();
+        let (bf16, bf16_block) = dit_weight_bytes(&cfg, WeightFormat::Bf16);
+        let mut resident = Vec::new();
+        // bytes per block of 32 (K-quants: per 256 / 8)
+        for (name, per_32) in [
+            ("q8_0", 34.0),
+            ("q6_k", 210.0 / 8.0),
+            ("q5_k", 176.0 / 8.0),
+            ("q4_k", 144.0 / 8.0),
+            ("q4_0", 18.0),
+        ] {
+            let format = WeightFormat::parse(name).unwrap();
+            assert_eq!(format.name(), name);
+            let (total, block) = dit_weight_bytes(&cfg, format);
+            let expected = bf16 - 2 * linear_values + (linear_values as f64 * per_32 / 32.0) as u64;
+            assert_eq!(total, expected, "{name}");
+            assert!(block < bf16_block, "{name}");
+            let w = DitWeights::of_config(&cfg, format);
+            assert_eq!(w.non_block, total - block * cfg.num_layers as u64);
+            // the FFN pair in bf16 plus the f32 copy of one (13824 x 5120 each)
+            assert_eq!(w.dequantize_workspace, (2 + 2 + 4) * 13824 * 5120, "{name}");
+            println!(
+                "A14B expert {name}: {:.2} GiB (bf16 {:.2} GiB)",
+                total as f64 / GIB,
+                bf16 as f64 / GIB
+            );
+            let mut r = req("wan2.2-t2v-a14b", 832, 480, 81, Some(12.0));
+            r.weights = format;
+            r.offload = Some(Offload::Stream);
+            let plan = plan(&r);
+            assert!(plan.fits, "{name}: {plan:?}");
+            resident.push(plan.resident_blocks.unwrap());
+        }
+        // q8_0 .. q4_0 shrink, so the resident blocks grow
+        assert!(resident.windows(2).all(|w| w[0] <= w[1]), "{resident:?}");
+        assert!(resident[0] < resident[4], "{resident:?}");
+        let err = WeightFormat::parse("q9_9").unwrap_err().to_string();
+        assert!(
+            err.contains("--weights") && err.contains("q8_0") && err.contains("q4_k"),
+            "{err}"
+        );
+        assert!(!err.contains("dequantised to"), "{err}");
     }
 
     #[test]

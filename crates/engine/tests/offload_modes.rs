@@ -89,6 +89,7 @@ fn placement(offload: Offload, resident_blocks: usize, prefetch: usize) -> Place
         },
         text_on_cpu: false,
         fp8_linears: false,
+        vae_bf16: true,
     }
 }
 

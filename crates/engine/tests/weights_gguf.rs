@@ -192,3 +192,53 @@ fn unsupported_block_type_names_the_tensor() {
         "{err}"
     );
 }
+
+/// Our writer reproduces the gguf-py fixture: the same metadata, shapes, types and stored bytes
+/// (quantised blocks included) read back.
+#[test]
+fn writer_round_trips_the_fixture() {
+    use vidgen_engine::weights::gguf::{write, GgufTensorOut};
+    let g = tiny();
+    let metadata: Vec<(&str, GgufValue)> = g
+        .metadata()
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.alignment")
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    let tensors: Vec<GgufTensorOut> = g
+        .keys()
+        .iter()
+        .map(|key| {
+            let info = g.tensor_info(key).unwrap();
+            GgufTensorOut {
+                name: key.clone(),
+                ggml_type: info.ggml_type,
+                shape: info.shape.clone(),
+                data: raw_bytes(&g, key),
+            }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rewritten.gguf");
+    write(&path, &metadata, &tensors).unwrap();
+    let back = GgufSource::open(&path).unwrap();
+    assert_eq!(back.version(), 3);
+    for (k, v) in &metadata {
+        assert_eq!(&back.metadata()[*k], v, "{k}");
+    }
+    assert_eq!(back.keys(), g.keys());
+    let file = std::fs::read(&path).unwrap();
+    for t in &tensors {
+        let info = back.tensor_info(&t.name).unwrap();
+        assert_eq!((info.ggml_type, &info.shape), (t.ggml_type, &t.shape));
+        let stored = &file[info.data_offset()..info.data_offset() + info.data_len()];
+        assert_eq!(stored, t.data.as_slice(), "{}", t.name);
+    }
+    // A wrong byte count is refused by name.
+    let mut bad = tensors[0].clone();
+    bad.data.pop();
+    let err = write(&dir.path().join("bad.gguf"), &[], &[bad.clone()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&bad.name), "{err}");
+}

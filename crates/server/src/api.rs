@@ -21,7 +21,7 @@ use vidgen_engine::pipeline::{GenerateRequest, ResolvedRequest, Task};
 
 use crate::error::ApiError;
 use crate::forms::{read_form, Form, Kind};
-use crate::protocol::{codes, JobSettings, OutputFormat};
+use crate::protocol::{codes, JobSettings, OutputFormat, VaeDtype, Weights};
 use crate::state::{is_job_id, new_job_id, AppState, Metrics, ModelSlot, StopReason};
 use crate::store::{JobRow, Status};
 use crate::uploads::{decode_data_url, sanitize_image};
@@ -142,8 +142,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Models
 
-fn model_json(m: &ModelSlot) -> Value {
+/// `cpu_workers`: the server's workers run on the CPU, where `vae_dtype: bf16` is refused (so it is
+/// not offered).
+fn model_json(m: &ModelSlot, cpu_workers: bool) -> Value {
     let i = &m.info;
+    let vae_dtypes: Vec<&str> = VaeDtype::NAMES
+        .into_iter()
+        .filter(|d| !(cpu_workers && *d == "bf16"))
+        .collect();
     let sizes: Vec<String> = i.sizes.iter().map(|(w, h)| format!("{w}x{h}")).collect();
     json!({
         "id": m.name,
@@ -178,11 +184,19 @@ fn model_json(m: &ModelSlot) -> Value {
         "max_prompt_chars": i.max_prompt_chars,
         "output_formats": ["mp4", "webm"],
         "offload": {"default": "auto", "values": Offload::NAMES},
+        "weights": {"default": Weights::default().name(), "values": Weights::NAMES},
+        "vae_dtype": {"default": VaeDtype::default().name(), "values": vae_dtypes},
     })
 }
 
 async fn list_models(State(state): St) -> Json<Value> {
-    let data: Vec<Value> = state.env.models.iter().map(model_json).collect();
+    let cpu = state.config.queue.workers_on_cpu();
+    let data: Vec<Value> = state
+        .env
+        .models
+        .iter()
+        .map(|m| model_json(m, cpu))
+        .collect();
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -252,6 +266,8 @@ pub fn video_object(state: &AppState, row: &JobRow) -> Value {
         "scheduler": r.scheduler,
         "output_format": row.settings.output_format,
         "offload": row.settings.offload.as_deref().unwrap_or("auto"),
+        "weights": row.settings.weights.name(),
+        "vae_dtype": row.settings.vae_dtype.name(),
         "has_image": r.image.is_some(),
         "notes": row.settings.notes,
         "warnings": row.output.as_ref().map(|o| o.warnings.clone()).unwrap_or_default(),
@@ -295,6 +311,8 @@ const CREATE_FIELDS: &[(&str, Kind)] = &[
     ("seed", Kind::U53),
     ("output_format", Kind::Str),
     ("offload", Kind::Str),
+    ("weights", Kind::Str),
+    ("vae_dtype", Kind::Str),
 ];
 
 /// Typed view of a normalised create form.
@@ -319,6 +337,8 @@ struct CreateBody {
     seed: Option<u64>,
     output_format: Option<String>,
     offload: Option<String>,
+    weights: Option<String>,
+    vae_dtype: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -378,6 +398,49 @@ fn offload_mode(v: Option<&str>) -> AppResult<Option<String>> {
     }
 }
 
+/// `weights`: the transformer weight format (`bf16` when absent).
+fn weights_format(v: Option<&str>) -> AppResult<Weights> {
+    match v {
+        None => Ok(Weights::default()),
+        Some(s) => Weights::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "weights: `{s}` is not one of {}",
+                Weights::NAMES.join(", ")
+            ))
+        }),
+    }
+}
+
+/// `vae_dtype`: the VAE precision (`auto` when absent). Whether it suits the workers' device is
+/// checked in [`submit`], for remixes and extensions too.
+fn vae_dtype(v: Option<&str>) -> AppResult<VaeDtype> {
+    match v {
+        None => Ok(VaeDtype::default()),
+        Some(s) => VaeDtype::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "vae_dtype: `{s}` is not one of {}",
+                VaeDtype::NAMES.join(", ")
+            ))
+        }),
+    }
+}
+
+/// `vae_dtype: bf16` needs a GPU: on a server whose workers run on the CPU it is refused here
+/// rather than failing in the worker.
+fn check_vae_dtype(state: &AppState, dtype: VaeDtype) -> AppResult<()> {
+    if dtype == VaeDtype::Bf16 && state.config.queue.workers_on_cpu() {
+        let why = match &state.config.queue.device {
+            Some(d) => format!("queue.device = {d}"),
+            None => "vidgen was built without CUDA".to_string(),
+        };
+        return Err(ApiError::invalid(format!(
+            "vae_dtype: bf16 runs on a GPU only, and this server's workers run on the CPU \
+             ({why}), where the VAE runs in f32; use auto or f32"
+        )));
+    }
+    Ok(())
+}
+
 fn pick_model<'a>(state: &'a AppState, name: Option<&str>) -> AppResult<&'a ModelSlot> {
     match name {
         None => Ok(&state.env.models[0]),
@@ -407,6 +470,8 @@ struct Submission<'a> {
     image: ImageSource,
     output_format: OutputFormat,
     offload: Option<String>,
+    weights: Weights,
+    vae_dtype: VaeDtype,
     remixed_from: Option<String>,
     extend_from: Option<String>,
 }
@@ -482,6 +547,8 @@ async fn create_video(State(state): St, req: Request) -> AppResult<Response> {
         image,
         output_format: output_format(body.output_format.as_deref())?,
         offload: offload_mode(body.offload.as_deref())?,
+        weights: weights_format(body.weights.as_deref())?,
+        vae_dtype: vae_dtype(body.vae_dtype.as_deref())?,
         remixed_from: None,
         extend_from: None,
     };
@@ -532,6 +599,7 @@ fn queue_full(state: &AppState) -> ApiError {
 
 /// Validates (the model's own rules), stores the image, and queues the job.
 async fn submit(state: &Arc<AppState>, mut sub: Submission<'_>) -> AppResult<JobRow> {
+    check_vae_dtype(state, sub.vae_dtype)?;
     let has_image = !matches!(sub.image, ImageSource::None);
     // `resolve` only needs to know an image is present; its real path is decided below.
     sub.request.image = has_image.then(|| "input.png".into());
@@ -572,6 +640,8 @@ async fn submit(state: &Arc<AppState>, mut sub: Submission<'_>) -> AppResult<Job
         extend_from: sub.extend_from,
         notes: resolved.notes.clone(),
         offload: sub.offload,
+        weights: sub.weights,
+        vae_dtype: sub.vae_dtype,
     };
     let inserted = state
         .store
@@ -629,6 +699,8 @@ async fn remix_video(
         image,
         output_format: source.settings.output_format,
         offload: source.settings.offload.clone(),
+        weights: source.settings.weights,
+        vae_dtype: source.settings.vae_dtype,
         remixed_from: Some(id),
         extend_from: None,
     };
@@ -695,6 +767,8 @@ async fn extend_video(State(state): St, req: Request) -> AppResult<Response> {
         image: ImageSource::Worker,
         output_format: source.settings.output_format,
         offload: source.settings.offload.clone(),
+        weights: source.settings.weights,
+        vae_dtype: source.settings.vae_dtype,
         remixed_from: None,
         extend_from: Some(source_id.to_string()),
     };

@@ -112,6 +112,19 @@ impl Default for QueueConfig {
     }
 }
 
+impl QueueConfig {
+    /// Whether the workers compute on the CPU: `device = "cpu"`, or no device in a build without
+    /// CUDA (the worker's default is the GPU only when vidgen was built with CUDA). Requests that
+    /// need a GPU (`vae_dtype: bf16`) are refused up front on such a server.
+    pub fn workers_on_cpu(&self) -> bool {
+        match self.device.as_deref() {
+            Some(d) => d == "cpu",
+            // candle's `cuda` feature is on exactly when vidgen-engine's (hence vidgen's) is.
+            None => !candle_core::utils::cuda_is_available(),
+        }
+    }
+}
+
 impl Config {
     /// Reads a TOML file; relative `data_dir` and model paths are taken from the file's folder.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
@@ -272,6 +285,23 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn workers_on_cpu_follows_queue_device_then_the_build() {
+        let on = |d: &str| {
+            toml::from_str::<Config>(&format!("[queue]\ndevice = '{d}'"))
+                .unwrap()
+                .queue
+                .workers_on_cpu()
+        };
+        assert!(on("cpu"));
+        assert!(!on("cuda"));
+        assert!(!on("cuda:1"));
+        assert_eq!(
+            QueueConfig::default().workers_on_cpu(),
+            !candle_core::utils::cuda_is_available()
+        );
     }
 
     #[test]

@@ -367,6 +367,8 @@ fn prepare(state: &AppState, job: &JobRow) -> anyhow::Result<(WorkerJob, PathBuf
         cancel_file,
         extend_from,
         offload: job.settings.offload.clone(),
+        weights: job.settings.weights,
+        vae_dtype: job.settings.vae_dtype,
         device: state.config.queue.device.clone(),
     };
     let file = dir.join("job.json");

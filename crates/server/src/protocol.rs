@@ -43,6 +43,70 @@ impl OutputFormat {
     }
 }
 
+/// Transformer weight format asked for (`vidgen generate --weights`). A GGUF checkpoint keeps its
+/// block-quantised linears whatever this says (FP8 applies only to linears it stores unquantised).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Weights {
+    /// bf16 on a GPU (f32 on the CPU).
+    #[default]
+    Bf16,
+    /// Transformer block linears in FP8 e4m3 with per-channel scales: half the weight memory.
+    Fp8,
+}
+
+impl Weights {
+    pub const NAMES: [&'static str; 2] = ["bf16", "fp8"];
+
+    pub fn parse(s: &str) -> Option<Weights> {
+        match s {
+            "bf16" => Some(Weights::Bf16),
+            "fp8" => Some(Weights::Fp8),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Weights::Bf16 => "bf16",
+            Weights::Fp8 => "fp8",
+        }
+    }
+}
+
+/// VAE precision asked for (`vidgen generate --vae-dtype`): `auto` is bf16 on a GPU and f32 on
+/// the CPU; `bf16` needs a GPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VaeDtype {
+    #[default]
+    Auto,
+    Bf16,
+    F32,
+}
+
+impl VaeDtype {
+    pub const NAMES: [&'static str; 3] = ["auto", "bf16", "f32"];
+
+    pub fn parse(s: &str) -> Option<VaeDtype> {
+        match s {
+            "auto" => Some(VaeDtype::Auto),
+            "bf16" => Some(VaeDtype::Bf16),
+            "f32" => Some(VaeDtype::F32),
+            _ => None,
+        }
+    }
+
+    /// The value as `vidgen generate --vae-dtype` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            VaeDtype::Auto => "auto",
+            VaeDtype::Bf16 => "bf16",
+            VaeDtype::F32 => "f32",
+        }
+    }
+}
+
 /// A job's settings as stored in the database: every value decided at submission (seed included),
 /// so the worker makes exactly what the API reported, and a restart or remix repeats it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +127,12 @@ pub struct JobSettings {
     /// `None` lets the worker's planner choose from the free GPU memory.
     #[serde(default)]
     pub offload: Option<String>,
+    /// Transformer weight format (absent in rows stored before it existed: bf16).
+    #[serde(default)]
+    pub weights: Weights,
+    /// VAE precision (absent in rows stored before it existed: auto).
+    #[serde(default)]
+    pub vae_dtype: VaeDtype,
 }
 
 /// The job file handed to a worker (absolute paths, all inside the job's folder).
@@ -85,6 +155,12 @@ pub struct WorkerJob {
     /// Placement mode (see [`JobSettings::offload`]).
     #[serde(default)]
     pub offload: Option<String>,
+    /// Transformer weight format (see [`JobSettings::weights`]).
+    #[serde(default)]
+    pub weights: Weights,
+    /// VAE precision (see [`JobSettings::vae_dtype`]).
+    #[serde(default)]
+    pub vae_dtype: VaeDtype,
     /// Device to run on (`cpu`, `cuda`, `cuda:N`); `None`: the build's default (the GPU when
     /// built with CUDA).
     #[serde(default)]
@@ -143,6 +219,34 @@ pub mod codes {
 mod tests {
     use super::*;
     use vidgen_engine::pipeline::Stage;
+
+    #[test]
+    fn settings_stored_before_weights_and_vae_dtype_still_load() {
+        let old = r#"{"model": "demo", "request": {"prompt": "p"}, "output_format": "mp4",
+            "offload": "cond"}"#;
+        let s: JobSettings = serde_json::from_str(old).unwrap();
+        assert_eq!((s.weights, s.vae_dtype), (Weights::Bf16, VaeDtype::Auto));
+        assert_eq!(s.offload.as_deref(), Some("cond"));
+        let new = JobSettings {
+            weights: Weights::Fp8,
+            vae_dtype: VaeDtype::F32,
+            ..s
+        };
+        let text = serde_json::to_string(&new).unwrap();
+        assert!(
+            text.contains(r#""weights":"fp8""#) && text.contains(r#""vae_dtype":"f32""#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<JobSettings>(&text).unwrap(), new);
+        for name in Weights::NAMES {
+            assert_eq!(Weights::parse(name).unwrap().name(), name);
+        }
+        for name in VaeDtype::NAMES {
+            assert_eq!(VaeDtype::parse(name).unwrap().name(), name);
+        }
+        assert_eq!(Weights::parse("fp16"), None);
+        assert_eq!(VaeDtype::parse("F32"), None);
+    }
 
     #[test]
     fn worker_lines_round_trip() {

@@ -1,7 +1,8 @@
-//! The fused attention kernel (kernels/attention.cu): bf16, head_dim 128, on CUDA. Inputs in the
-//! projections' layout [B, L, H, 128] (any token stride, head dim contiguous); output
-//! [B, Lq, H, 128] contiguous. [`supported`] says when it applies; otherwise callers use the
-//! chunked attention.
+//! Fused attention on CUDA: bf16, head_dim 128. Inputs in the projections' layout [B, L, H, 128]
+//! (any token stride, head dim contiguous); output [B, Lq, H, 128] contiguous. Two kernels: cuDNN's
+//! fused flash attention ([`super::cudnn_attention`], preferred: fastest on Hopper) and our own
+//! (kernels/attention.cu), used where cuDNN has no plan or when `VIDGEN_ATTENTION=own`.
+//! [`supported`] says when either applies; otherwise callers use the chunked attention.
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -23,8 +24,64 @@ pub fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && q.dim(0).ok() == k.dim(0).ok()
 }
 
-/// softmax(q·kᵀ/√128)·v; see the module docs for layouts.
+/// The fused attention kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Cudnn,
+    Own,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Cudnn => "cudnn",
+            Kernel::Own => "flash",
+        }
+    }
+}
+
+/// The kernel tried first: `VIDGEN_ATTENTION=own|cudnn` (default cudnn), read once.
+pub fn preferred() -> Result<Kernel> {
+    static CHOICE: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+    let choice = CHOICE.get_or_init(|| match std::env::var("VIDGEN_ATTENTION").as_deref() {
+        Err(_) | Ok("") | Ok("cudnn") => Some(Kernel::Cudnn),
+        Ok("own") => Some(Kernel::Own),
+        Ok(_) => None,
+    });
+    choice.ok_or_else(|| {
+        crate::invalid!(
+            "VIDGEN_ATTENTION: `{}` is not one of cudnn, own",
+            std::env::var("VIDGEN_ATTENTION").unwrap_or_default()
+        )
+    })
+}
+
+/// softmax(q·kᵀ/√128)·v with the preferred kernel (cuDNN falls back to ours for shapes it cannot
+/// plan); see the module docs for layouts.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if preferred()? == Kernel::Cudnn {
+        if let Some(out) = attention_with(Kernel::Cudnn, q, k, v)? {
+            return Ok(out);
+        }
+    }
+    own_attention(q, k, v)
+}
+
+/// One kernel explicitly (benchmarks compare them): `None` when cuDNN has no plan for the inputs.
+pub fn attention_with(
+    kernel: Kernel,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<Option<Tensor>> {
+    match kernel {
+        Kernel::Cudnn if supported(q, k, v) => super::cudnn_attention::attention(q, k, v),
+        Kernel::Cudnn => Ok(None),
+        Kernel::Own => own_attention(q, k, v).map(Some),
+    }
+}
+
+fn own_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     anyhow::ensure!(
         supported(q, k, v),
         "fused attention: unsupported inputs q {:?} {:?}, k {:?}, v {:?} (needs CUDA, bf16, head_dim 128)",

@@ -6,6 +6,7 @@
 //! - [`model`]: the transformer, with per-request text context (cross-attention K/V) caching.
 
 pub mod config;
+pub mod cudnn_attention;
 pub mod flash;
 pub mod fused;
 pub mod keys;
@@ -31,8 +32,9 @@ use crate::weights::WeightMap;
 /// Opens a transformer checkpoint as a weight map with canonical names, plus its config file if
 /// there is one. `path`: a folder (`config.json` + safetensors, sharded or not — diffusers
 /// `transformer/`, or an official model folder), or a single file: `.safetensors` (ComfyUI
-/// repack, also scaled-fp8) or `.gguf` (city96/QuantStack quantisations); the config of a single
-/// file is inferred from tensor shapes.
+/// repack, also scaled-fp8) or `.gguf` (city96/QuantStack quantisations: the map offers their
+/// block-quantised tensors quantised, and the model keeps its block linears so); the config of a
+/// single file is inferred from tensor shapes.
 pub fn open_weights(path: &Path, device: &Device, dtype: DType) -> Result<(WeightMap, DitConfig)> {
     let source = crate::weights::open_any(path, dtype)?;
     let layout = keys::detect_layout(&source.keys());
@@ -73,11 +75,14 @@ pub fn load_streamed(
     load_with(path, device, dtype, &options)
 }
 
-/// How a transformer is held in memory.
+/// How a transformer is held in memory. A GGUF checkpoint's block-quantised block linears are
+/// always kept in their encoding (dequantised per use); to dequantise them on load instead, build
+/// the model from [`open_weights`]'s map with `with_gguf_blocks(false)`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LoadOptions {
     /// Block linear weights in FP8 e4m3 with per-channel scales (half of bf16), quantised while
-    /// loading, one layer at a time on the device it loads to.
+    /// loading, one layer at a time on the device it loads to (those a GGUF file stores
+    /// block-quantised stay in their encoding).
     pub fp8_linears: bool,
     /// Blocks streamed from page-locked host memory: the checkpoint is read on the CPU, then
     /// everything but the streamed blocks moves to the device.

@@ -2,6 +2,10 @@
 //!
 //! Precision follows diffusers: matmuls in the model dtype; LayerNorms, the modulation tables and the
 //! gated residual adds in f32, cast back to the model dtype after each add.
+//!
+//! Block linears may be held quantised (FP8, or a GGUF file's block encoding): each is dequantised
+//! to the activation dtype right before its matmul and freed after it, the FFN pair once per block
+//! for all token chunks; a forward therefore holds at most one block's dequantised weights.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
@@ -17,11 +21,12 @@ use super::streaming::{self, HostBlock, StreamOptions, Uploader};
 use crate::invalid;
 use crate::profile::scope;
 use crate::weights::fp8::{Fp8Granularity, Fp8Weight};
-use crate::weights::{MemorySource, WeightMap, WeightPath};
+use crate::weights::{GgufType, GgufWeight, MemorySource, WeightMap, WeightPath};
 
-/// A transformer block's linear layer (the bulk of the weights): dense in the model dtype, or
-/// FP8 e4m3 with one f32 scale per output channel — half the memory of bf16, dequantised to the
-/// activation dtype for each call.
+/// A transformer block's linear layer (the bulk of the weights): dense in the model dtype; FP8
+/// e4m3 with one f32 scale per output channel (half the memory of bf16); or a GGUF checkpoint's
+/// block encoding as stored (Q8_0: 1.06 bytes per value, Q4_K: 0.56). The quantised forms are
+/// dequantised to the activation dtype for each call (the FFN's once per block).
 struct BlockLinear {
     weight: BlockWeight,
     bias: Tensor,
@@ -30,12 +35,15 @@ struct BlockLinear {
 enum BlockWeight {
     Dense(Tensor),
     Fp8(Fp8Weight),
+    Gguf(GgufWeight),
 }
 
 impl BlockLinear {
     /// `weight` and `bias` of `wp.{name}`. Stored FP8 (a `weight_scale` beside the weight, as
-    /// [`Self::named_tensors`] writes them for streaming) stays FP8; a dense weight is quantised
-    /// when the weight map asks for FP8 linears, on the weight's device, one layer at a time.
+    /// [`Self::named_tensors`] writes them for streaming) stays FP8; a block-quantised GGUF
+    /// weight stays in its encoding (unless the map dequantises on load); a dense weight is
+    /// quantised when the weight map asks for FP8 linears, on the weight's device, one layer at
+    /// a time.
     fn load(wp: &WeightPath, name: &str, d_in: usize, d_out: usize) -> Result<Self> {
         let p = wp.pp(name);
         let bias = p.get("bias", &[d_out])?;
@@ -44,6 +52,8 @@ impl BlockLinear {
                 p.get_as("weight", &[d_out, d_in], DType::F8E4M3)?,
                 p.get_as(FP8_SCALE, &[d_out], DType::F32)?,
             )?)
+        } else if p.quantized_type("weight").is_some() {
+            BlockWeight::Gguf(p.get_blocks("weight", &[d_out, d_in])?)
         } else if wp.map().fp8_linears() {
             let dense = p.get_as("weight", &[d_out, d_in], DType::F32)?;
             BlockWeight::Fp8(Fp8Weight::quantize(&dense, Fp8Granularity::PerChannel)?)
@@ -53,11 +63,12 @@ impl BlockLinear {
         Ok(Self { weight, bias })
     }
 
-    /// The weight in `dtype` for a matmul (FP8: dequantised now; dense: as stored).
+    /// The weight in `dtype` for a matmul (FP8, GGUF: dequantised now; dense: as stored).
     fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
         match &self.weight {
             BlockWeight::Dense(w) => Ok(w.clone()),
             BlockWeight::Fp8(q) => q.dequantize(dtype),
+            BlockWeight::Gguf(q) => q.dequantize(dtype),
         }
     }
 
@@ -68,6 +79,10 @@ impl BlockLinear {
                 out.push((format!("{name}.weight"), q.weight().clone()));
                 out.push((format!("{name}.{FP8_SCALE}"), q.scale().clone()));
             }
+            BlockWeight::Gguf(q) => out.push((
+                format!("{name}.weight{GGUF_TAG}{}", q.ggml_type().name()),
+                q.data().clone(),
+            )),
         }
         out.push((format!("{name}.bias"), self.bias.clone()));
     }
@@ -75,6 +90,11 @@ impl BlockLinear {
 
 /// Name of an FP8 block weight's per-channel scales beside `weight` (streamed blocks).
 const FP8_SCALE: &str = "weight_scale";
+
+/// A streamed block carries a GGUF weight's blocks (U8) as `{name}.weight{GGUF_TAG}{type}`, e.g.
+/// `attn1.to_q.weight#gguf:q8_0`: the upload moves plain bytes, and [`Block::from_tensors`]
+/// rebuilds the weight from the name.
+const GGUF_TAG: &str = "#gguf:";
 
 fn linear(wp: &WeightPath, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
     let p = wp.pp(name);
@@ -209,9 +229,9 @@ fn linear_gelu_with(layer: &BlockLinear, w: &Tensor, x: &Tensor) -> Result<Tenso
     })
 }
 
-/// A block linear's weight for a matmul in `dtype` (FP8: dequantised now, once per use).
+/// A block linear's weight for a matmul in `dtype` (FP8, GGUF: dequantised now, once per use).
 fn matmul_weight(layer: &BlockLinear, dtype: DType) -> Result<Tensor> {
-    scope("dit.fp8_dequantize", layer.bias.device(), || {
+    scope("dit.dequantize", layer.bias.device(), || {
         layer.dense_weight(dtype)
     })
 }
@@ -408,6 +428,15 @@ impl Block {
         Ok(out)
     }
 
+    /// Bytes of the block's weights, as held.
+    fn bytes(&self) -> Result<usize> {
+        Ok(self
+            .named_tensors()?
+            .iter()
+            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+            .sum())
+    }
+
     /// Rebuilds a block from [`named_tensors`](Self::named_tensors) output (already on its device).
     fn from_tensors(
         tensors: HashMap<String, Tensor>,
@@ -415,7 +444,22 @@ impl Block {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let source = MemorySource::new("streamed block", tensors);
+        let mut dense = HashMap::with_capacity(tensors.len());
+        let mut quantized = HashMap::new();
+        for (name, t) in tensors {
+            match name.split_once(GGUF_TAG) {
+                Some((weight, ty)) => {
+                    let ty = GgufType::quantized_from_name(ty).ok_or_else(|| {
+                        anyhow::anyhow!("streamed block: `{name}` names no GGUF block type")
+                    })?;
+                    quantized.insert(weight.to_string(), GgufWeight::from_data(ty, t)?);
+                }
+                None => {
+                    dense.insert(name, t);
+                }
+            }
+        }
+        let source = MemorySource::new("streamed block", dense).with_quantized(quantized);
         let wm = WeightMap::plain(Box::new(source), device, dtype)?;
         let block = Self::load(&wm.pp(""), cfg)?;
         wm.finish()?;
@@ -674,21 +718,38 @@ impl WanTransformer {
         Ok(())
     }
 
-    /// Bytes of one transformer block's weights (all blocks are alike).
+    /// Bytes of one transformer block's weights (the first; a GGUF file may quantise some
+    /// blocks differently).
     pub fn block_bytes(&self) -> usize {
-        let bytes = |b: &Block| -> usize {
-            b.named_tensors()
-                .map(|t| {
-                    t.iter()
-                        .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
-                        .sum()
-                })
-                .unwrap_or(0)
-        };
         match &self.blocks {
             Blocks::Streamed { host, .. } => host.first().map_or(0, HostBlock::bytes),
-            Blocks::Resident(b) => b.first().map_or(0, bytes),
+            Blocks::Resident(b) => b.first().map_or(0, |b| b.bytes().unwrap_or(0)),
         }
+    }
+
+    /// Bytes of every weight the transformer holds (streamed blocks in host memory included).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let lin = |l: &Linear| t(l.weight()) + l.bias().map_or(0, t);
+        let non_block = t(&self.patch_weight)
+            + t(&self.patch_bias)
+            + [
+                &self.time_linear_1,
+                &self.time_linear_2,
+                &self.time_proj,
+                &self.text_linear_1,
+                &self.text_linear_2,
+                &self.proj_out,
+            ]
+            .into_iter()
+            .map(lin)
+            .sum::<usize>()
+            + t(&self.scale_shift_table);
+        let blocks: usize = match &self.blocks {
+            Blocks::Resident(b) => b.iter().map(|b| b.bytes().unwrap_or(0)).sum(),
+            Blocks::Streamed { host, .. } => host.iter().map(HostBlock::bytes).sum(),
+        };
+        non_block + blocks
     }
 
     /// Bytes of block weights kept in host memory (0 when resident).

@@ -7,7 +7,8 @@
 //! block makes the compute stream wait for exactly that block. Device memory of a block is released
 //! only after the compute stream has passed it (cudarc's per-allocation events order the free on
 //! the copy stream behind the kernels that read it). On the CPU "upload" is a copy, which exercises
-//! the same code path.
+//! the same code path. Quantised weights (FP8, GGUF blocks as U8) travel as their stored bytes and
+//! are dequantised on the device when their block runs; the upload never converts anything.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -138,6 +139,16 @@ impl Uploader {
         })
     }
 
+    /// Makes the copy stream (where streamed blocks are freed) wait for all work queued on the
+    /// compute stream so far: a block dropped after this is freed only once its kernels ran.
+    pub fn release_after_compute(&self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(copy) = &self.copy {
+            copy.copy_waits_for_compute()?;
+        }
+        Ok(())
+    }
+
     /// Makes the compute stream wait until `block`'s upload has landed.
     pub fn wait_for(&self, block: &InFlight) -> Result<()> {
         #[cfg(feature = "cuda")]
@@ -167,7 +178,13 @@ pub(crate) fn for_each_streamed(
         }
         let (i, block) = queue.pop_front().expect("queue refilled above");
         uploader.wait_for(&block)?;
+        // The block's memory is freed on the copy stream. Kernels that take raw addresses (FP8
+        // dequantisation, our fused kernels) record no read of it, so hold the block until the
+        // copy stream has been told to wait for everything the compute stream has queued.
+        let held: Vec<Tensor> = block.tensors.values().cloned().collect();
         f(first_index + i, block.tensors)?;
+        uploader.release_after_compute()?;
+        drop(held);
     }
     Ok(())
 }
@@ -299,6 +316,12 @@ mod gpu {
             let mut dst = unsafe { self.stream.alloc::<T>(n)? };
             self.stream.memcpy_htod(typed, &mut dst)?;
             Ok(CudaStorage::wrap_cuda_slice(dst, self.device.clone()))
+        }
+
+        pub fn copy_waits_for_compute(&self) -> Result<()> {
+            let done = self.device.cuda_stream().record_event(None)?;
+            self.stream.wait(&done)?;
+            Ok(())
         }
 
         pub fn compute_waits(&self, ready: &Ready) -> Result<()> {

@@ -10,8 +10,8 @@
 //!   `--dit FILE [--dit-2 FILE] --vae FILE --text-encoder FILE --tokenizer FILE`. Explicit paths
 //!   also override single components of a detected folder.
 //!
-//! Only file names, `config.json` / `model_index.json` and (for single files) safetensors headers
-//! are read: detection is instant even for a 60 GB checkpoint. An incomplete folder is an
+//! Only file names, `config.json` / `model_index.json` and (for single files) safetensors or GGUF
+//! headers are read: detection is instant even for a 60 GB checkpoint. An incomplete folder is an
 //! [`InvalidInput`](crate::InvalidInput) listing what is missing and what was found.
 
 use std::fmt;
@@ -25,6 +25,7 @@ use crate::dit::keys::{canonical_name, detect_layout};
 use crate::invalid;
 use crate::pipeline::request::{ModelInfo, Task};
 use crate::presets::{self, ModelPreset, TaskKind};
+use crate::weights::gguf::GgufSource;
 use crate::weights::safetensors::resolve_files;
 use crate::weights::{SafetensorsSource, TensorSource, WeightMap};
 
@@ -747,18 +748,18 @@ fn signature_from_config(path: &Path) -> Result<DitSignature> {
     })
 }
 
-/// Signature of a single-file (or sharded) DiT from its safetensors header: `patch_embedding`
-/// gives dim and input channels, `proj_out` the output channels, the block indices the depth.
-/// Any key naming (official, Diffusers, ComfyUI prefixes) is accepted through the DiT key map.
+/// Signature of a single-file (or sharded) DiT from its safetensors or GGUF header:
+/// `patch_embedding` gives dim and input channels, `proj_out` the output channels, the block
+/// indices the depth. Any key naming (official, Diffusers, ComfyUI prefixes) is accepted through
+/// the DiT key map.
 fn signature_from_weights(path: &Path) -> Result<DitSignature> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if ext.eq_ignore_ascii_case("gguf") {
-        return Err(invalid!(
-            "--dit: {}: GGUF files are not supported; use a .safetensors DiT",
-            path.display()
-        ));
-    }
-    let source = SafetensorsSource::open(path)?;
+    // GGUF DiTs (city96 / QuantStack quantisations) keep their block linears quantised on load.
+    let source: Box<dyn TensorSource> = if ext.eq_ignore_ascii_case("gguf") && path.is_file() {
+        Box::new(GgufSource::open(path)?)
+    } else {
+        Box::new(SafetensorsSource::open(path)?)
+    };
     if source
         .keys()
         .iter()
@@ -772,7 +773,7 @@ fn signature_from_weights(path: &Path) -> Result<DitSignature> {
     }
     let layout = detect_layout(&source.keys());
     let wm = WeightMap::new(
-        Box::new(source),
+        source,
         |k| Some(canonical_name(k, layout)),
         &candle_core::Device::Cpu,
         candle_core::DType::F32,
@@ -1291,9 +1292,45 @@ mod tests {
             "{msg}"
         );
         paths.tokenizer = Some(d.join("tokenizer.json"));
+
+        // A GGUF DiT as city96 publishes them: official key names, an F32 5-D patch embedding,
+        // block-quantised block linears.
+        use crate::weights::gguf::{write, GgufTensorOut, GgufType, GgufValue};
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        let mut tensors = vec![
+            GgufTensorOut::from_tensor(
+                "patch_embedding.weight",
+                &zeros(&[1536, 16, 1, 2, 2]),
+                GgufType::F32,
+            )
+            .unwrap(),
+            GgufTensorOut::from_tensor("head.head.weight", &zeros(&[64, 1]), GgufType::F16)
+                .unwrap(),
+        ];
+        for i in 0..30 {
+            tensors.push(
+                GgufTensorOut::from_tensor(
+                    &format!("blocks.{i}.self_attn.q.weight"),
+                    &zeros(&[2, 32]),
+                    GgufType::Q8_0,
+                )
+                .unwrap(),
+            );
+        }
+        let gguf = d.join("wan2.1-t2v-1.3b-Q8_0.gguf");
+        let arch = [("general.architecture", GgufValue::String("wan".into()))];
+        write(&gguf, &arch, &tensors).unwrap();
+        paths.dit = Some(gguf);
+        let l = from_components(&paths).unwrap();
+        assert_eq!(
+            (l.variant, l.dit_signature.num_layers),
+            (Some(WanVariant::Wan21T2v1_3B), 30)
+        );
+        // Anything else named .gguf is refused as such.
         touch(&d.join("model.gguf"));
         paths.dit = Some(d.join("model.gguf"));
-        assert!(err_text(from_components(&paths)).contains("GGUF"));
+        let msg = err_text(from_components(&paths));
+        assert!(msg.contains("not a GGUF file"), "{msg}");
     }
 
     #[test]

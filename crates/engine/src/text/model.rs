@@ -399,7 +399,13 @@ impl TextEncoder {
     pub fn random(config: Umt5Config, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
         config.validate()?;
         let wm = encoder_weight_map(
-            Box::new(random_source(&config, seed, &Device::Cpu, DType::F32)?),
+            Box::new(random_source(
+                &config,
+                seed,
+                &Device::Cpu,
+                &Device::Cpu,
+                DType::F32,
+            )?),
             device,
             dtype,
         )?;
@@ -415,16 +421,26 @@ impl TextEncoder {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::random_drawn_on(config, seed, device, dtype, device)
+    }
+
+    /// [`random_on_device`](Self::random_on_device) with the numbers drawn on `draw` (a GPU draws
+    /// UMT5-XXL's 5.7 billion values in a second; the host generator takes minutes) and moved to
+    /// `device` in slices of at most 64 Mi values, so `draw` never holds more than one slice.
+    pub fn random_drawn_on(
+        config: Umt5Config,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+        draw: &Device,
+    ) -> Result<Self> {
         config.validate()?;
-        if !device.is_cpu() {
+        if !draw.is_cpu() {
             // The CPU path draws from the seeded host generator instead (see random_source).
-            device.set_seed(seed)?;
+            draw.set_seed(seed)?;
         }
-        let wm = encoder_weight_map(
-            Box::new(random_source(&config, seed, device, dtype)?),
-            device,
-            dtype,
-        )?;
+        let source = random_source(&config, seed, draw, device, dtype)?;
+        let wm = encoder_weight_map(Box::new(source), device, dtype)?;
         Self::from_weights(config, &wm)
     }
 
@@ -547,7 +563,13 @@ fn open_pth(path: &Path) -> Result<Box<dyn TensorSource>> {
 /// Random weights under HF names, with transformers' `_init_weights` standard deviations.
 /// Random encoder weights. On the CPU in f32 they come from the seeded host generator
 /// (reproducible everywhere); elsewhere from the device's generator, in `dtype`.
-fn random_source(c: &Umt5Config, seed: u64, device: &Device, dtype: DType) -> Result<MemorySource> {
+fn random_source(
+    c: &Umt5Config,
+    seed: u64,
+    draw: &Device,
+    device: &Device,
+    dtype: DType,
+) -> Result<MemorySource> {
     let (gated, _) = c.feed_forward()?;
     let inner = c.inner_dim();
     let (dm, dff) = (c.d_model as f64, c.d_ff as f64);
@@ -609,10 +631,26 @@ fn random_source(c: &Umt5Config, seed: u64, device: &Device, dtype: DType) -> Re
         // std 0 marks norm weights, which start at one as in transformers.
         let t = if std == 0.0 {
             Tensor::ones(shape, dtype, device)?
-        } else if device.is_cpu() && dtype == DType::F32 {
+        } else if draw.is_cpu() && dtype == DType::F32 {
             (crate::rng::gaussian_noise(seed.wrapping_add(i as u64), shape, device)? * std)?
-        } else {
+        } else if draw.same_device(device) {
             Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?
+        } else {
+            const SLICE: usize = 64 << 20;
+            let rows = shape[0];
+            let per_row = shape[1..].iter().product::<usize>().max(1);
+            let step = (SLICE / per_row).clamp(1, rows);
+            let mut parts = Vec::new();
+            for start in (0..rows).step_by(step) {
+                let mut dims = shape.clone();
+                dims[0] = step.min(rows - start);
+                parts.push(
+                    Tensor::randn(0f32, std as f32, dims, draw)?
+                        .to_dtype(dtype)?
+                        .to_device(device)?,
+                );
+            }
+            Tensor::cat(&parts, 0)?
         };
         tensors.insert(name, t);
     }

@@ -28,12 +28,10 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::cuda::cudarc::cudnn::{result as cudnn, sys};
-use candle_core::cuda::cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda::cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 use candle_core::{CudaDevice, DType, Tensor};
 
-use crate::cuda_util::{address, alloc, cuda_device, launched, suffix};
+use crate::cuda_util::{address, alloc, cuda_device, launched, suffix, CudnnHandle};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/vae_ops.ptx"));
 const MODULE: &str = "vidgen_vae_ops";
@@ -331,51 +329,19 @@ impl ConvPlan {
     }
 }
 
-/// Per-thread cuDNN state for one stream: the handle, plans by shape, and the workspace.
+/// Per-thread cuDNN state for one stream: plans by shape (dropped before the handle), the handle
+/// and its workspace.
 struct CudnnState {
-    handle: sys::cudnnHandle_t,
     plans: HashMap<ConvKey, ConvPlan>,
-    workspace: Option<CudaSlice<u8>>,
-}
-
-impl Drop for CudnnState {
-    fn drop(&mut self) {
-        self.plans.clear();
-        // SAFETY: the handle was created in `CudnnState::new` and is destroyed once, here.
-        let _ = unsafe { cudnn::destroy_handle(self.handle) };
-    }
+    cudnn: CudnnHandle,
 }
 
 impl CudnnState {
-    fn new(stream: &CudaStream) -> Result<Self> {
-        stream
-            .context()
-            .bind_to_thread()
-            .map_err(candle_core::Error::wrap)?;
-        let handle = cudnn::create_handle()?;
-        // SAFETY: a fresh handle and candle's live stream.
-        unsafe { cudnn::set_stream(handle, stream.cu_stream() as *mut _) }?;
+    fn new(stream: &Arc<CudaStream>) -> Result<Self> {
         Ok(Self {
-            handle,
             plans: HashMap::new(),
-            workspace: None,
+            cudnn: CudnnHandle::new(stream)?,
         })
-    }
-
-    /// The workspace's address, grown to at least `bytes` (0 when none is needed).
-    fn workspace(&mut self, stream: &Arc<CudaStream>, bytes: usize) -> Result<u64> {
-        if bytes == 0 {
-            return Ok(0);
-        }
-        if self.workspace.as_ref().is_none_or(|w| w.len() < bytes) {
-            // Freed in stream order, after any convolution still using it.
-            self.workspace = None;
-            // SAFETY: scratch memory; cuDNN needs no initial contents.
-            self.workspace =
-                Some(unsafe { stream.alloc::<u8>(bytes) }.map_err(candle_core::Error::wrap)?);
-        }
-        let ws = self.workspace.as_mut().expect("allocated above");
-        Ok(ws.device_ptr_mut(stream).0)
     }
 }
 
@@ -401,7 +367,7 @@ fn choose_algo(
         AlgoChoice::Heuristic => unsafe {
             // SAFETY: live handle and descriptors; `perf` holds MAX entries.
             sys::cudnnGetConvolutionForwardAlgorithm_v7(
-                state.handle,
+                state.cudnn.handle,
                 plan.x,
                 plan.w,
                 plan.conv,
@@ -413,12 +379,12 @@ fn choose_algo(
             .result()?;
         },
         AlgoChoice::Find => {
-            let ws = state.workspace(stream, knobs.workspace_limit)?;
+            let ws = state.cudnn.workspace(stream, knobs.workspace_limit)?;
             let (px, pw, py) = ptrs;
             // SAFETY: as above; the pointers are the live x, w and (scratch) y of this call.
             unsafe {
                 sys::cudnnFindConvolutionForwardAlgorithmEx(
-                    state.handle,
+                    state.cudnn.handle,
                     plan.x,
                     px as *const c_void,
                     plan.w,
@@ -452,7 +418,7 @@ fn choose_algo(
     // SAFETY: live handle and descriptors.
     let bytes = unsafe {
         cudnn::get_convolution_forward_workspace_size(
-            state.handle,
+            state.cudnn.handle,
             plan.x,
             plan.w,
             plan.conv,
@@ -504,7 +470,7 @@ fn conv_raw(dev: &CudaDevice, key: &ConvKey, px: u64, w: &Tensor, py: u64) -> Re
             state.plans.insert(*key, plan);
         }
         let (algo, bytes) = state.plans[key].algo.expect("chosen with the plan");
-        let ws = state.workspace(&stream, bytes)?;
+        let ws = state.cudnn.workspace(&stream, bytes)?;
         let plan = &state.plans[key];
         let (alpha, beta) = (1f32, 0f32);
         // SAFETY: descriptors match the memory: the caller's views lie inside x's and y's storage,
@@ -512,7 +478,7 @@ fn conv_raw(dev: &CudaDevice, key: &ConvKey, px: u64, w: &Tensor, py: u64) -> Re
         // candle's stream.
         unsafe {
             cudnn::convolution_forward(
-                state.handle,
+                state.cudnn.handle,
                 &alpha as *const f32 as *const c_void,
                 plan.x,
                 px as *const c_void,

@@ -9,20 +9,31 @@
 //! [`TensorSource::load`] returns F32/F16/BF16/F64/I16/I32/I64 tensors in their stored dtype
 //! (I8 widened to I16: candle has no i8) and dequantises block-quantised tensors to F32, block by
 //! block, with candle's per-block kernels (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K .. Q6_K).
-//! [`GgufSource::load_quantized`] keeps them quantised instead (a candle `QTensor`, for `QMatMul`).
-//! IQ*, TQ* and MXFP4 blocks are refused with the tensor's name.
+//! [`TensorSource::load_blocks`] keeps them in their GGUF encoding instead, as a [`GgufWeight`]
+//! (the file's bytes in a U8 tensor, on any device, dequantised per use: the transformer's block
+//! linears stay this way, see `dit::model`). [`GgufSource::load_quantized`] gives candle's
+//! `QTensor` (for `QMatMul`). IQ*, TQ* and MXFP4 blocks are refused with the tensor's name.
+//!
+//! [`GgufWeight::dequantize`] gives the same numbers on the CPU and on CUDA: the CPU runs candle's
+//! `to_float` per block; CUDA runs candle's `dequantize_block_*_f32` kernels (the ones
+//! `QTensor::dequantize` uses) on our U8 buffer. Every block type's value is a product of an f16
+//! scale and small integers that is exact in f32, followed by at most one rounded add, so both
+//! give identical f32 bits (`vidgen bench --what dit --weights q8_0` checks it on the device);
+//! the cast to bf16/f16 afterwards rounds to nearest-even on both.
+//!
+//! [`write`] writes GGUF v3 files (tests and tools make quantised checkpoints with it).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
     BlockQ8_0,
 };
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, GgmlType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use memmap2::Mmap;
 
 use super::TensorSource;
@@ -169,6 +180,86 @@ impl GgufType {
 
     pub fn is_quantized(self) -> bool {
         self.block().0 > 1
+    }
+
+    /// Every block-quantised type, the common Wan quantisations first.
+    pub const QUANTIZED: [GgufType; 10] = [
+        Self::Q8_0,
+        Self::Q6_K,
+        Self::Q5_K,
+        Self::Q4_K,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q3_K,
+        Self::Q2_K,
+    ];
+
+    /// Lower-case name as users write it (`q8_0`, `q4_k`, `f16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+            Self::F64 => "f64",
+            Self::I8 => "i8",
+            Self::I16 => "i16",
+            Self::I32 => "i32",
+            Self::I64 => "i64",
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
+            Self::Q8_0 => "q8_0",
+            Self::Q2_K => "q2_k",
+            Self::Q3_K => "q3_k",
+            Self::Q4_K => "q4_k",
+            Self::Q5_K => "q5_k",
+            Self::Q6_K => "q6_k",
+        }
+    }
+
+    /// A block-quantised type by [`name`](Self::name) (case-insensitive).
+    pub fn quantized_from_name(name: &str) -> Option<Self> {
+        let lower = name.to_ascii_lowercase();
+        Self::QUANTIZED.into_iter().find(|t| t.name() == lower)
+    }
+
+    /// ggml's type id (the tensor table's field).
+    fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q8_0 => 8,
+            Self::Q2_K => 10,
+            Self::Q3_K => 11,
+            Self::Q4_K => 12,
+            Self::Q5_K => 13,
+            Self::Q6_K => 14,
+            Self::I8 => 24,
+            Self::I16 => 25,
+            Self::I32 => 26,
+            Self::I64 => 27,
+            Self::F64 => 28,
+            Self::BF16 => 30,
+        }
+    }
+
+    /// Bytes of `shape` (PyTorch order) stored as this type; `None` when the last dim is not a
+    /// whole number of blocks.
+    pub fn storage_bytes(self, shape: &[usize]) -> Option<usize> {
+        let (block_elems, block_bytes) = self.block();
+        let cols = *shape.last()?;
+        if !cols.is_multiple_of(block_elems) {
+            return None;
+        }
+        let elems: usize = shape.iter().product();
+        Some(elems / block_elems * block_bytes)
     }
 
     /// candle's type, for keeping the tensor quantised.
@@ -323,6 +414,456 @@ impl TensorSource for GgufSource {
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
+
+    fn quantized_type(&self, key: &str) -> Option<GgufType> {
+        self.tensors
+            .get(key)
+            .map(|i| i.ggml_type)
+            .filter(|t| t.is_quantized())
+    }
+
+    fn load_blocks(&self, key: &str, device: &Device) -> Result<GgufWeight> {
+        let info = self.info(key)?;
+        if !info.ggml_type.is_quantized() {
+            return Err(invalid!(
+                "{}: tensor `{key}` is {:?}, not block-quantised",
+                self.describe(),
+                info.ggml_type
+            ));
+        }
+        GgufWeight::from_bytes(info.ggml_type, self.bytes(info), &info.shape, device)
+            .with_context(|| format!("loading `{key}` from {}", self.describe()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// weights kept quantised
+
+/// A weight kept in its GGUF block encoding: the stored bytes as a U8 tensor of shape
+/// `[d0, .., d(n-2), row_bytes]` (each row of the weight is a row of blocks, so the shape names
+/// the weight's own shape once the block type is known), on any device. Costs the file's bytes
+/// (Q8_0: 34 bytes per 32 values) instead of 2 per value in bf16; [`dequantize`](Self::dequantize)
+/// rebuilds the values for each use.
+#[derive(Clone, Debug)]
+pub struct GgufWeight {
+    data: Tensor,
+    ggml_type: GgufType,
+}
+
+impl GgufWeight {
+    /// Stored blocks `raw` of a weight of `shape` (PyTorch order), copied onto `device`.
+    pub fn from_bytes(
+        ggml_type: GgufType,
+        raw: &[u8],
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Self> {
+        ensure!(
+            ggml_type.is_quantized(),
+            "{ggml_type:?} is not a block-quantised type"
+        );
+        let bytes = ggml_type.storage_bytes(shape).ok_or_else(|| {
+            anyhow::anyhow!(
+                "shape {shape:?}: the last dim is not a multiple of the {ggml_type:?} block size {}",
+                ggml_type.block().0
+            )
+        })?;
+        ensure!(
+            raw.len() == bytes,
+            "{} bytes for a {ggml_type:?} weight of shape {shape:?}, which takes {bytes}",
+            raw.len()
+        );
+        let mut data_shape = shape.to_vec();
+        let (block_elems, block_bytes) = ggml_type.block();
+        if let Some(last) = data_shape.last_mut() {
+            *last = *last / block_elems * block_bytes;
+        }
+        let data = Tensor::from_raw_buffer(raw, DType::U8, &data_shape, device)?;
+        Ok(Self { data, ggml_type })
+    }
+
+    /// Wraps stored blocks already in a U8 tensor (the shape [`data`](Self::data) has).
+    pub fn from_data(ggml_type: GgufType, data: Tensor) -> Result<Self> {
+        ensure!(
+            ggml_type.is_quantized(),
+            "{ggml_type:?} is not a block-quantised type"
+        );
+        ensure!(
+            data.dtype() == DType::U8 && data.rank() >= 1,
+            "GGUF blocks must be a U8 tensor of rank >= 1, got {:?} {:?}",
+            data.dtype(),
+            data.dims()
+        );
+        let block_bytes = ggml_type.block().1;
+        let row_bytes = data.dim(data.rank() - 1)?;
+        ensure!(
+            row_bytes.is_multiple_of(block_bytes),
+            "{row_bytes} bytes per row is not a whole number of {ggml_type:?} blocks ({block_bytes} bytes)"
+        );
+        Ok(Self {
+            data: data.contiguous()?,
+            ggml_type,
+        })
+    }
+
+    /// `weight` (any float dtype, any device) quantised with candle's ggml quantisers on the CPU,
+    /// rows split over the cores (blocks never cross rows, so the bytes equal one whole-tensor
+    /// call), then placed on `weight`'s device. For tests and benchmarks: real checkpoints come
+    /// quantised.
+    pub fn quantize(weight: &Tensor, ggml_type: GgufType) -> Result<Self> {
+        let raw = quantize_bytes(weight, ggml_type)?;
+        Self::from_bytes(ggml_type, &raw, weight.dims(), weight.device())
+    }
+
+    pub fn ggml_type(&self) -> GgufType {
+        self.ggml_type
+    }
+
+    /// The stored blocks, U8 `[.., row_bytes]`.
+    pub fn data(&self) -> &Tensor {
+        &self.data
+    }
+
+    /// The weight's shape (PyTorch order).
+    pub fn dims(&self) -> Vec<usize> {
+        let (block_elems, block_bytes) = self.ggml_type.block();
+        let mut dims = self.data.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = *last / block_bytes * block_elems;
+        }
+        dims
+    }
+
+    /// Bytes held (the file's bytes of this tensor).
+    pub fn storage_bytes(&self) -> usize {
+        self.data.elem_count()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.data.device()
+    }
+
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            data: self.data.to_device(device)?,
+            ggml_type: self.ggml_type,
+        })
+    }
+
+    /// The values in `dtype`: dequantised to f32 on the weight's device (see the module docs: the
+    /// same bits on the CPU and CUDA), then cast.
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        let dims = self.dims();
+        let values = if self.data.device().is_cpu() {
+            let (storage, layout) = self.data.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                bail!("GGUF weight: host tensor without host storage");
+            };
+            let start = layout.start_offset();
+            let raw = &cpu.as_slice::<u8>()?[start..start + self.data.elem_count()];
+            Tensor::from_vec(dequantize(self.ggml_type, raw)?, dims, &Device::Cpu)?
+        } else {
+            self.dequantize_on_device(&dims)?
+        };
+        Ok(if dtype == DType::F32 {
+            values
+        } else {
+            values.to_dtype(dtype)?
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn dequantize_on_device(&self, dims: &[usize]) -> Result<Tensor> {
+        if !self.data.device().is_cuda() {
+            bail!(
+                "GGUF weights: dequantising on {:?} is not supported (cpu, cuda)",
+                self.data.device()
+            );
+        }
+        gpu::dequantize_f32(&self.data, self.ggml_type, dims)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn dequantize_on_device(&self, _dims: &[usize]) -> Result<Tensor> {
+        bail!(
+            "GGUF weights: dequantising on {:?} is not supported in this build (cpu; cuda with \
+             the `cuda` feature)",
+            self.data.device()
+        )
+    }
+}
+
+/// `weight` in `ggml_type`'s block encoding (row-major, the file layout), quantised on the CPU.
+fn quantize_bytes(weight: &Tensor, ggml_type: GgufType) -> Result<Vec<u8>> {
+    let candle_type = ggml_type
+        .candle()
+        .filter(|_| ggml_type.is_quantized())
+        .ok_or_else(|| anyhow::anyhow!("{ggml_type:?} is not a block-quantised type"))?;
+    let dims = weight.dims().to_vec();
+    let total = ggml_type.storage_bytes(&dims).ok_or_else(|| {
+        anyhow::anyhow!(
+            "cannot quantise a tensor of shape {dims:?} to {ggml_type:?}: the last dim must be a \
+             multiple of {}",
+            ggml_type.block().0
+        )
+    })?;
+    let cols = *dims.last().expect("storage_bytes checked the rank");
+    let rows = weight.elem_count() / cols.max(1);
+    let w = weight
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .reshape((rows, cols))?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let per_thread = rows.div_ceil(threads).max(1);
+    let parts = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..rows)
+            .step_by(per_thread)
+            .map(|start| {
+                let w = &w;
+                scope.spawn(move || -> Result<Vec<u8>> {
+                    let n = per_thread.min(rows - start);
+                    // A fresh tensor per chunk: candle's quantiser reads the whole storage,
+                    // whatever the view's offset.
+                    let values = w.narrow(0, start, n)?.flatten_all()?.to_vec1::<f32>()?;
+                    let chunk = Tensor::from_vec(values, (n, cols), &Device::Cpu)?;
+                    let q = QTensor::quantize(&chunk, candle_type)?;
+                    Ok(q.data()?.into_owned())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("quantiser thread panicked"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let raw = parts.concat();
+    ensure!(
+        raw.len() == total,
+        "internal: candle's {ggml_type:?} quantiser wrote {} bytes, expected {total}",
+        raw.len()
+    );
+    Ok(raw)
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use anyhow::{bail, Result};
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda::{kernels, CudaStorage, CudaStorageSlice};
+    use candle_core::op::BackpropOp;
+    use candle_core::{Storage, Tensor};
+
+    use super::GgufType;
+    use crate::cuda_util::{cuda_device, launched};
+
+    /// Threads per CTA of candle's `dequantize_block_q5_{0,1}` (its `CUDA_DEQUANTIZE_BLOCK_SIZE`).
+    const Q5_THREADS: usize = 256;
+
+    /// candle's dequantisation kernel for `ty`, launched as candle's `dequantize_f32` launches it
+    /// (kernel name, threads per CTA, CTAs, and the element-count argument where there is one).
+    fn launch_shape(ty: GgufType, n: usize) -> Result<(&'static str, usize, usize, Option<i32>)> {
+        // One CTA per 256 values (a K-quant super-block, or 8 blocks of 32).
+        let nb = n.div_ceil(256);
+        let count = i32::try_from(n)
+            .map_err(|_| anyhow::anyhow!("GGUF weight of {n} values is too large to dequantise"))?;
+        Ok(match ty {
+            GgufType::Q4_0 => ("dequantize_block_q4_0_f32", 32, nb, Some(count / 32)),
+            GgufType::Q4_1 => ("dequantize_block_q4_1_f32", 32, nb, Some(count / 32)),
+            GgufType::Q8_0 => ("dequantize_block_q8_0_f32", 32, nb, Some(count / 32)),
+            GgufType::Q5_0 => (
+                "dequantize_block_q5_0_f32",
+                Q5_THREADS,
+                n.div_ceil(2 * Q5_THREADS),
+                Some(count),
+            ),
+            GgufType::Q5_1 => (
+                "dequantize_block_q5_1_f32",
+                Q5_THREADS,
+                n.div_ceil(2 * Q5_THREADS),
+                Some(count),
+            ),
+            GgufType::Q2_K => ("dequantize_block_q2_K_f32", 64, nb, None),
+            GgufType::Q3_K => ("dequantize_block_q3_K_f32", 64, nb, None),
+            GgufType::Q4_K => ("dequantize_block_q4_K_f32", 32, nb, None),
+            GgufType::Q5_K => ("dequantize_block_q5_K_f32", 64, nb, None),
+            GgufType::Q6_K => ("dequantize_block_q6_K_f32", 64, nb, None),
+            other => bail!("{other:?} is not a block-quantised type"),
+        })
+    }
+
+    /// The blocks in `data` (U8, contiguous, on a CUDA device) as f32 values of shape `dims`.
+    pub fn dequantize_f32(data: &Tensor, ty: GgufType, dims: &[usize]) -> Result<Tensor> {
+        let n: usize = dims.iter().product();
+        let dev = cuda_device(data)?;
+        let (kernel, threads, ctas, count) = launch_shape(ty, n)?;
+        // SAFETY: every value is written by the kernel below before anything reads `out`.
+        let mut out = unsafe { dev.alloc::<f32>(n.max(1))? };
+        if n > 0 {
+            let (storage, layout) = data.storage_and_layout();
+            let Storage::Cuda(s) = &*storage else {
+                bail!("GGUF weight: not on a CUDA device");
+            };
+            let CudaStorageSlice::U8(bytes) = &s.slice else {
+                bail!("GGUF weight: blocks are not a U8 tensor");
+            };
+            let start = layout.start_offset();
+            let blocks = bytes.slice(start..start + data.elem_count());
+            let func = dev.get_or_load_func(kernel, &kernels::QUANTIZED)?;
+            let cfg = LaunchConfig {
+                grid_dim: (ctas as u32, 1, 1),
+                block_dim: (threads as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // The slices go to the launch itself (not raw addresses): cudarc then orders this
+            // kernel after the blocks' upload (a streamed block arrives on the copy stream) and
+            // records the read, so the blocks are not freed or reused before the kernel ran.
+            let mut b = func.builder();
+            b.arg(&blocks).arg(&mut out);
+            if let Some(count) = &count {
+                b.arg(count);
+            }
+            // SAFETY: the arguments match candle's `dequantize_block_*_f32` (blocks, output, and
+            // the count for the non-K types); `blocks` holds n values' blocks, `out` n floats.
+            launched(unsafe { b.launch(cfg) }.map(|_| ()))?;
+        }
+        let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());
+        let t = Tensor::from_storage(Storage::Cuda(storage), dims, BackpropOp::none(), false);
+        Ok(t)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// writing
+
+/// One tensor for [`write`]: name, stored type, shape (PyTorch order) and stored bytes.
+#[derive(Clone, Debug)]
+pub struct GgufTensorOut {
+    pub name: String,
+    pub ggml_type: GgufType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl GgufTensorOut {
+    /// `tensor` stored as `ggml_type`: F32/F16/BF16 converted (round to nearest even), block types
+    /// quantised with candle's quantisers (see [`GgufWeight::quantize`]).
+    pub fn from_tensor(name: &str, tensor: &Tensor, ggml_type: GgufType) -> Result<Self> {
+        let t = tensor.to_device(&Device::Cpu)?.flatten_all()?;
+        let data = match ggml_type {
+            GgufType::F32 => le_bytes(&t.to_dtype(DType::F32)?.to_vec1::<f32>()?, f32::to_le_bytes),
+            GgufType::F16 => le_bytes(
+                &t.to_dtype(DType::F16)?.to_vec1::<half::f16>()?,
+                half::f16::to_le_bytes,
+            ),
+            GgufType::BF16 => le_bytes(
+                &t.to_dtype(DType::BF16)?.to_vec1::<half::bf16>()?,
+                half::bf16::to_le_bytes,
+            ),
+            q if q.is_quantized() => quantize_bytes(tensor, q)?,
+            other => {
+                bail!("writing {other:?} tensors is not supported (f32, f16, bf16, block types)")
+            }
+        };
+        Ok(Self {
+            name: name.to_string(),
+            ggml_type,
+            shape: tensor.dims().to_vec(),
+            data,
+        })
+    }
+}
+
+fn le_bytes<T: Copy, const N: usize>(values: &[T], f: fn(T) -> [u8; N]) -> Vec<u8> {
+    values.iter().flat_map(|&v| f(v)).collect()
+}
+
+/// Writes a GGUF v3 file (little-endian, 32-byte alignment) with `metadata` and `tensors` in
+/// order. Shapes are given in PyTorch order and stored fastest-first, as ggml does.
+pub fn write(path: &Path, metadata: &[(&str, GgufValue)], tensors: &[GgufTensorOut]) -> Result<()> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    fn type_id(v: &GgufValue) -> u32 {
+        match v {
+            GgufValue::U8(_) => 0,
+            GgufValue::I8(_) => 1,
+            GgufValue::U16(_) => 2,
+            GgufValue::I16(_) => 3,
+            GgufValue::U32(_) => 4,
+            GgufValue::I32(_) => 5,
+            GgufValue::F32(_) => 6,
+            GgufValue::Bool(_) => 7,
+            GgufValue::String(_) => 8,
+            GgufValue::Array(_) => 9,
+            GgufValue::U64(_) => 10,
+            GgufValue::I64(_) => 11,
+            GgufValue::F64(_) => 12,
+        }
+    }
+    fn value(out: &mut Vec<u8>, v: &GgufValue) {
+        match v {
+            GgufValue::U8(x) => out.push(*x),
+            GgufValue::I8(x) => out.extend(x.to_le_bytes()),
+            GgufValue::U16(x) => out.extend(x.to_le_bytes()),
+            GgufValue::I16(x) => out.extend(x.to_le_bytes()),
+            GgufValue::U32(x) => out.extend(x.to_le_bytes()),
+            GgufValue::I32(x) => out.extend(x.to_le_bytes()),
+            GgufValue::U64(x) => out.extend(x.to_le_bytes()),
+            GgufValue::I64(x) => out.extend(x.to_le_bytes()),
+            GgufValue::F32(x) => out.extend(x.to_le_bytes()),
+            GgufValue::F64(x) => out.extend(x.to_le_bytes()),
+            GgufValue::Bool(x) => out.push(u8::from(*x)),
+            GgufValue::String(s) => string(out, s),
+            GgufValue::Array(items) => {
+                out.extend(items.first().map_or(0, type_id).to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                for item in items {
+                    value(out, item);
+                }
+            }
+        }
+    }
+
+    let align = DEFAULT_ALIGNMENT as usize;
+    let mut out = Vec::new();
+    out.extend(MAGIC);
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (key, v) in metadata {
+        string(&mut out, key);
+        out.extend(type_id(v).to_le_bytes());
+        value(&mut out, v);
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        let expected = t.ggml_type.storage_bytes(&t.shape);
+        ensure!(
+            expected == Some(t.data.len()),
+            "tensor `{}`: {} bytes for {:?} {:?} (expected {expected:?})",
+            t.name,
+            t.data.len(),
+            t.ggml_type,
+            t.shape
+        );
+        string(&mut out, &t.name);
+        out.extend((t.shape.len() as u32).to_le_bytes());
+        for &d in t.shape.iter().rev() {
+            out.extend((d as u64).to_le_bytes());
+        }
+        out.extend(t.ggml_type.id().to_le_bytes());
+        out.extend((offset as u64).to_le_bytes());
+        offset = (offset + t.data.len()).next_multiple_of(align);
+    }
+    out.resize(out.len().next_multiple_of(align), 0);
+    for t in tensors {
+        out.extend(&t.data);
+        out.resize(out.len().next_multiple_of(align), 0);
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
 // ---------------------------------------------------------------------------------------------

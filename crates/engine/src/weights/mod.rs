@@ -5,6 +5,11 @@
 //! become one canonical name per model), hands tensors out by canonical name with a shape check,
 //! and remembers which keys were used, so that [`WeightMap::finish`] can reject unexpected tensors.
 //! Every failure names the key.
+//!
+//! Block-quantised GGUF tensors can also be handed out still quantised
+//! ([`WeightMap::get_blocks`], a [`GgufWeight`]) under the same bookkeeping: the transformer keeps
+//! its block linears that way unless the map is told to dequantise on load
+//! ([`WeightMap::with_gguf_blocks`]).
 
 pub mod fp8;
 pub mod gguf;
@@ -19,9 +24,11 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::invalid;
 
+pub use self::gguf::{GgufType, GgufWeight};
 pub use self::safetensors::SafetensorsSource;
 
-/// Opens a checkpoint by its format: `.gguf` (GGUF, dequantised on load), `.pth`/`.pt`/`.bin`
+/// Opens a checkpoint by its format: `.gguf` (GGUF: block-quantised tensors offered quantised
+/// through [`TensorSource::load_blocks`], dequantised by [`TensorSource::load`]), `.pth`/`.pt`/`.bin`
 /// (PyTorch zip pickle), otherwise safetensors (a file, an `.index.json` or a folder). ComfyUI
 /// "scaled fp8" checkpoints are detected and presented as dequantised weights (in `dtype`).
 pub fn open_any(path: &std::path::Path, dtype: DType) -> Result<Box<dyn TensorSource>> {
@@ -51,11 +58,26 @@ pub trait TensorSource: Send + Sync {
     fn load(&self, key: &str, device: &Device) -> Result<Tensor>;
     /// A short description for error messages (file names).
     fn describe(&self) -> String;
+    /// The GGML block type of `key` when it is stored block-quantised (GGUF), else `None`.
+    fn quantized_type(&self, _key: &str) -> Option<GgufType> {
+        None
+    }
+    /// `key` in its stored block encoding on `device` (where [`quantized_type`] is `Some`).
+    ///
+    /// [`quantized_type`]: TensorSource::quantized_type
+    fn load_blocks(&self, key: &str, _device: &Device) -> Result<GgufWeight> {
+        Err(invalid!(
+            "{}: tensor `{key}` is not stored block-quantised",
+            self.describe()
+        ))
+    }
 }
 
-/// Tensors already in memory (the demo model, tests, converted formats).
+/// Tensors already in memory (the demo model, tests, converted formats, streamed blocks), dense
+/// or kept in a GGUF block encoding.
 pub struct MemorySource {
     tensors: HashMap<String, Tensor>,
+    quantized: HashMap<String, GgufWeight>,
     name: String,
 }
 
@@ -63,27 +85,58 @@ impl MemorySource {
     pub fn new(name: impl Into<String>, tensors: HashMap<String, Tensor>) -> Self {
         Self {
             tensors,
+            quantized: HashMap::new(),
             name: name.into(),
         }
+    }
+
+    /// Adds block-quantised tensors (a name that is also a dense tensor's is listed twice, which
+    /// a [`WeightMap`] rejects as a collision).
+    pub fn with_quantized(mut self, quantized: HashMap<String, GgufWeight>) -> Self {
+        self.quantized.extend(quantized);
+        self
     }
 }
 
 impl TensorSource for MemorySource {
     fn keys(&self) -> Vec<String> {
-        self.tensors.keys().cloned().collect()
+        self.tensors
+            .keys()
+            .chain(self.quantized.keys())
+            .cloned()
+            .collect()
     }
     fn shape(&self, key: &str) -> Option<Vec<usize>> {
-        self.tensors.get(key).map(|t| t.dims().to_vec())
+        match self.tensors.get(key) {
+            Some(t) => Some(t.dims().to_vec()),
+            None => self.quantized.get(key).map(GgufWeight::dims),
+        }
     }
     fn load(&self, key: &str, device: &Device) -> Result<Tensor> {
-        let t = self
-            .tensors
+        if let Some(t) = self.tensors.get(key) {
+            return Ok(t.to_device(device)?);
+        }
+        // Like a GGUF file: a quantised tensor asked for densely comes dequantised to f32.
+        let q = self
+            .quantized
             .get(key)
             .ok_or_else(|| invalid!("{}: no tensor named `{key}`", self.name))?;
-        Ok(t.to_device(device)?)
+        Ok(q.dequantize(DType::F32)?.to_device(device)?)
     }
     fn describe(&self) -> String {
         self.name.clone()
+    }
+    fn quantized_type(&self, key: &str) -> Option<GgufType> {
+        self.quantized.get(key).map(GgufWeight::ggml_type)
+    }
+    fn load_blocks(&self, key: &str, device: &Device) -> Result<GgufWeight> {
+        let q = self.quantized.get(key).ok_or_else(|| {
+            invalid!(
+                "{}: tensor `{key}` is not stored block-quantised",
+                self.name
+            )
+        })?;
+        q.to_device(device)
     }
 }
 
@@ -96,6 +149,7 @@ pub struct WeightMap {
     device: Device,
     dtype: DType,
     fp8_linears: bool,
+    gguf_blocks: bool,
 }
 
 impl WeightMap {
@@ -126,6 +180,7 @@ impl WeightMap {
             device: device.clone(),
             dtype,
             fp8_linears: false,
+            gguf_blocks: true,
         })
     }
 
@@ -138,6 +193,27 @@ impl WeightMap {
 
     pub fn fp8_linears(&self) -> bool {
         self.fp8_linears
+    }
+
+    /// `true` (the default): block-quantised GGUF tensors are offered quantised
+    /// ([`quantized_type`](Self::quantized_type) / [`get_blocks`](Self::get_blocks)) to the model
+    /// parts that can keep them so (the transformer's block linears); `false`: everything is
+    /// dequantised on load, as [`get`](Self::get) does (the memory of the model dtype, no
+    /// per-use dequantisation).
+    pub fn with_gguf_blocks(mut self, on: bool) -> Self {
+        self.gguf_blocks = on;
+        self
+    }
+
+    /// The GGML block type of `name` when the checkpoint stores it block-quantised and the map
+    /// hands such tensors out quantised.
+    pub fn quantized_type(&self, name: &str) -> Option<GgufType> {
+        if !self.gguf_blocks {
+            return None;
+        }
+        self.names
+            .get(name)
+            .and_then(|stored| self.source.quantized_type(stored))
     }
 
     /// Identity key mapping.
@@ -176,8 +252,8 @@ impl WeightMap {
         self.get_as(name, shape, self.dtype)
     }
 
-    /// Like [`get`](Self::get) with an explicit dtype (e.g. f32 for norms or modulation tables).
-    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    /// The stored name of `name` after checking its shape; marks it used.
+    fn take(&self, name: &str, shape: &[usize]) -> Result<&String> {
         let stored = self.names.get(name).ok_or_else(|| {
             invalid!(
                 "{}: missing weight `{name}` (expected shape {shape:?})",
@@ -192,12 +268,31 @@ impl WeightMap {
             ));
         }
         self.used.lock().unwrap().insert(name.to_string());
+        Ok(stored)
+    }
+
+    /// Like [`get`](Self::get) with an explicit dtype (e.g. f32 for norms or modulation tables).
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let stored = self.take(name, shape)?;
         let t = self.source.load(stored, &self.device)?;
         Ok(if t.dtype() == dtype {
             t
         } else {
             t.to_dtype(dtype)?
         })
+    }
+
+    /// Loads block-quantised `name` still quantised (see [`quantized_type`](Self::quantized_type)),
+    /// on the map's device, with the same shape check and bookkeeping as [`get`](Self::get).
+    pub fn get_blocks(&self, name: &str, shape: &[usize]) -> Result<GgufWeight> {
+        if self.names.contains_key(name) && self.quantized_type(name).is_none() {
+            return Err(invalid!(
+                "{}: weight `{name}` is not kept block-quantised",
+                self.source.describe()
+            ));
+        }
+        let stored = self.take(name, shape)?;
+        self.source.load_blocks(stored, &self.device)
     }
 
     /// Loads `name` with whatever shape it has (for shape inference); still marks it used.
@@ -264,6 +359,12 @@ impl<'a> WeightPath<'a> {
     }
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         self.map.get_as(&self.join(name), shape, dtype)
+    }
+    pub fn quantized_type(&self, name: &str) -> Option<GgufType> {
+        self.map.quantized_type(&self.join(name))
+    }
+    pub fn get_blocks(&self, name: &str, shape: &[usize]) -> Result<GgufWeight> {
+        self.map.get_blocks(&self.join(name), shape)
     }
     pub fn contains(&self, name: &str) -> bool {
         self.map.contains(&self.join(name))
