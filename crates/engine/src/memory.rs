@@ -823,6 +823,33 @@ mod tests {
     /// Parameter counts equal what diffusers' WanTransformer3DModel reports for the same configs
     /// (printed by shared/anchors/diffusers_wan_bench.py on the GPU machine).
     #[test]
+    fn vae_dtype_flag_and_its_memory() {
+        assert!(vae_bf16("--vae-dtype", "auto", true).unwrap());
+        assert!(!vae_bf16("--vae-dtype", "auto", false).unwrap());
+        assert!(!vae_bf16("--vae-dtype", "f32", true).unwrap());
+        let cpu = vae_bf16("--vae-dtype", "bf16", false)
+            .unwrap_err()
+            .to_string();
+        assert!(cpu.contains("--vae-dtype") && cpu.contains("GPU"), "{cpu}");
+        let bad = vae_bf16("--vae-dtype", "fp16", true)
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("auto, bf16, f32"), "{bad}");
+        // The decode stage in bf16 needs half of what it needs in f32 (weights and activations).
+        let decode = |bf16: bool| {
+            let mut r = req("wan2.1-t2v-1.3b", 832, 480, 81, None);
+            r.vae_bf16 = bf16;
+            let p = plan_mode(&r, Offload::Cond);
+            p.stages
+                .iter()
+                .find(|s| s.stage == "VAE decode")
+                .unwrap()
+                .gpu_peak
+        };
+        assert_eq!(decode(false), 2 * decode(true));
+    }
+
+    #[test]
     fn transformer_parameters_match_diffusers() {
         let count = |name: &str| dit_params(&dit_config(known_model(name).unwrap()));
         assert_eq!(count("wan2.1-t2v-1.3b"), 1_418_996_800);
