@@ -10,7 +10,10 @@
 //! so there the graph carries a padding mask whose lengths are the full lengths — it masks nothing.
 //!
 //! A plan is built once per shape and kept; a shape cuDNN cannot plan is remembered and the caller
-//! falls back to our own kernel. Execution errors surface as errors.
+//! falls back to our own kernel. The first execution of every plan is compared with our own kernel
+//! on the first query rows, and a plan that disagrees is dropped (a warning, then our kernel), so a
+//! cuDNN version that computes this graph wrongly cannot corrupt output silently. Execution errors
+//! surface as errors. Opt-in for now (`VIDGEN_ATTENTION=cudnn`): not yet run on a GPU.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -73,6 +76,10 @@ mod gpu {
     const HEUR_MODE_A: i32 = 3;
     /// Engine configurations asked from the heuristics (the first that builds a plan wins).
     const MAX_CONFIGS: usize = 8;
+    /// The first execution of each plan is checked against our own kernel on this many query rows
+    /// (a few percent of one attention); beyond `VERIFY_TOLERANCE` the plan is dropped for good.
+    const VERIFY_ROWS: usize = 1024;
+    const VERIFY_TOLERANCE: f64 = 2e-2;
     /// Versions before this one need the padding-mask workaround for key lengths % 128 != 0.
     const FIXED_UNPADDED_VERSION: usize = 91600;
 
@@ -312,6 +319,8 @@ mod gpu {
 
     /// A finished plan and what its executions need.
     struct Plan {
+        /// Set once an execution agreed with our own kernel (see [`VERIFY_ROWS`]).
+        verified: std::cell::Cell<bool>,
         plan: Desc,
         workspace: usize,
         /// Full lengths for the padding-mask workaround: [B] int32 each (q, kv).
@@ -513,6 +522,7 @@ mod gpu {
             g.keep.extend([graph, heur]);
             g.keep.extend(configs);
             return Ok(Plan {
+                verified: std::cell::Cell::new(false),
                 plan,
                 workspace: workspace.max(0) as usize,
                 lengths,
@@ -629,7 +639,33 @@ mod gpu {
                 unsafe { sys::cudnnBackendExecute(state.cudnn.handle, plan.plan.0, pack.0) },
                 "execute",
             )?;
-            Ok(Some(out))
+            if plan.verified.get() {
+                return Ok(Some(out));
+            }
+            // A graph cuDNN accepts but computes differently (a version's bug, a stride it
+            // misreads) must not corrupt videos silently: compare once with our own kernel.
+            let rows = lq.min(VERIFY_ROWS);
+            let own = crate::dit::flash::attention_with(
+                crate::dit::flash::Kernel::Own,
+                &q.narrow(1, 0, rows)?,
+                k,
+                v,
+            )?
+            .ok_or_else(|| anyhow::anyhow!("own attention kernel unavailable"))?;
+            let err = crate::tensor_util::rel_err(
+                &out.narrow(1, 0, rows)?.to_dtype(DType::F32)?,
+                &own.to_dtype(DType::F32)?,
+            )?;
+            if err.is_finite() && err <= VERIFY_TOLERANCE {
+                plan.verified.set(true);
+                return Ok(Some(out));
+            }
+            tracing::warn!(
+                "cuDNN attention for {key:?} differs from vidgen's own kernel (rel err {err:.2e} > \
+                 {VERIFY_TOLERANCE:.0e}); using the own kernel for this shape"
+            );
+            state.plans.insert(key, None);
+            Ok(None)
         })
     }
 

@@ -580,7 +580,49 @@ impl GgufWeight {
                 self.data.device()
             );
         }
-        gpu::dequantize_f32(&self.data, self.ggml_type, dims)
+        let values = gpu::dequantize_f32(&self.data, self.ggml_type, dims)?;
+        self.check_first_use(&values)?;
+        Ok(values)
+    }
+
+    /// The first GPU dequantisation of each block type in a process is compared, bit for bit,
+    /// with the CPU's on the weight's first rows: a kernel that decodes a type differently on
+    /// this GPU stops the run with an error instead of corrupting it silently.
+    #[cfg(feature = "cuda")]
+    fn check_first_use(&self, values: &Tensor) -> Result<()> {
+        static CHECKED: std::sync::Mutex<Vec<GgufType>> = std::sync::Mutex::new(Vec::new());
+        if CHECKED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&self.ggml_type)
+        {
+            return Ok(());
+        }
+        let rows = self.data.dim(0)?.min(4);
+        let host = self.data.narrow(0, 0, rows)?.to_device(&Device::Cpu)?;
+        let cpu = dequantize(self.ggml_type, &host.flatten_all()?.to_vec1::<u8>()?)?;
+        let gpu = values
+            .narrow(0, 0, rows)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        let differ = cpu
+            .iter()
+            .zip(&gpu)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        ensure!(
+            differ == 0 && cpu.len() == gpu.len(),
+            "GGUF {:?}: the GPU dequantisation differs from the CPU's in {differ} of {} values of \
+             the first rows; refusing to run with it (use a safetensors checkpoint or the CPU)",
+            self.ggml_type,
+            cpu.len()
+        );
+        CHECKED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.ggml_type);
+        Ok(())
     }
 
     #[cfg(not(feature = "cuda"))]
