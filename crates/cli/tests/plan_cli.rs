@@ -53,6 +53,24 @@ fn a_budget_too_small_exits_3_with_a_suggestion() {
     ]);
     assert_eq!(code, 3, "{err}");
     assert!(
+        err.contains("does not fit") && err.contains("--weights fp8"),
+        "{err}"
+    );
+    // Already FP8 and still too small: fewer frames.
+    let (code, _, err) = plan(&[
+        "--model",
+        "wan2.2-t2v-a14b",
+        "--size",
+        "832x480",
+        "--frames",
+        "81",
+        "--weights",
+        "fp8",
+        "--vram-budget",
+        "3GiB",
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
         err.contains("does not fit") && err.contains("--frames"),
         "{err}"
     );

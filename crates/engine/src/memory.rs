@@ -719,6 +719,24 @@ pub fn suggestion(req: &PlanRequest) -> Option<String> {
             return Some(format!("use --offload {}", plan(&r).offload.name()));
         }
     }
+    // Precision before content: FP8 block linears (≈4e-2 relative error on random weights) and a
+    // bf16 VAE keep every frame and pixel; a GGUF checkpoint's format is the file's, not a flag.
+    if matches!(req.weights, WeightFormat::Bf16 | WeightFormat::F32) && req.dit_weights.is_none() {
+        let mut r = req.clone();
+        r.offload = None;
+        r.weights = WeightFormat::Fp8;
+        if fits(&r) {
+            return Some("FP8 transformer weights: --weights fp8".into());
+        }
+    }
+    if !req.vae_bf16 {
+        let mut r = req.clone();
+        r.offload = None;
+        r.vae_bf16 = true;
+        if fits(&r) {
+            return Some("a bf16 VAE: --vae-dtype bf16".into());
+        }
+    }
     let mut r = req.clone();
     r.offload = None;
     let mut frames = req.frames;
@@ -877,7 +895,19 @@ mod tests {
 
     #[test]
     fn does_not_fit_suggests_a_change_that_fits() {
-        let r = req("wan2.2-t2v-a14b", 832, 480, 81, Some(4.0));
+        // bf16 A14B at 4 GiB: FP8 weights are the first change that fits.
+        let bf16 = req("wan2.2-t2v-a14b", 832, 480, 81, Some(4.0));
+        assert!(!plan(&bf16).fits);
+        assert_eq!(
+            suggestion(&bf16).as_deref(),
+            Some("FP8 transformer weights: --weights fp8")
+        );
+        let mut fp8 = bf16.clone();
+        fp8.weights = WeightFormat::Fp8;
+        assert!(plan(&fp8).fits);
+        // Already FP8 at 3 GiB: fewer frames.
+        let mut r = fp8.clone();
+        r.vram_budget = Some((3.0 * GIB) as u64);
         assert!(!plan(&r).fits);
         let s = suggestion(&r).expect("fewer frames fit");
         let frames: usize = s
