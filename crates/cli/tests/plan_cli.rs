@@ -39,49 +39,37 @@ fn known_models_plan_with_exact_weights() {
     assert_eq!(v["fits"], true);
 }
 
-#[test]
-fn a_budget_too_small_exits_3_with_a_suggestion() {
-    let (code, _, err) = plan(&[
+/// `vidgen plan` for A14B T2V at 832x480x81 with `extra` arguments.
+fn plan_a14b(extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
         "--model",
         "wan2.2-t2v-a14b",
         "--size",
         "832x480",
         "--frames",
         "81",
-        "--vram-budget",
-        "4GiB",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    plan(&args)
+}
+
+#[test]
+fn a_budget_too_small_exits_3_with_a_suggestion() {
+    // bf16 at 4 GiB: FP8 weights are the first change that fits.
+    let (code, _, err) = plan_a14b(&["--vram-budget", "4GiB"]);
     assert_eq!(code, 3, "{err}");
     assert!(
         err.contains("does not fit") && err.contains("--weights fp8"),
         "{err}"
     );
     // Already FP8 and still too small: fewer frames.
-    let (code, _, err) = plan(&[
-        "--model",
-        "wan2.2-t2v-a14b",
-        "--size",
-        "832x480",
-        "--frames",
-        "81",
-        "--weights",
-        "fp8",
-        "--vram-budget",
-        "3GiB",
-    ]);
+    let (code, _, err) = plan_a14b(&["--weights", "fp8", "--vram-budget", "3GiB"]);
     assert_eq!(code, 3, "{err}");
     assert!(
         err.contains("does not fit") && err.contains("--frames"),
         "{err}"
     );
-    let (code, out, err) = plan(&[
-        "--model",
-        "wan2.2-t2v-a14b",
-        "--size",
-        "832x480",
-        "--vram-budget",
-        "12GiB",
-    ]);
+    let (code, out, err) = plan_a14b(&["--vram-budget", "12GiB"]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("stream") && out.contains("blocks resident"),
