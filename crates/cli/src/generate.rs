@@ -589,14 +589,6 @@ pub fn parse_size(text: &str) -> anyhow::Result<(u32, u32)> {
     Ok((w, h))
 }
 
-pub fn default_device() -> &'static str {
-    if cfg!(feature = "cuda") {
-        "cuda"
-    } else {
-        "cpu"
-    }
-}
-
 /// `vidgen-<seed>.mp4` in `dir`, numbered so an earlier video is never overwritten.
 fn default_output(dir: &Path, seed: u64) -> PathBuf {
     let first = dir.join(format!("vidgen-{seed}.mp4"));
@@ -695,8 +687,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(image) = &resolved.image {
         check_image(image)?;
     }
-    let device =
-        vidgen_engine::device::parse_device(args.device.as_deref().unwrap_or(default_device()))?;
+    let device = vidgen_engine::device::parse_device(
+        args.device
+            .as_deref()
+            .unwrap_or(vidgen_engine::device::default_device()),
+    )?;
     // The pipeline resolves the request again: pin the seed so both agree (and it is reported).
     request.seed = Some(resolved.seed);
     let output = args

@@ -144,7 +144,7 @@ fn run_options(job: &WorkerJob) -> anyhow::Result<RunOptions> {
     let device = job
         .device
         .as_deref()
-        .unwrap_or(crate::generate::default_device());
+        .unwrap_or(vidgen_engine::device::default_device());
     let device = vidgen_engine::device::parse_device(device)?;
     let offload = match &job.offload {
         Some(mode) => Offload::parse(mode)?,

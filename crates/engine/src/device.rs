@@ -5,6 +5,16 @@ use candle_core::{DType, Device};
 
 use crate::invalid;
 
+/// The device a run uses when none is named: the GPU in a build with the `cuda` feature, else
+/// the CPU (the CLI, its workers and the server's request checks all follow this one rule).
+pub fn default_device() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
 /// `cpu` or `cuda` (GPU 0) / `cuda:N`.
 pub fn parse_device(name: &str) -> Result<Device> {
     match name {

@@ -117,11 +117,10 @@ impl QueueConfig {
     /// CUDA (the worker's default is the GPU only when vidgen was built with CUDA). Requests that
     /// need a GPU (`vae_dtype: bf16`) are refused up front on such a server.
     pub fn workers_on_cpu(&self) -> bool {
-        match self.device.as_deref() {
-            Some(d) => d == "cpu",
-            // candle's `cuda` feature is on exactly when vidgen-engine's (hence vidgen's) is.
-            None => !candle_core::utils::cuda_is_available(),
-        }
+        self.device
+            .as_deref()
+            .unwrap_or(vidgen_engine::device::default_device())
+            == "cpu"
     }
 }
 
@@ -300,7 +299,7 @@ mod tests {
         assert!(!on("cuda:1"));
         assert_eq!(
             QueueConfig::default().workers_on_cpu(),
-            !candle_core::utils::cuda_is_available()
+            vidgen_engine::device::default_device() == "cpu"
         );
     }
 
