@@ -304,17 +304,8 @@ impl Bench {
         }
         let cfg = &case.config;
         let ((w, h), frames) = self.shape(case.size, case.frames);
-        let latent = [
-            1,
-            cfg.in_channels,
-            (frames - 1) / 4 + 1,
-            h / case.vae_stride,
-            w / case.vae_stride,
-        ];
         let model = random_transformer(cfg, &self.device, self.dtype, None)?;
-        let x = rand(&latent, DType::F32, &self.device)?;
-        let text = rand(&[1, 512, cfg.text_dim], DType::F32, &self.device)?;
-        let t = Tensor::new(&[500f32], &self.device)?;
+        let (x, text, t) = self.forward_inputs(case)?;
         let context = model.prepare_context(&text)?;
         let rope = model.rope(x.dims())?;
         let [gf, gh, gw] = model.grid(x.dims())?;
@@ -329,7 +320,7 @@ impl Bench {
             + memory::dit_activations(memory::known_model(case.preset)?, tokens, 1, elem, false);
         emit(json!({
             "what": "dit_forward", "model": case.name, "size": format!("{w}x{h}"), "frames": frames,
-            "latent": latent, "tokens": tokens, "params": param_count(cfg),
+            "latent": x.dims(), "tokens": tokens, "params": param_count(cfg),
             "dtype": format!("{:?}", self.dtype).to_lowercase(), "seconds": seconds,
             "peak_gib": peak, "predicted_peak_gib": predicted as f64 / memory::GIB,
             "tflops": flops / seconds / 1e12,
@@ -342,16 +333,7 @@ impl Bench {
     fn check(&self, case: &DitCase) -> Result<()> {
         let cfg = &case.config;
         let ((w, h), frames) = self.shape(case.size, case.frames);
-        let latent = [
-            1,
-            cfg.in_channels,
-            (frames - 1) / 4 + 1,
-            h / case.vae_stride,
-            w / case.vae_stride,
-        ];
-        let x = rand(&latent, DType::F32, &self.device)?;
-        let text = rand(&[1, 512, cfg.text_dim], DType::F32, &self.device)?;
-        let t = Tensor::new(&[500f32], &self.device)?;
+        let (x, text, t) = self.forward_inputs(case)?;
         let weights = dit::random::random_weights_on_device(cfg, 7, &self.device, DType::F32)?;
         let run =
             |weights: std::collections::HashMap<String, Tensor>, dtype: DType| -> Result<Tensor> {
@@ -623,18 +605,8 @@ impl Bench {
     /// the resident run and `prefetch + 1` blocks in flight. Output must be bit-identical.
     fn stream(&self, case: &DitCase, budgets: &[f64], prefetch: usize) -> Result<()> {
         let cfg = &case.config;
-        let ((w, h), frames) = self.shape(case.size, case.frames);
-        let latent = [
-            1,
-            cfg.in_channels,
-            (frames - 1) / 4 + 1,
-            h / case.vae_stride,
-            w / case.vae_stride,
-        ];
         let model = random_transformer(cfg, &self.device, self.dtype, self.quant)?;
-        let x = rand(&latent, DType::F32, &self.device)?;
-        let text = rand(&[1, 512, cfg.text_dim], DType::F32, &self.device)?;
-        let t = Tensor::new(&[500f32], &self.device)?;
+        let (x, text, t) = self.forward_inputs(case)?;
         let rope = model.rope(x.dims())?;
         let context = model.prepare_context(&text)?;
         let (resident_s, resident_peak) = self.time(|| {
