@@ -398,31 +398,30 @@ fn offload_mode(v: Option<&str>) -> AppResult<Option<String>> {
     }
 }
 
-/// `weights`: the transformer weight format (`bf16` when absent).
-fn weights_format(v: Option<&str>) -> AppResult<Weights> {
+/// `field`'s value among `names` (`parse` reads one), or `T::default()` when absent.
+fn choice<T: Default>(
+    field: &str,
+    v: Option<&str>,
+    parse: fn(&str) -> Option<T>,
+    names: &[&str],
+) -> AppResult<T> {
     match v {
-        None => Ok(Weights::default()),
-        Some(s) => Weights::parse(s).ok_or_else(|| {
-            ApiError::invalid(format!(
-                "weights: `{s}` is not one of {}",
-                Weights::NAMES.join(", ")
-            ))
+        None => Ok(T::default()),
+        Some(s) => parse(s).ok_or_else(|| {
+            ApiError::invalid(format!("{field}: `{s}` is not one of {}", names.join(", ")))
         }),
     }
+}
+
+/// `weights`: the transformer weight format (`bf16` when absent).
+fn weights_format(v: Option<&str>) -> AppResult<Weights> {
+    choice("weights", v, Weights::parse, &Weights::NAMES)
 }
 
 /// `vae_dtype`: the VAE precision (`auto` when absent). Whether it suits the workers' device is
 /// checked in [`submit`], for remixes and extensions too.
 fn vae_dtype(v: Option<&str>) -> AppResult<VaeDtype> {
-    match v {
-        None => Ok(VaeDtype::default()),
-        Some(s) => VaeDtype::parse(s).ok_or_else(|| {
-            ApiError::invalid(format!(
-                "vae_dtype: `{s}` is not one of {}",
-                VaeDtype::NAMES.join(", ")
-            ))
-        }),
-    }
+    choice("vae_dtype", v, VaeDtype::parse, &VaeDtype::NAMES)
 }
 
 /// `vae_dtype: bf16` needs a GPU: on a server whose workers run on the CPU it is refused here
