@@ -146,17 +146,20 @@ fn run_options(job: &WorkerJob) -> anyhow::Result<RunOptions> {
         .as_deref()
         .unwrap_or(vidgen_engine::device::default_device());
     let device = vidgen_engine::device::parse_device(device)?;
-    let offload = match &job.offload {
+    let offload = match &job.memory.offload {
         Some(mode) => Offload::parse(mode)?,
         None => None,
     };
-    let vae_bf16 =
-        vidgen_engine::memory::vae_bf16("vae_dtype", job.vae_dtype.name(), !device.is_cpu())?;
+    let vae_bf16 = vidgen_engine::memory::vae_bf16(
+        "vae_dtype",
+        job.memory.vae_dtype.name(),
+        !device.is_cpu(),
+    )?;
     Ok(RunOptions {
         device,
         memory: MemoryOptions {
             offload,
-            fp8: job.weights == Weights::Fp8,
+            fp8: job.memory.weights == Weights::Fp8,
             vae_bf16,
             ..MemoryOptions::default()
         },
@@ -276,7 +279,7 @@ fn still_images(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vidgen_server::protocol::VaeDtype;
+    use vidgen_server::protocol::{MemorySettings, VaeDtype};
 
     fn job(weights: Weights, vae_dtype: VaeDtype) -> WorkerJob {
         WorkerJob {
@@ -288,9 +291,11 @@ mod tests {
             spritesheet: "spritesheet.jpg".into(),
             cancel_file: "cancel".into(),
             extend_from: None,
-            offload: Some("aggressive".into()),
-            weights,
-            vae_dtype,
+            memory: MemorySettings {
+                offload: Some("aggressive".into()),
+                weights,
+                vae_dtype,
+            },
             device: Some("cpu".into()),
         }
     }
@@ -315,7 +320,7 @@ mod tests {
             "output": "v.mp4", "thumbnail": "t.webp", "spritesheet": "s.jpg", "cancel_file": "c"}"#;
         let job: WorkerJob = serde_json::from_str(text).unwrap();
         assert_eq!(
-            (job.weights, job.vae_dtype),
+            (job.memory.weights, job.memory.vae_dtype),
             (Weights::Bf16, VaeDtype::Auto)
         );
     }

@@ -21,7 +21,7 @@ use vidgen_engine::pipeline::{GenerateRequest, ResolvedRequest, Task};
 
 use crate::error::ApiError;
 use crate::forms::{read_form, Form, Kind};
-use crate::protocol::{codes, JobSettings, OutputFormat, VaeDtype, Weights};
+use crate::protocol::{codes, JobSettings, MemorySettings, OutputFormat, VaeDtype, Weights};
 use crate::state::{is_job_id, new_job_id, AppState, Metrics, ModelSlot, StopReason};
 use crate::store::{JobRow, Status};
 use crate::uploads::{decode_data_url, sanitize_image};
@@ -265,9 +265,9 @@ pub fn video_object(state: &AppState, row: &JobRow) -> Value {
         "shift": r.shift,
         "scheduler": r.scheduler,
         "output_format": row.settings.output_format,
-        "offload": row.settings.offload.as_deref().unwrap_or("auto"),
-        "weights": row.settings.weights.name(),
-        "vae_dtype": row.settings.vae_dtype.name(),
+        "offload": row.settings.memory.offload.as_deref().unwrap_or("auto"),
+        "weights": row.settings.memory.weights.name(),
+        "vae_dtype": row.settings.memory.vae_dtype.name(),
         "has_image": r.image.is_some(),
         "notes": row.settings.notes,
         "warnings": row.output.as_ref().map(|o| o.warnings.clone()).unwrap_or_default(),
@@ -468,9 +468,7 @@ struct Submission<'a> {
     request: GenerateRequest,
     image: ImageSource,
     output_format: OutputFormat,
-    offload: Option<String>,
-    weights: Weights,
-    vae_dtype: VaeDtype,
+    memory: MemorySettings,
     remixed_from: Option<String>,
     extend_from: Option<String>,
 }
@@ -545,9 +543,11 @@ async fn create_video(State(state): St, req: Request) -> AppResult<Response> {
         request,
         image,
         output_format: output_format(body.output_format.as_deref())?,
-        offload: offload_mode(body.offload.as_deref())?,
-        weights: weights_format(body.weights.as_deref())?,
-        vae_dtype: vae_dtype(body.vae_dtype.as_deref())?,
+        memory: MemorySettings {
+            offload: offload_mode(body.offload.as_deref())?,
+            weights: weights_format(body.weights.as_deref())?,
+            vae_dtype: vae_dtype(body.vae_dtype.as_deref())?,
+        },
         remixed_from: None,
         extend_from: None,
     };
@@ -598,7 +598,7 @@ fn queue_full(state: &AppState) -> ApiError {
 
 /// Validates (the model's own rules), stores the image, and queues the job.
 async fn submit(state: &Arc<AppState>, mut sub: Submission<'_>) -> AppResult<JobRow> {
-    check_vae_dtype(state, sub.vae_dtype)?;
+    check_vae_dtype(state, sub.memory.vae_dtype)?;
     let has_image = !matches!(sub.image, ImageSource::None);
     // `resolve` only needs to know an image is present; its real path is decided below.
     sub.request.image = has_image.then(|| "input.png".into());
@@ -638,9 +638,7 @@ async fn submit(state: &Arc<AppState>, mut sub: Submission<'_>) -> AppResult<Job
         output_format: sub.output_format,
         extend_from: sub.extend_from,
         notes: resolved.notes.clone(),
-        offload: sub.offload,
-        weights: sub.weights,
-        vae_dtype: sub.vae_dtype,
+        memory: sub.memory,
     };
     let inserted = state
         .store
@@ -697,9 +695,7 @@ async fn remix_video(
         request,
         image,
         output_format: source.settings.output_format,
-        offload: source.settings.offload.clone(),
-        weights: source.settings.weights,
-        vae_dtype: source.settings.vae_dtype,
+        memory: source.settings.memory.clone(),
         remixed_from: Some(id),
         extend_from: None,
     };
@@ -765,9 +761,7 @@ async fn extend_video(State(state): St, req: Request) -> AppResult<Response> {
         request,
         image: ImageSource::Worker,
         output_format: source.settings.output_format,
-        offload: source.settings.offload.clone(),
-        weights: source.settings.weights,
-        vae_dtype: source.settings.vae_dtype,
+        memory: source.settings.memory.clone(),
         remixed_from: None,
         extend_from: Some(source_id.to_string()),
     };

@@ -366,9 +366,7 @@ fn prepare(state: &AppState, job: &JobRow) -> anyhow::Result<(WorkerJob, PathBuf
         spritesheet: dir.join("spritesheet.jpg"),
         cancel_file,
         extend_from,
-        offload: job.settings.offload.clone(),
-        weights: job.settings.weights,
-        vae_dtype: job.settings.vae_dtype,
+        memory: job.settings.memory.clone(),
         device: state.config.queue.device.clone(),
     };
     let file = dir.join("job.json");

@@ -123,6 +123,15 @@ pub struct JobSettings {
     /// Adjustments validation made (e.g. seconds -> frames), shown to the user.
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Where the job's weights live and in what precision (stored as top-level fields).
+    #[serde(flatten)]
+    pub memory: MemorySettings,
+}
+
+/// A job's memory and precision knobs, as the native API takes them; they travel together from the
+/// request through the stored settings to the worker's job file (flattened in both).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemorySettings {
     /// Placement mode asked for (`none`, `cond`, `cond-diffusion`, `aggressive`, `stream`);
     /// `None` lets the worker's planner choose from the free GPU memory.
     #[serde(default)]
@@ -152,15 +161,9 @@ pub struct WorkerJob {
     /// is the source followed by the new segment in one file.
     #[serde(default)]
     pub extend_from: Option<PathBuf>,
-    /// Placement mode (see [`JobSettings::offload`]).
-    #[serde(default)]
-    pub offload: Option<String>,
-    /// Transformer weight format (see [`JobSettings::weights`]).
-    #[serde(default)]
-    pub weights: Weights,
-    /// VAE precision (see [`JobSettings::vae_dtype`]).
-    #[serde(default)]
-    pub vae_dtype: VaeDtype,
+    /// The job's memory knobs (see [`MemorySettings`]).
+    #[serde(flatten)]
+    pub memory: MemorySettings,
     /// Device to run on (`cpu`, `cuda`, `cuda:N`); `None`: the build's default (the GPU when
     /// built with CUDA).
     #[serde(default)]
@@ -225,13 +228,14 @@ mod tests {
         let old = r#"{"model": "demo", "request": {"prompt": "p"}, "output_format": "mp4",
             "offload": "cond"}"#;
         let s: JobSettings = serde_json::from_str(old).unwrap();
-        assert_eq!((s.weights, s.vae_dtype), (Weights::Bf16, VaeDtype::Auto));
-        assert_eq!(s.offload.as_deref(), Some("cond"));
-        let new = JobSettings {
-            weights: Weights::Fp8,
-            vae_dtype: VaeDtype::F32,
-            ..s
-        };
+        assert_eq!(
+            (s.memory.weights, s.memory.vae_dtype),
+            (Weights::Bf16, VaeDtype::Auto)
+        );
+        assert_eq!(s.memory.offload.as_deref(), Some("cond"));
+        let mut new = s;
+        new.memory.weights = Weights::Fp8;
+        new.memory.vae_dtype = VaeDtype::F32;
         let text = serde_json::to_string(&new).unwrap();
         assert!(
             text.contains(r#""weights":"fp8""#) && text.contains(r#""vae_dtype":"f32""#),

@@ -390,22 +390,22 @@ mod tests {
             output_format: OutputFormat::Mp4,
             extend_from: None,
             notes: vec![],
-            offload: None,
-            weights: Default::default(),
-            vae_dtype: Default::default(),
+            memory: Default::default(),
         }
     }
 
     #[test]
     fn memory_knobs_survive_a_reopen_and_old_rows_load_with_defaults() {
-        use crate::protocol::{VaeDtype, Weights};
+        use crate::protocol::{MemorySettings, VaeDtype, Weights};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
         let store = Store::open(&path).unwrap();
         let asked = JobSettings {
-            offload: Some("stream".into()),
-            weights: Weights::Fp8,
-            vae_dtype: VaeDtype::F32,
+            memory: MemorySettings {
+                offload: Some("stream".into()),
+                weights: Weights::Fp8,
+                vae_dtype: VaeDtype::F32,
+            },
             ..settings()
         };
         assert!(store.insert_queued("video_new", &asked, None, 8).unwrap());
@@ -424,10 +424,10 @@ mod tests {
         assert_eq!(store.get("video_new").unwrap().unwrap().settings, asked);
         let old = store.get("video_old").unwrap().unwrap().settings;
         assert_eq!(
-            (old.weights, old.vae_dtype),
+            (old.memory.weights, old.memory.vae_dtype),
             (Weights::Bf16, VaeDtype::Auto)
         );
-        assert_eq!(old.offload.as_deref(), Some("cond"));
+        assert_eq!(old.memory.offload.as_deref(), Some("cond"));
         // The queue hands the old row out like any other.
         assert_eq!(store.claim_next().unwrap().unwrap().id, "video_new");
         assert_eq!(store.claim_next().unwrap().unwrap().id, "video_old");
