@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use vidgen_engine::dit::StreamOptions;
 use vidgen_engine::invalid;
-use vidgen_engine::memory::{Offload, Plan, PlanRequest, WeightFormat, GIB};
+use vidgen_engine::memory::{Offload, Plan, PlanRequest, TextPlacement, WeightFormat, GIB};
 use vidgen_engine::pipeline::image::{probe_image, read_image_file, ImageLimits};
 use vidgen_engine::pipeline::layout::{self, ComponentPaths, ModelLayout};
 use vidgen_engine::pipeline::stages::{Placement, StageMemory};
@@ -432,7 +432,7 @@ fn placement_of(plan: &Plan, memory: &MemoryOptions) -> Placement {
             resident_blocks: plan.resident_blocks.unwrap_or(0),
             prefetch: memory.prefetch,
         },
-        text_on_cpu: plan.text_on_cpu,
+        text: plan.text,
         fp8_linears: memory.fp8,
         vae_bf16: memory.vae_bf16,
     }
@@ -458,7 +458,7 @@ pub fn plan_placement(
                     resident_blocks: 0,
                     prefetch: memory.prefetch,
                 },
-                text_on_cpu: false,
+                text: TextPlacement::Resident,
                 fp8_linears: memory.fp8,
                 vae_bf16: memory.vae_bf16,
             },

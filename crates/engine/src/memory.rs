@@ -212,8 +212,20 @@ pub struct Plan {
     pub gpu_peak: u64,
     pub host_peak: u64,
     pub fits: bool,
-    /// The text encoder runs on the CPU (it does not fit the budget).
-    pub text_on_cpu: bool,
+    /// Where the text encoder runs.
+    pub text: TextPlacement,
+}
+
+/// Where the text encoder runs during its stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextPlacement {
+    /// Whole on the run's device (bf16 on a GPU).
+    Resident,
+    /// Weights on the host in bf16, one block at a time copied to the GPU and run there: the same
+    /// numbers as `Resident`, at one block's memory (UMT5-XXL: 0.4 GB + its f32 `wo`).
+    Streamed,
+    /// On the CPU in f32: when even one block does not fit the GPU budget.
+    Cpu,
 }
 
 /// Exact weight bytes of one transformer (expert) from its shapes.
@@ -444,13 +456,21 @@ pub fn dit_block_params(cfg: &DitConfig) -> u64 {
 
 /// UMT5-XXL encoder parameters (embedding, per layer attention + gated FFN + relative bias + norms).
 pub fn text_params(c: &Umt5Config) -> u64 {
+    let d = c.d_model as u64;
+    c.vocab_size as u64 * d + c.num_layers as u64 * text_layer_params(c) + d
+}
+
+/// Parameters of one encoder block: attention, gated feed-forward, two norms, position bias.
+fn text_layer_params(c: &Umt5Config) -> u64 {
     let inner = (c.num_heads * c.d_kv) as u64;
     let (d, ff) = (c.d_model as u64, c.d_ff as u64);
-    let per_layer = 4 * d * inner
-        + 3 * d * ff
-        + 2 * d
-        + (c.relative_attention_num_buckets * c.num_heads) as u64;
-    c.vocab_size as u64 * d + c.num_layers as u64 * per_layer + d
+    4 * d * inner + 3 * d * ff + 2 * d + (c.relative_attention_num_buckets * c.num_heads) as u64
+}
+
+/// GPU bytes of one streamed encoder block in bf16, with the f32 copy of `wo` its feed-forward
+/// makes while it runs.
+pub fn text_block_bytes(c: &Umt5Config) -> u64 {
+    2 * text_layer_params(c) + 4 * (c.d_model * c.d_ff) as u64
 }
 
 /// The VAE architecture of a preset.
@@ -604,37 +624,56 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
                 (text_w, on_gpu, 0, dit_w)
             }
         };
-    // In the strongest modes an encoder that does not fit the budget runs on the CPU (512 tokens:
-    // seconds, not minutes) and costs the GPU nothing.
-    let text_on_cpu = matches!(mode, Offload::Aggressive | Offload::Stream)
-        && req.vram_budget.is_some_and(|b| text_w + text_act > b);
+    // In the strongest modes an encoder that does not fit the budget is streamed to the GPU a
+    // block at a time; only when one block does not fit either does it run on the CPU.
+    let text_block = text_block_bytes(&Umt5Config::umt5_xxl());
+    let text = match req.vram_budget {
+        Some(b)
+            if matches!(mode, Offload::Aggressive | Offload::Stream) && text_w + text_act > b =>
+        {
+            if text_block + text_act <= b {
+                TextPlacement::Streamed
+            } else {
+                TextPlacement::Cpu
+            }
+        }
+        _ => TextPlacement::Resident,
+    };
     let resident_extra = if mode == Offload::None {
         all_dits + vae_w
     } else {
         0
     };
-    let mut stages = vec![if text_on_cpu {
+    let mut stages = vec![match text {
         // f32 on the CPU: twice the bf16 checkpoint.
-        stage(
+        TextPlacement::Cpu => stage(
             "text encode",
             0,
             2 * text_w,
             0,
             "text encoder on the CPU (f32)".into(),
-        )
-    } else {
-        let placement = if mode == Offload::None {
-            "all components resident"
-        } else {
-            "text encoder on GPU, freed after"
-        };
-        stage(
+        ),
+        TextPlacement::Streamed => stage(
             "text encode",
-            text_gpu + resident_extra,
-            0,
+            text_block,
+            text_w,
             text_act,
-            placement.into(),
-        )
+            "text encoder on the host, streamed to the GPU a block at a time".into(),
+        ),
+        TextPlacement::Resident => {
+            let placement = if mode == Offload::None {
+                "all components resident"
+            } else {
+                "text encoder on GPU, freed after"
+            };
+            stage(
+                "text encode",
+                text_gpu + resident_extra,
+                0,
+                text_act,
+                placement.into(),
+            )
+        }
     }];
     for e in 0..experts {
         let name = if experts == 2 {
@@ -693,7 +732,7 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
         gpu_peak,
         host_peak,
         fits,
-        text_on_cpu,
+        text,
     }
 }
 

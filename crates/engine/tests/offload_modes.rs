@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use vidgen_engine::dit::StreamOptions;
-use vidgen_engine::memory::Offload;
+use vidgen_engine::memory::{Offload, TextPlacement};
 use vidgen_engine::pipeline::layout::{self, ComponentPaths};
 use vidgen_engine::pipeline::stages::{Components, Placement, Stages};
 use vidgen_engine::pipeline::{ProgressEvent, ProgressSink, ResolvedRequest};
@@ -87,7 +87,7 @@ fn placement(offload: Offload, resident_blocks: usize, prefetch: usize) -> Place
             resident_blocks,
             prefetch,
         },
-        text_on_cpu: false,
+        text: TextPlacement::Resident,
         fp8_linears: false,
         vae_bf16: true,
     }

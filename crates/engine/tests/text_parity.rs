@@ -74,6 +74,35 @@ fn diffusers_folder_f32_matches_transformers() {
     );
 }
 
+/// The block-streamed encoder (weights where they were loaded, each block copied to the compute
+/// device when it runs) gives the resident encoder's bits. On the CPU the copy is to the same
+/// device; on a GPU `generate --vram-budget 4GiB` streams it for real and the run's latents are
+/// compared with a resident run's.
+#[test]
+fn streamed_blocks_equal_resident() {
+    let io = load("encoder.safetensors");
+    for dtype in [DType::F32, DType::BF16] {
+        let load = || TextEncoder::load(&fixtures().join("text_encoder"), &Device::Cpu, dtype);
+        let resident = load().unwrap();
+        let streamed = load().unwrap().streamed_to(&Device::Cpu);
+        let run = |e: &TextEncoder| {
+            e.forward(&io["input_ids"], Some(&io["attention_mask"]))
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (a, b) = (run(&resident), run(&streamed));
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{dtype:?}"
+        );
+    }
+}
+
 #[test]
 fn bf16_matches_transformers_bf16() {
     let io = load("encoder.safetensors");

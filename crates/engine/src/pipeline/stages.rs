@@ -28,7 +28,7 @@ use crate::device::gpu_memory;
 use crate::dit::random::RandomSource;
 use crate::dit::{self, LoadOptions, StreamOptions, WanTransformer};
 use crate::invalid;
-use crate::memory::Offload;
+use crate::memory::{Offload, TextPlacement};
 use crate::presets::{ModelPreset, TaskKind};
 use crate::scheduler::{self, SchedulerKind, SchedulerSpec};
 use crate::text::{self, TextEncoder, Tokenizer, Umt5Config};
@@ -64,8 +64,8 @@ pub struct Placement {
     pub offload: Offload,
     /// `Offload::Stream`: blocks kept on the GPU and blocks uploaded ahead.
     pub stream: StreamOptions,
-    /// The text encoder runs on the CPU (in f32).
-    pub text_on_cpu: bool,
+    /// Where the text encoder runs.
+    pub text: TextPlacement,
     /// Transformer block linears in FP8 (per-channel scales): half the weight memory.
     pub fp8_linears: bool,
     /// On a GPU the VAE runs in bf16 (cuDNN channels-last convolutions: ~20x faster than its
@@ -80,7 +80,7 @@ impl Default for Placement {
         Self {
             offload: Offload::Cond,
             stream: StreamOptions::default(),
-            text_on_cpu: false,
+            text: TextPlacement::Resident,
             fp8_linears: false,
             vae_bf16: true,
         }
@@ -239,12 +239,16 @@ impl<'a> Stages<'a> {
         if let Some(t) = &self.resident.borrow().text {
             return Ok(t.clone());
         }
-        let (device, dtype) = if self.placement.text_on_cpu || self.device.is_cpu() {
-            (Device::Cpu, DType::F32)
-        } else {
-            (self.device.clone(), DType::BF16)
+        // `device` holds the weights; a streamed encoder keeps them on the host in bf16 and runs
+        // on the GPU.
+        let (device, dtype) = match self.placement.text {
+            _ if self.device.is_cpu() => (Device::Cpu, DType::F32),
+            TextPlacement::Cpu => (Device::Cpu, DType::F32),
+            TextPlacement::Streamed => (Device::Cpu, DType::BF16),
+            TextPlacement::Resident => (self.device.clone(), DType::BF16),
         };
-        let text = Rc::new(match self.components {
+        let streamed = self.placement.text == TextPlacement::Streamed && !self.device.is_cpu();
+        let (encoder, tokenizer) = match self.components {
             Components::Demo => (
                 demo::text_encoder(&self.device, DType::F32)?,
                 demo::tokenizer()?,
@@ -271,7 +275,13 @@ impl<'a> Stages<'a> {
                 },
                 demo::tokenizer()?,
             ),
-        });
+        };
+        let encoder = if streamed {
+            encoder.streamed_to(&self.device)
+        } else {
+            encoder
+        };
+        let text = Rc::new((encoder, tokenizer));
         if self.keep_resident() {
             self.resident.borrow_mut().text = Some(text.clone());
         }

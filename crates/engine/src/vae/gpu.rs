@@ -76,9 +76,10 @@ pub fn rms_norm(x: &Tensor, gamma: &Tensor, dim: usize, silu: bool) -> Result<Te
     let (scale, ci, si) = ((c as f32).sqrt(), c as i32, s as i64);
     let mut b = func.builder();
     b.arg(&px).arg(&py).arg(&pg).arg(&scale).arg(&ci).arg(&si);
+    // RMS_PIX pixels x RMS_SLICES channel slices per block (kernels/vae_ops.cu).
     let cfg = LaunchConfig {
-        grid_dim: (s.div_ceil(THREADS as usize) as u32, n as u32, 1),
-        block_dim: (THREADS, 1, 1),
+        grid_dim: (s.div_ceil(32) as u32, n as u32, 1),
+        block_dim: (32, 8, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: the arguments match the kernel's signature in kernels/vae_ops.cu.
