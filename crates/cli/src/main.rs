@@ -55,6 +55,11 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Engine warnings (a kernel that fell back, a plan dropped) reach stderr in every command;
+    // `serve` logs at info and may log JSON.
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logging(false, "warn");
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
@@ -68,6 +73,25 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
     }
+}
+
+/// Log lines on stderr at `default_level` unless RUST_LOG says otherwise.
+fn init_logging(json: bool, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // Colour codes only for a terminal: in a log file they split `job_id=...` for grep.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    // A second init (tests calling run twice in one process) keeps the first subscriber.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// One-line cause on stderr; exit 2 for caller errors, 1 for runtime failures.
