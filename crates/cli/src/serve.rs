@@ -59,4 +59,3 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let worker_exe = std::env::current_exe().context("locating the vidgen executable")?;
     vidgen_server::serve_blocking(config, ServerEnv { worker_exe, models })
 }
-

@@ -63,10 +63,12 @@ mod gpu {
     const DT_INT32: i32 = 4;
     const DT_BF16: i32 = 9;
     const DT_BOOL: i32 = 11;
+    const PW_ADD: i32 = 0;
     const PW_MUL: i32 = 1;
     const PW_DIV: i32 = 6;
     const PW_SUB: i32 = 9;
     const PW_EXP: i32 = 13;
+    const PW_LOG: i32 = 15;
     const PW_CMP_LT: i32 = 304;
     const PW_AND: i32 = 400;
     const PW_GEN_INDEX: i32 = 501;
@@ -328,7 +330,25 @@ mod gpu {
         _graph: Graph,
     }
 
+    /// Builds a plan, first with the softmax statistics in the graph (as cudnn-frontend's
+    /// inference graph has them), then without; the error names both refusals.
     fn build(handle: sys::cudnnHandle_t, key: &Key, dev: &candle_core::CudaDevice) -> Result<Plan> {
+        build_graph(handle, key, dev, true).or_else(|with_stats| {
+            build_graph(handle, key, dev, false).map_err(|without| {
+                anyhow::anyhow!("with softmax stats: {with_stats:#}; without: {without:#}")
+            })
+        })
+    }
+
+    /// `stats`: also compute max + log(sum) into a virtual tensor nobody reads. cudnn-frontend's
+    /// composite softmax adds these nodes even for inference, so the fused-attention engines may
+    /// match only graphs that have them.
+    fn build_graph(
+        handle: sys::cudnnHandle_t,
+        key: &Key,
+        dev: &candle_core::CudaDevice,
+        stats: bool,
+    ) -> Result<Plan> {
         let (b, h, lq, lk) = (key.b as i64, key.h as i64, key.lq as i64, key.lk as i64);
         let d = HEAD_DIM as i64;
         let [(qb, qt), (kb, kt), (vb, vt)] = key.strides.map(|(b, t)| (b as i64, t as i64));
@@ -433,6 +453,12 @@ mod gpu {
         g.pointwise(PW_EXP, DT_FLOAT, None, (shifted, None, None), exp)?;
         let sum = g.virtual_tensor(row.0, row.1, DT_FLOAT)?;
         g.reduction(REDUCE_ADD, exp, sum)?;
+        if stats {
+            let log_sum = g.virtual_tensor(row.0, row.1, DT_FLOAT)?;
+            g.pointwise(PW_LOG, DT_FLOAT, None, (sum, None, None), log_sum)?;
+            let lse = g.virtual_tensor(row.0, row.1, DT_FLOAT)?;
+            g.pointwise(PW_ADD, DT_FLOAT, None, (max, Some(log_sum), None), lse)?;
+        }
         // The probabilities enter the second matmul in the inputs' dtype.
         let probs = g.virtual_tensor(full.0, full.1, DT_BF16)?;
         g.pointwise(PW_DIV, DT_FLOAT, None, (exp, Some(sum), None), probs)?;
