@@ -291,17 +291,7 @@ pub fn run_source(
         })?;
     }
     let started = Instant::now();
-    let dits = match &components {
-        Components::Layout(l) => Some((l.dit.as_path(), l.dit_2.as_deref())),
-        _ => None,
-    };
-    let mut planned = plan_placement(
-        components.preset(),
-        dits,
-        &req,
-        &options.memory,
-        &options.device,
-    )?;
+    let mut planned = plan_placement(&components, &req, &options.memory, &options.device)?;
     let mut stages = Stages::with_placement(
         components,
         options.device.clone(),
@@ -422,6 +412,8 @@ fn plan_request(
         prefetch: memory.prefetch,
         vae_bf16: memory.vae_bf16 && !device.is_cpu(),
         dit_weights: None,
+        // Set from the prompts by `plan_placement`.
+        text_tokens: vidgen_engine::text::TEXT_LEN,
     }
 }
 
@@ -438,18 +430,18 @@ fn placement_of(plan: &Plan, memory: &MemoryOptions) -> Placement {
     }
 }
 
-/// Plans the run before anything loads. On a GPU a plan that does not fit the budget is an error
-/// naming the smallest change that would fit; the CPU has no VRAM budget to check. `dits`: the
-/// transformer checkpoint(s) of a model folder (a GGUF file's real tensor sizes replace the
-/// preset's).
+/// Plans the run before any weight loads. On a GPU a plan that does not fit the budget is an error
+/// naming the smallest change that would fit; the CPU has no VRAM budget to check. A model
+/// folder's transformer checkpoint(s) give the weights' real sizes (a GGUF file's tensor table
+/// replaces the preset's), and the tokenizer the prompts' lengths (the text encoder's activations).
 pub fn plan_placement(
-    preset: Option<&'static ModelPreset>,
-    dits: Option<(&Path, Option<&Path>)>,
+    components: &vidgen_engine::pipeline::stages::Components<'_>,
     req: &ResolvedRequest,
     memory: &MemoryOptions,
     device: &candle_core::Device,
 ) -> anyhow::Result<PlannedRun> {
-    let Some(preset) = preset else {
+    use vidgen_engine::pipeline::stages::Components;
+    let Some(preset) = components.preset() else {
         // No known configuration (the demo, an unrecognised folder): no plan, the asked mode.
         return Ok(PlannedRun {
             placement: Placement {
@@ -471,10 +463,11 @@ pub fn plan_placement(
         None => vidgen_engine::memory::available_vram(device)?,
     };
     let mut request = plan_request(preset, req, memory, device, budget);
-    if let Some((dit, dit_2)) = dits {
+    request.text_tokens = components.text_tokens(req)?;
+    if let Components::Layout(l) = components {
         request.dit_weights = vidgen_engine::memory::DitWeights::of_layout(
-            dit,
-            dit_2,
+            &l.dit,
+            l.dit_2.as_deref(),
             &vidgen_engine::memory::dit_config(preset),
             request.weights,
         )?;

@@ -134,6 +134,8 @@ pub fn run(args: Args) -> Result<()> {
         prefetch: args.prefetch,
         vae_bf16: memory::vae_bf16("--vae-dtype", &args.vae_dtype, true)?,
         dit_weights: None,
+        // No prompt to plan: the longest one the encoder accepts.
+        text_tokens: vidgen_engine::text::TEXT_LEN,
     };
     let plan = memory::plan(&req);
     let suggestion = if plan.fits {

@@ -13,7 +13,7 @@ use anyhow::Result;
 use crate::dit::DitConfig;
 use crate::invalid;
 use crate::presets::{self, ModelPreset, VaeKind};
-use crate::text::Umt5Config;
+use crate::text::{Umt5Config, TEXT_LEN};
 use crate::vae::{VaeConfig, WanVae};
 use crate::weights::GgufType;
 
@@ -156,6 +156,9 @@ pub mod coeff {
     pub const DIT_FIXED: f64 = 64.0 * 1024.0 * 1024.0;
     /// UMT5 activations per token (f32 bytes): hidden, attention, gated FFN buffers.
     pub const TEXT_PER_TOKEN: f64 = 4.0 * (8.0 * 4096.0 + 3.0 * 10240.0);
+    /// UMT5 self-attention buffers of [heads, tokens, tokens] f32 alive at once: the position
+    /// bias (with the padding mask added), the scores and the probabilities.
+    pub const TEXT_SCORE_BUFFERS: f64 = 3.0;
     /// VAE decode working set per chunk, in multiples of the finest level's chunk tensor
     /// (decoder base channels x 4 frames x H x W): per-tap convolution outputs, sums, the causal
     /// caches and cuDNN workspace. Calibrated on the H100, bf16, plain decode of 832x480x81
@@ -192,6 +195,9 @@ pub struct PlanRequest {
     pub dit_weights: Option<DitWeights>,
     /// The VAE runs in bf16 (GPU default) rather than f32.
     pub vae_bf16: bool,
+    /// Tokens of the longest prompt the text encoder runs on (it runs on each prompt's own
+    /// tokens, not the padded 512); [`TEXT_LEN`] when the prompts are not known.
+    pub text_tokens: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -467,6 +473,14 @@ fn text_layer_params(c: &Umt5Config) -> u64 {
     4 * d * inner + 3 * d * ff + 2 * d + (c.relative_attention_num_buckets * c.num_heads) as u64
 }
 
+/// Peak activation bytes of one UMT5 encode over `tokens` positions: per-token buffers plus the
+/// attention's [heads, tokens, tokens] f32 buffers.
+pub fn text_activations(c: &Umt5Config, tokens: usize) -> u64 {
+    let t = tokens.min(TEXT_LEN) as f64;
+    (coeff::TEXT_PER_TOKEN * t + coeff::TEXT_SCORE_BUFFERS * c.num_heads as f64 * t * t * 4.0)
+        as u64
+}
+
 /// GPU bytes of one streamed encoder block in bf16, with the f32 copy of `wo` its feed-forward
 /// makes while it runs.
 pub fn text_block_bytes(c: &Umt5Config) -> u64 {
@@ -583,7 +597,7 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
     let passes = if req.cfg { 2 } else { 1 };
     let mut dit_act = dit_activations(p, tokens, passes, elem, p.name == "wan2.2-ti2v-5b")
         + weights.dequantize_workspace;
-    let text_act = (coeff::TEXT_PER_TOKEN * 512.0) as u64;
+    let text_act = text_activations(&Umt5Config::umt5_xxl(), req.text_tokens);
     let tiled =
         matches!(mode, Offload::Aggressive | Offload::Stream) || req.width * req.height > 512 * 512;
     let vae_act =
@@ -874,6 +888,7 @@ mod tests {
             prefetch: 1,
             dit_weights: None,
             vae_bf16: true,
+            text_tokens: TEXT_LEN,
         }
     }
 

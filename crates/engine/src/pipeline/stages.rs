@@ -36,6 +36,17 @@ use crate::vae::preview::LatentPreview;
 use crate::vae::{TileConfig, WanVae};
 use crate::weights::WeightMap;
 
+/// The prompts the text stage encodes, each on its own: the prompt, then the negative prompt when
+/// any guidance scale above 1 uses it.
+fn encoded_prompts(req: &ResolvedRequest) -> Vec<&str> {
+    let guided = req.guidance > 1.0 || req.guidance_2.is_some_and(|g| g > 1.0);
+    let mut prompts = vec![req.prompt.as_str()];
+    if guided {
+        prompts.push(req.negative_prompt.as_str());
+    }
+    prompts
+}
+
 /// Where the weights come from.
 #[derive(Clone, Copy)]
 pub enum Components<'a> {
@@ -47,6 +58,21 @@ pub enum Components<'a> {
 }
 
 impl Components<'_> {
+    /// The prompt tokenizer: the model folder's, or the built-in one for the demo and random
+    /// weights.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match self {
+            Components::Layout(l) => Tokenizer::from_file(&l.tokenizer),
+            Components::Demo | Components::Random(_) => demo::tokenizer(),
+        }
+    }
+
+    /// The positions the text encoder will run on for this request: its longest prompt's tokens
+    /// (the negative prompt counts when guidance uses it).
+    pub fn text_tokens(&self, req: &ResolvedRequest) -> Result<usize> {
+        text::longest_prompt_tokens(&self.tokenizer()?, &encoded_prompts(req))
+    }
+
     /// The released configuration these components are, when known (the memory plan, latent
     /// geometry and expert boundary come from it).
     pub fn preset(&self) -> Option<&'static ModelPreset> {
@@ -248,33 +274,25 @@ impl<'a> Stages<'a> {
             TextPlacement::Resident => (self.device.clone(), DType::BF16),
         };
         let streamed = self.placement.text == TextPlacement::Streamed && !self.device.is_cpu();
-        let (encoder, tokenizer) = match self.components {
-            Components::Demo => (
-                demo::text_encoder(&self.device, DType::F32)?,
-                demo::tokenizer()?,
-            ),
-            Components::Layout(l) => (
-                TextEncoder::load(&l.text_encoder, &device, dtype)?,
-                Tokenizer::from_file(&l.tokenizer)?,
-            ),
-            Components::Random(_) => (
-                {
-                    // Drawn on the run's device even when the encoder runs on the CPU; that
-                    // transient (64 Mi values at a time) is not what a checkpoint costs.
-                    let t = TextEncoder::random_drawn_on(
-                        Umt5Config::umt5_xxl(),
-                        13,
-                        &device,
-                        dtype,
-                        &self.device,
-                    )?;
-                    if !device.same_device(&self.device) {
-                        gpu_memory::reset_peak(&self.device)?;
-                    }
-                    t
-                },
-                demo::tokenizer()?,
-            ),
+        let tokenizer = self.components.tokenizer()?;
+        let encoder = match self.components {
+            Components::Demo => demo::text_encoder(&self.device, DType::F32)?,
+            Components::Layout(l) => TextEncoder::load(&l.text_encoder, &device, dtype)?,
+            Components::Random(_) => {
+                // Drawn on the run's device even when the encoder runs on the CPU; that
+                // transient (64 Mi values at a time) is not what a checkpoint costs.
+                let t = TextEncoder::random_drawn_on(
+                    Umt5Config::umt5_xxl(),
+                    13,
+                    &device,
+                    dtype,
+                    &self.device,
+                )?;
+                if !device.same_device(&self.device) {
+                    gpu_memory::reset_peak(&self.device)?;
+                }
+                t
+            }
         };
         let encoder = if streamed {
             encoder.streamed_to(&self.device)
@@ -309,17 +327,13 @@ impl<'a> Stages<'a> {
         self.stage(sink, Stage::TextEncode)?;
         let text = self.text()?;
         let (encoder, tokenizer) = (&text.0, &text.1);
-        let positive = text::encode_prompts(encoder, tokenizer, &[&req.prompt])?;
-        let guided = req.guidance > 1.0 || req.guidance_2.is_some_and(|g| g > 1.0);
-        let negative = if guided {
-            Some(text::encode_prompts(
-                encoder,
-                tokenizer,
-                &[&req.negative_prompt],
-            )?)
-        } else {
-            None
-        };
+        let mut embeds = encoded_prompts(req)
+            .into_iter()
+            .map(|p| text::encode_prompts(encoder, tokenizer, &[p]))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter();
+        let positive = embeds.next().expect("the prompt is always encoded");
+        let negative = embeds.next();
         drop(text);
         let out = (
             positive.to_dtype(DType::F32)?,

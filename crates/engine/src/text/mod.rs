@@ -66,14 +66,34 @@ pub fn encode_prompts_with_length(
             tokenizer.vocab_size()
         ));
     }
-    let cleaned: Vec<String> = prompts.iter().map(|p| clean_prompt(p)).collect();
-    let refs: Vec<&str> = cleaned.iter().map(String::as_str).collect();
-    let batch = tokenizer.encode_batch(&refs, max_length)?;
+    let batch = tokenize_cleaned(tokenizer, prompts, max_length)?;
     let used = batch.lengths.iter().copied().max().unwrap_or(1).max(1);
     let ids = batch.input_ids.narrow(1, 0, used)?;
     let mask = batch.attention_mask.narrow(1, 0, used)?;
     let hidden = encoder.forward(&ids, Some(&mask))?;
     zero_pad_rows(&hidden, &batch.lengths, max_length)
+}
+
+/// Wan's prompt cleaning, then the tokenizer (at most `max_length` tokens, EOS kept).
+fn tokenize_cleaned(
+    tokenizer: &Tokenizer,
+    prompts: &[&str],
+    max_length: usize,
+) -> Result<TokenizedBatch> {
+    let cleaned: Vec<String> = prompts.iter().map(|p| clean_prompt(p)).collect();
+    let refs: Vec<&str> = cleaned.iter().map(String::as_str).collect();
+    tokenizer.encode_batch(&refs, max_length)
+}
+
+/// The positions the encoder runs on for the longest of `prompts` when each is encoded on its
+/// own, as the text stage does (the memory plan sizes the encoder's activations by it).
+pub fn longest_prompt_tokens(tokenizer: &Tokenizer, prompts: &[&str]) -> Result<usize> {
+    let mut longest = 1;
+    for prompt in prompts {
+        let batch = tokenize_cleaned(tokenizer, &[prompt], TEXT_LEN)?;
+        longest = longest.max(batch.lengths.iter().copied().max().unwrap_or(1));
+    }
+    Ok(longest)
 }
 
 /// Keeps rows `< lengths[b]` of `hidden` `[B, L, D]`, zeroes the rest, and pads with zero rows to
