@@ -25,7 +25,7 @@ D_POINTWISE, D_ENGINECFG, D_ENGINEHEUR, D_EXECUTION_PLAN = 0, 3, 4, 5
 D_OP_POINTWISE, D_OPERATIONGRAPH, D_VARIANT_PACK, D_TENSOR = 13, 15, 16, 17
 D_MATMUL, D_OP_MATMUL, D_REDUCTION, D_OP_REDUCTION = 18, 19, 21, 22
 DT_FLOAT, DT_INT32, DT_BF16, DT_BOOL = 0, 4, 9, 11
-PW_MUL, PW_DIV, PW_SUB, PW_EXP = 1, 6, 9, 13
+PW_ADD, PW_MUL, PW_DIV, PW_SUB, PW_EXP, PW_LOG = 0, 1, 6, 9, 13, 15
 PW_CMP_LT, PW_AND, PW_GEN_INDEX, PW_SELECT = 304, 400, 501, 601
 RED_ADD, RED_MAX = 0, 3
 A_PW_MODE, A_PW_PREC, A_PW_AXIS = 0, 1, 9
@@ -128,8 +128,9 @@ class Graph:
         self.ops.append((op, m))
 
 
-def build(handle, b, h, sq, skv, d, q_stride, k_stride, v_stride, padding_mask):
-    """q/k/v in [B, L, H, D] memory with the given token stride; output [B, Lq, H, D] contiguous."""
+def build(handle, b, h, sq, skv, d, q_stride, k_stride, v_stride, padding_mask, stats):
+    """q/k/v in [B, L, H, D] memory with the given token stride; output [B, Lq, H, D] contiguous.
+    `stats`: also compute max + log(sum) into a virtual tensor, as cudnn-frontend's inference graph does."""
     g = Graph()
     q = g.tensor([b, h, sq, d], [sq * q_stride, d, q_stride, 1], DT_BF16, uid=1)
     kt = g.tensor([b, h, d, skv], [skv * k_stride, d, 1, k_stride], DT_BF16, uid=2)
@@ -169,6 +170,11 @@ def build(handle, b, h, sq, skv, d, q_stride, k_stride, v_stride, padding_mask):
     g.pointwise(PW_EXP, sub, e)
     z = g.tensor(*row, DT_FLOAT, virtual=True)
     g.reduction(RED_ADD, e, z)
+    if stats:
+        lz = g.tensor(*row, DT_FLOAT, virtual=True)
+        g.pointwise(PW_LOG, z, lz)
+        lse = g.tensor(*row, DT_FLOAT, virtual=True)
+        g.pointwise(PW_ADD, mx, lse, b=lz)
     p = g.tensor(*full, DT_BF16, virtual=True)
     g.pointwise(PW_DIV, e, p, b=z)
     g.matmul(p, v, o)
@@ -241,10 +247,10 @@ def main():
     ref = (torch.softmax(qr @ kr.transpose(-1, -2) * d ** -0.5, dim=-1) @ vr).transpose(1, 2)
     del qr, kr, vr
     flops = 4.0 * b * h * sq * skv * d
-    for padding_mask in (False, True):
-        print(f"graph with padding mask = {padding_mask}", flush=True)
+    for padding_mask, stats in ((False, True), (False, False), (True, True), (True, False)):
+        print(f"graph with padding mask = {padding_mask}, softmax stats = {stats}", flush=True)
         try:
-            plan, ws, _, keepalive = build(handle, b, h, sq, skv, d, q.stride(1), k.stride(1), v.stride(1), padding_mask)
+            plan, ws, _, keepalive = build(handle, b, h, sq, skv, d, q.stride(1), k.stride(1), v.stride(1), padding_mask, stats)
             o.zero_()
             keep = run(handle, plan, ws, q, k, v, o, scale, padding_mask, sq, skv)
             torch.cuda.synchronize()
