@@ -75,6 +75,7 @@ mod gpu {
     const PW_BINARY_SELECT: i32 = 601;
     const REDUCE_ADD: i32 = 0;
     const REDUCE_MAX: i32 = 3;
+    const HEUR_MODE_FALLBACK: i32 = 2;
     const HEUR_MODE_A: i32 = 3;
     /// Engine configurations asked from the heuristics (the first that builds a plan wins).
     const MAX_CONFIGS: usize = 8;
@@ -473,12 +474,57 @@ mod gpu {
             )?
             .set_descs(A::CUDNN_ATTR_OPERATIONGRAPH_OPS, &ops)?
             .finalize()?;
+        // Heuristics mode A first (cuDNN's ranked list), then the fallback list.
+        let mut refusals = Vec::new();
+        for mode in [HEUR_MODE_A, HEUR_MODE_FALLBACK] {
+            let (plan, workspace, keep) = match plan_from_heuristics(handle, &graph, mode) {
+                Ok(found) => found,
+                Err(e) => {
+                    refusals.push(format!("heuristics mode {mode}: {e:#}"));
+                    continue;
+                }
+            };
+            let lengths = if padding {
+                let lengths = |n: usize| -> Result<Tensor> {
+                    Ok(Tensor::from_vec(
+                        vec![n as i32; key.b],
+                        key.b,
+                        &candle_core::Device::Cuda(dev.clone()),
+                    )?)
+                };
+                Some((lengths(key.lq)?, lengths(key.lk)?))
+            } else {
+                None
+            };
+            g.keep.push(graph);
+            g.keep.extend(keep);
+            return Ok(Plan {
+                verified: std::cell::Cell::new(false),
+                plan,
+                workspace,
+                lengths,
+                _graph: g,
+            });
+        }
+        bail!(
+            "cuDNN attention: no engine for {key:?}: {}",
+            refusals.join("; ")
+        )
+    }
+
+    /// The first engine configuration of heuristics `mode` that finalises into a plan: the plan,
+    /// its workspace bytes, and the descriptors it refers to.
+    fn plan_from_heuristics(
+        handle: sys::cudnnHandle_t,
+        graph: &Desc,
+        mode: i32,
+    ) -> Result<(Desc, usize, Vec<Desc>)> {
         let heur = Desc::new(D::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?
-            .set_descs(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[&graph])?
+            .set_descs(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[graph])?
             .set(
                 A::CUDNN_ATTR_ENGINEHEUR_MODE,
                 T::CUDNN_TYPE_HEUR_MODE,
-                &[HEUR_MODE_A],
+                &[mode],
             )?
             .finalize()?;
         let configs: Vec<Desc> = (0..MAX_CONFIGS)
@@ -533,31 +579,12 @@ mod gpu {
                 },
                 "workspace size",
             )?;
-            let lengths = if padding {
-                let lengths = |n: usize| -> Result<Tensor> {
-                    Ok(Tensor::from_vec(
-                        vec![n as i32; key.b],
-                        key.b,
-                        &candle_core::Device::Cuda(dev.clone()),
-                    )?)
-                };
-                Some((lengths(key.lq)?, lengths(key.lk)?))
-            } else {
-                None
-            };
-            g.keep.extend([graph, heur]);
-            g.keep.extend(configs);
-            return Ok(Plan {
-                verified: std::cell::Cell::new(false),
-                plan,
-                workspace: workspace.max(0) as usize,
-                lengths,
-                _graph: g,
-            });
+            let mut keep = vec![heur];
+            keep.extend(configs);
+            return Ok((plan, workspace.max(0) as usize, keep));
         }
         bail!(
-            "cuDNN attention: no engine for {key:?} ({} configurations offered: {})",
-            found,
+            "{found} configurations offered, none finalised: {}",
             refusals.join(" | ")
         )
     }
