@@ -159,6 +159,22 @@ struct Bench {
     frames: Option<usize>,
 }
 
+/// How many values of `a` and `b` (any device; compared as f32, which every model dtype converts
+/// to exactly) differ in their bits.
+fn bit_mismatches(a: &Tensor, b: &Tensor) -> Result<usize> {
+    let values = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
+    };
+    let (a, b) = (values(a)?, values(b)?);
+    Ok(a.iter()
+        .zip(&b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count())
+}
+
 fn emit(line: Value) {
     println!("{line}");
 }
@@ -369,47 +385,11 @@ impl Bench {
         let w = rand(&[5120, 13824], DType::F32, &self.device)?;
         let w_cpu = w.to_device(&Device::Cpu)?;
         for granularity in [Fp8Granularity::PerChannel, Fp8Granularity::PerTensor] {
-            let (gpu, q_seconds) = {
-                self.device.synchronize()?;
-                let t0 = Instant::now();
-                let q = Fp8Weight::quantize(&w, granularity)?;
-                self.device.synchronize()?;
-                (q, t0.elapsed().as_secs_f64())
-            };
+            let (gpu, q_seconds) = self.synced(|| Fp8Weight::quantize(&w, granularity))?;
             let cpu = Fp8Weight::quantize(&w_cpu, granularity)?;
-            let values = |q: &Fp8Weight| -> Result<Vec<f32>> {
-                Ok(q.weight()
-                    .to_device(&Device::Cpu)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?)
-            };
-            let (vg, vc) = (values(&gpu)?, values(&cpu)?);
-            let byte_mismatches = vg
-                .iter()
-                .zip(&vc)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-            let mut dequant_mismatches = 0;
-            let mut dequant_seconds = 0.0;
-            for dtype in [DType::BF16, DType::F32] {
-                let (dg, seconds) = self.synced(|| gpu.dequantize(dtype))?;
-                if dtype == DType::BF16 {
-                    dequant_seconds = seconds;
-                }
-                let dc = cpu.dequantize(dtype)?;
-                let a: Vec<f32> = dg
-                    .to_device(&Device::Cpu)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?;
-                let b: Vec<f32> = dc.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                dequant_mismatches += a
-                    .iter()
-                    .zip(&b)
-                    .filter(|(x, y)| x.to_bits() != y.to_bits())
-                    .count();
-            }
+            let byte_mismatches = bit_mismatches(gpu.weight(), cpu.weight())?;
+            let (dequant_mismatches, dequant_seconds) = self
+                .dequantize_vs_cpu(|dtype| gpu.dequantize(dtype), |dtype| cpu.dequantize(dtype))?;
             let err = vidgen_engine::tensor_util::rel_err(&gpu.dequantize(DType::F32)?, &w)?;
             emit(json!({
                 "what": "fp8_kernels", "granularity": format!("{granularity:?}"),
@@ -420,6 +400,25 @@ impl Bench {
             }));
         }
         Ok(())
+    }
+
+    /// A weight format's dequantisation on the device against the CPU's, in bf16 and in f32:
+    /// values whose bits differ (both dtypes together), and the bf16 call's time.
+    fn dequantize_vs_cpu(
+        &self,
+        on_device: impl Fn(DType) -> Result<Tensor>,
+        on_cpu: impl Fn(DType) -> Result<Tensor>,
+    ) -> Result<(usize, f64)> {
+        let mut mismatches = 0;
+        let mut bf16_seconds = 0.0;
+        for dtype in [DType::BF16, DType::F32] {
+            let (device_values, seconds) = self.synced(|| on_device(dtype))?;
+            if dtype == DType::BF16 {
+                bf16_seconds = seconds;
+            }
+            mismatches += bit_mismatches(&device_values, &on_cpu(dtype)?)?;
+        }
+        Ok((mismatches, bf16_seconds))
     }
 
     /// `f`'s result and its wall time with the device idle before and after.
@@ -506,25 +505,8 @@ impl Bench {
             let cpu = GgufWeight::quantize(&w, ty)?;
             let quantize_seconds = t0.elapsed().as_secs_f64();
             let dev = cpu.to_device(&self.device)?;
-            let mut mismatches = 0;
-            let mut dequant_seconds = 0.0;
-            for dtype in [DType::BF16, DType::F32] {
-                let (on_device, seconds) = self.synced(|| dev.dequantize(dtype))?;
-                if dtype == DType::BF16 {
-                    dequant_seconds = seconds;
-                }
-                let bits = |t: &Tensor| -> Result<Vec<u32>> {
-                    Ok(t.to_device(&Device::Cpu)?
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect())
-                };
-                let (a, b) = (bits(&on_device)?, bits(&cpu.dequantize(dtype)?)?);
-                mismatches += a.iter().zip(&b).filter(|(x, y)| x != y).count();
-            }
+            let (mismatches, dequant_seconds) = self
+                .dequantize_vs_cpu(|dtype| dev.dequantize(dtype), |dtype| cpu.dequantize(dtype))?;
             let err = vidgen_engine::tensor_util::rel_err(&cpu.dequantize(DType::F32)?, &w)?;
             emit(json!({
                 "what": "gguf_kernels", "type": ty.name(), "shape": shape,
