@@ -5,8 +5,8 @@
 //!
 //! Where components live follows a [`Placement`] (from the memory plan, `--offload`): kept
 //! resident across stages, freed after use, one A14B expert at a time, blocks streamed from host
-//! memory, the text encoder streamed a block at a time or on the CPU. Each stage's GPU peak is measured (the CUDA pool's
-//! high-water mark) so it can be reported against the plan.
+//! memory, the text encoder streamed a block at a time or on the CPU. Each stage's GPU peak is
+//! measured (the CUDA pool's high-water mark) so it can be reported against the plan.
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::rc::Rc;

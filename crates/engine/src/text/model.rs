@@ -404,13 +404,12 @@ pub struct TextEncoder {
     final_norm: RmsNorm,
     /// Where the weights live.
     device: Device,
-    /// Where the math runs. When it is not `device` (weights on the host, math on a GPU), each
-    /// block is copied over when it runs and dropped after: the GPU holds one block instead of
-    /// the whole encoder (UMT5-XXL: 0.4 GB instead of 11 GB), and the numbers equal a resident
-    /// encoder's on that GPU, since the same kernels see the same weights.
-    compute: Device,
-    /// Blocks are copied to `compute` when they run (set by [`TextEncoder::streamed_to`]).
-    streamed: bool,
+    /// Set by [`TextEncoder::streamed_to`]: the device the math runs on while the weights stay
+    /// on `device` (the host). Each block is copied over when it runs and dropped after: the GPU
+    /// holds one block instead of the whole encoder (UMT5-XXL: 0.4 GB instead of 11 GB), and the
+    /// numbers equal a resident encoder's on that GPU, since the same kernels see the same
+    /// weights. `None`: the math runs on `device`.
+    stream_to: Option<Device>,
     dtype: DType,
 }
 
@@ -444,8 +443,7 @@ impl TextEncoder {
             blocks,
             final_norm,
             device: wm.device().clone(),
-            compute: wm.device().clone(),
-            streamed: false,
+            stream_to: None,
             dtype: wm.dtype(),
         })
     }
@@ -517,10 +515,9 @@ impl TextEncoder {
     }
 
     /// Runs the encoder on `compute` while its weights stay where they are, one block copied over
-    /// at a time (see the `compute` field).
+    /// at a time (see the `stream_to` field).
     pub fn streamed_to(mut self, compute: &Device) -> Self {
-        self.compute = compute.clone();
-        self.streamed = true;
+        self.stream_to = Some(compute.clone());
         self
     }
 
@@ -528,13 +525,9 @@ impl TextEncoder {
         &self.config
     }
 
-    /// Where the weights live (see [`Self::compute_device`] for where the math runs).
+    /// Where the weights live (a streamed encoder computes elsewhere: [`Self::streamed_to`]).
     pub fn device(&self) -> &Device {
         &self.device
-    }
-
-    pub fn compute_device(&self) -> &Device {
-        &self.compute
     }
 
     pub fn dtype(&self) -> DType {
@@ -547,6 +540,7 @@ impl TextEncoder {
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         let ids = self.checked_ids(input_ids)?;
+        let compute = self.stream_to.as_ref().unwrap_or(&self.device);
         let mask_bias = match attention_mask {
             Some(m) => {
                 if m.dims() != [b, l] {
@@ -564,7 +558,7 @@ impl TextEncoder {
             None => Tensor::zeros((b, l), DType::F32, &Device::Cpu)?,
         }
         .reshape((b, 1, 1, l))?
-        .to_device(&self.compute)?;
+        .to_device(compute)?;
         let c = &self.config;
         let buckets = Tensor::from_vec(
             relative_position_buckets(
@@ -574,7 +568,7 @@ impl TextEncoder {
                 c.relative_attention_max_distance,
             ),
             l * l,
-            &self.compute,
+            compute,
         )?;
 
         // The lookup runs where the table is (a gather: the same values anywhere).
@@ -582,20 +576,17 @@ impl TextEncoder {
             .embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, l, c.d_model))?
-            .to_device(&self.compute)?
+            .to_device(compute)?
             .to_dtype(DType::F32)?;
         for block in &self.blocks {
-            x = if self.streamed {
-                block
-                    .to_device(&self.compute)?
-                    .forward(x, self.dtype, &buckets, &mask_bias)?
-            } else {
-                block.forward(x, self.dtype, &buckets, &mask_bias)?
+            x = match &self.stream_to {
+                Some(gpu) => block
+                    .to_device(gpu)?
+                    .forward(x, self.dtype, &buckets, &mask_bias)?,
+                None => block.forward(x, self.dtype, &buckets, &mask_bias)?,
             };
         }
-        self.final_norm
-            .to_device(&self.compute)?
-            .forward(&x, self.dtype)
+        self.final_norm.to_device(compute)?.forward(&x, self.dtype)
     }
 
     /// Ids as u32 on the model device, rejecting ids outside the vocabulary.
