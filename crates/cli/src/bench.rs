@@ -25,6 +25,10 @@ pub struct Args {
     /// VAE decode modes, comma-separated: plain, tiled.
     #[arg(long, default_value = "plain,tiled")]
     vae_modes: String,
+    /// Tile geometries of the tiled decode, comma-separated SIZE:OVERLAP in pixels (the default
+    /// is the pipeline's and diffusers').
+    #[arg(long, default_value = "256:64")]
+    vae_tiles: String,
     /// DiT models, comma-separated: wan2.1-1.3b, wan2.2-ti2v-5b, wan-a14b-expert.
     #[arg(long, default_value = "wan2.1-1.3b,wan2.2-ti2v-5b,wan-a14b-expert")]
     models: String,
@@ -56,7 +60,7 @@ pub struct Args {
     /// format (q8_0, q6_k, q5_k, q4_k, q4_0, ...) kept quantised on the device as a GGUF file's
     /// are. The random weights are quantised on the CPU (seconds for 1.3B, slow for 14B); `dit`
     /// then runs the dense forward too and reports the error against it, and first checks the
-    /// device dequantisation of every block type against the CPU's, bit for bit.
+    /// device dequantisation of every block type against the CPU's, bit for bit (±0 equal).
     #[arg(long, default_value = "dense")]
     weights: String,
     /// Attention benchmark shape: sequence length and heads (head_dim is 128).
@@ -159,20 +163,20 @@ struct Bench {
     frames: Option<usize>,
 }
 
-/// How many values of `a` and `b` (any device; compared as f32, which every model dtype converts
-/// to exactly) differ in their bits.
-fn bit_mismatches(a: &Tensor, b: &Tensor) -> Result<usize> {
+/// Values of `a` and `b` (any device; compared as f32, which every model dtype converts to
+/// exactly) that differ, and those that differ only in the sign of zero
+/// ([`vidgen_engine::tensor_util::dequantized_mismatches`]).
+fn value_mismatches(a: &Tensor, b: &Tensor) -> Result<(usize, usize)> {
     let values = |t: &Tensor| -> Result<Vec<f32>> {
         Ok(t.to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1()?)
     };
-    let (a, b) = (values(a)?, values(b)?);
-    Ok(a.iter()
-        .zip(&b)
-        .filter(|(x, y)| x.to_bits() != y.to_bits())
-        .count())
+    Ok(vidgen_engine::tensor_util::dequantized_mismatches(
+        &values(a)?,
+        &values(b)?,
+    ))
 }
 
 fn emit(line: Value) {
@@ -387,8 +391,10 @@ impl Bench {
         for granularity in [Fp8Granularity::PerChannel, Fp8Granularity::PerTensor] {
             let (gpu, q_seconds) = self.synced(|| Fp8Weight::quantize(&w, granularity))?;
             let cpu = Fp8Weight::quantize(&w_cpu, granularity)?;
-            let byte_mismatches = bit_mismatches(gpu.weight(), cpu.weight())?;
-            let (dequant_mismatches, dequant_seconds) = self
+            // FP8 bytes must match exactly, the sign of a zero included.
+            let (differ, zero_sign) = value_mismatches(gpu.weight(), cpu.weight())?;
+            let byte_mismatches = differ + zero_sign;
+            let ((dequant_mismatches, _), dequant_seconds) = self
                 .dequantize_vs_cpu(|dtype| gpu.dequantize(dtype), |dtype| cpu.dequantize(dtype))?;
             let err = vidgen_engine::tensor_util::rel_err(&gpu.dequantize(DType::F32)?, &w)?;
             emit(json!({
@@ -403,20 +409,22 @@ impl Bench {
     }
 
     /// A weight format's dequantisation on the device against the CPU's, in bf16 and in f32:
-    /// values whose bits differ (both dtypes together), and the bf16 call's time.
+    /// values that differ and those that differ only in the sign of zero (both dtypes together,
+    /// see [`value_mismatches`]), and the bf16 call's time.
     fn dequantize_vs_cpu(
         &self,
         on_device: impl Fn(DType) -> Result<Tensor>,
         on_cpu: impl Fn(DType) -> Result<Tensor>,
-    ) -> Result<(usize, f64)> {
-        let mut mismatches = 0;
+    ) -> Result<((usize, usize), f64)> {
+        let mut mismatches = (0, 0);
         let mut bf16_seconds = 0.0;
         for dtype in [DType::BF16, DType::F32] {
             let (device_values, seconds) = self.synced(|| on_device(dtype))?;
             if dtype == DType::BF16 {
                 bf16_seconds = seconds;
             }
-            mismatches += bit_mismatches(&device_values, &on_cpu(dtype)?)?;
+            let (differ, zero_sign) = value_mismatches(&device_values, &on_cpu(dtype)?)?;
+            mismatches = (mismatches.0 + differ, mismatches.1 + zero_sign);
         }
         Ok((mismatches, bf16_seconds))
     }
@@ -496,24 +504,40 @@ impl Bench {
     }
 
     /// GGUF dequantisation on the device against the CPU path, for every block type, on one
-    /// FFN-sized weight of the 1.3B model: the f32 and bf16 values must be identical.
+    /// FFN-sized weight of the 1.3B model: the f32 and bf16 values must be identical (±0 equal;
+    /// sign-of-zero differences are counted apart). A type whose check fails gets a line with
+    /// its error, and the other types are still checked.
     fn gguf_kernels(&self) -> Result<()> {
         let shape = [8960, 1536];
         let w = rand(&shape, DType::F32, &Device::Cpu)?;
         for ty in GgufType::QUANTIZED {
-            let t0 = Instant::now();
-            let cpu = GgufWeight::quantize(&w, ty)?;
-            let quantize_seconds = t0.elapsed().as_secs_f64();
-            let dev = cpu.to_device(&self.device)?;
-            let (mismatches, dequant_seconds) = self
-                .dequantize_vs_cpu(|dtype| dev.dequantize(dtype), |dtype| cpu.dequantize(dtype))?;
-            let err = vidgen_engine::tensor_util::rel_err(&cpu.dequantize(DType::F32)?, &w)?;
-            emit(json!({
-                "what": "gguf_kernels", "type": ty.name(), "shape": shape,
-                "bytes": dev.storage_bytes(), "dequant_mismatches_vs_cpu": mismatches,
-                "rel_err_vs_f32": err, "quantize_cpu_seconds": quantize_seconds,
-                "dequantize_bf16_seconds": dequant_seconds, "pass": mismatches == 0,
-            }));
+            let check = || -> Result<Value> {
+                let t0 = Instant::now();
+                let cpu = GgufWeight::quantize(&w, ty)?;
+                let quantize_seconds = t0.elapsed().as_secs_f64();
+                let dev = cpu.to_device(&self.device)?;
+                let ((differ, zero_sign), dequant_seconds) = self.dequantize_vs_cpu(
+                    |dtype| dev.dequantize(dtype),
+                    |dtype| cpu.dequantize(dtype),
+                )?;
+                let err = vidgen_engine::tensor_util::rel_err(&cpu.dequantize(DType::F32)?, &w)?;
+                Ok(json!({
+                    "bytes": dev.storage_bytes(), "dequant_mismatches_vs_cpu": differ,
+                    "zero_sign_differences": zero_sign, "rel_err_vs_f32": err,
+                    "quantize_cpu_seconds": quantize_seconds,
+                    "dequantize_bf16_seconds": dequant_seconds, "pass": differ == 0,
+                }))
+            };
+            let mut line = json!({"what": "gguf_kernels", "type": ty.name(), "shape": shape});
+            match check() {
+                Ok(Value::Object(fields)) => line.as_object_mut().expect("object").extend(fields),
+                Ok(_) => unreachable!("the check returns an object"),
+                Err(e) => {
+                    line["error"] = json!(format!("{e:#}"));
+                    line["pass"] = json!(false);
+                }
+            }
+            emit(line);
         }
         Ok(())
     }
@@ -672,7 +696,7 @@ impl Bench {
         (weights * elem + act) as f64 / memory::GIB
     }
 
-    fn vae_decode(&self, case: &VaeCase, plain: bool, tiled: bool) -> Result<()> {
+    fn vae_decode(&self, case: &VaeCase, plain: bool, tiles: &[TileConfig]) -> Result<()> {
         let ((w, h), frames) = self.shape(case.size, case.frames);
         let s = case.config.spatial_stride();
         let latent = [1, case.config.z_dim, (frames - 1) / 4 + 1, h / s, w / s];
@@ -690,20 +714,20 @@ impl Bench {
                 "predicted_peak_gib": self.vae_predicted(case, &vae, false),
             }));
         }
-        if !tiled {
-            return Ok(());
+        for tile in tiles {
+            let (seconds, peak) = self.time(|| {
+                vae.decode_tiled(&z, tile)?;
+                Ok(())
+            })?;
+            // The planner models the pipeline's (default) tile geometry only.
+            let predicted =
+                (*tile == TileConfig::default()).then(|| self.vae_predicted(case, &vae, true));
+            emit(json!({
+                "what": "vae_decode_tiled", "model": case.name, "latent": latent, "dtype": dtype,
+                "tile_px": tile.tile_size, "overlap_px": tile.tile_overlap,
+                "seconds": seconds, "peak_gib": peak, "predicted_peak_gib": predicted,
+            }));
         }
-        let tiles = TileConfig::default();
-        let (seconds, peak) = self.time(|| {
-            vae.decode_tiled(&z, &tiles)?;
-            Ok(())
-        })?;
-        emit(json!({
-            "what": "vae_decode_tiled", "model": case.name, "latent": latent, "dtype": dtype,
-            "tile_px": tiles.tile_size, "overlap_px": tiles.tile_overlap,
-            "seconds": seconds, "peak_gib": peak,
-            "predicted_peak_gib": self.vae_predicted(case, &vae, true),
-        }));
         Ok(())
     }
 }
@@ -884,14 +908,36 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(m) = modes.iter().find(|m| !["plain", "tiled"].contains(m)) {
         return Err(invalid!("--vae-modes: `{m}` is not one of plain, tiled"));
     }
+    let tiles = if modes.contains(&"tiled") {
+        parse_tiles(&args.vae_tiles)?
+    } else {
+        Vec::new()
+    };
     if what.contains(&"vae") {
         for case in &vaes {
             report(
                 "vae_decode",
                 case.name,
-                bench.vae_decode(case, modes.contains(&"plain"), modes.contains(&"tiled")),
+                bench.vae_decode(case, modes.contains(&"plain"), &tiles),
             );
         }
     }
     Ok(())
+}
+
+/// `--vae-tiles`: comma-separated SIZE:OVERLAP pixel pairs.
+fn parse_tiles(list: &str) -> Result<Vec<TileConfig>> {
+    list.split(',')
+        .map(|item| {
+            let parsed = item.split_once(':').and_then(|(size, overlap)| {
+                Some(TileConfig {
+                    tile_size: size.trim().parse().ok()?,
+                    tile_overlap: overlap.trim().parse().ok()?,
+                })
+            });
+            parsed.ok_or_else(|| {
+                invalid!("--vae-tiles: `{item}` is not SIZE:OVERLAP in pixels (e.g. 256:64)")
+            })
+        })
+        .collect()
 }

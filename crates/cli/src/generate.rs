@@ -291,12 +291,17 @@ pub fn run_source(
         })?;
     }
     let started = Instant::now();
-    let mut planned = plan_placement(&components, &req, &options.memory, &options.device)?;
-    let mut stages = Stages::with_placement(
-        components,
-        options.device.clone(),
-        planned.placement.clone(),
-    );
+    // The stages read the tokenizer once: the plan counts the prompt's tokens with it.
+    let mut stages = Stages::new(components, options.device.clone());
+    let text_tokens = stages.text_tokens(&req)?;
+    let mut planned = plan_placement(
+        &components,
+        &req,
+        text_tokens,
+        &options.memory,
+        &options.device,
+    )?;
+    stages.set_placement(planned.placement.clone());
     stages.preload()?;
     let (positive, negative) = stages.encode_text(&req, sink)?;
     let condition = stages.encode_condition(&req, sink)?;
@@ -433,10 +438,12 @@ fn placement_of(plan: &Plan, memory: &MemoryOptions) -> Placement {
 /// Plans the run before any weight loads. On a GPU a plan that does not fit the budget is an error
 /// naming the smallest change that would fit; the CPU has no VRAM budget to check. A model
 /// folder's transformer checkpoint(s) give the weights' real sizes (a GGUF file's tensor table
-/// replaces the preset's), and the tokenizer the prompts' lengths (the text encoder's activations).
+/// replaces the preset's); `text_tokens`, the longest encoded prompt's tokens, sizes the text
+/// encoder's activations.
 pub fn plan_placement(
     components: &vidgen_engine::pipeline::stages::Components<'_>,
     req: &ResolvedRequest,
+    text_tokens: usize,
     memory: &MemoryOptions,
     device: &candle_core::Device,
 ) -> anyhow::Result<PlannedRun> {
@@ -463,7 +470,7 @@ pub fn plan_placement(
         None => vidgen_engine::memory::available_vram(device)?,
     };
     let mut request = plan_request(preset, req, memory, device, budget);
-    request.text_tokens = components.text_tokens(req)?;
+    request.text_tokens = text_tokens;
     if let Components::Layout(l) = components {
         request.dit_weights = vidgen_engine::memory::DitWeights::of_layout(
             &l.dit,

@@ -3,7 +3,7 @@
 
 use vidgen_engine::memory::{plan, text_activations, Offload, PlanRequest, WeightFormat};
 use vidgen_engine::pipeline::layout::model_info_from_preset;
-use vidgen_engine::pipeline::stages::Components;
+use vidgen_engine::pipeline::stages::{Components, Stages};
 use vidgen_engine::pipeline::GenerateRequest;
 use vidgen_engine::text::{Umt5Config, TEXT_LEN};
 
@@ -15,7 +15,7 @@ fn request(prompt: &str, guidance: f64) -> GenerateRequest {
 fn text_tokens_count_the_negative_prompt_only_when_guided() {
     let preset = vidgen_engine::presets::preset("wan2.1-t2v-1.3b").unwrap();
     let info = model_info_from_preset(preset);
-    let components = Components::Random(preset);
+    let components = Stages::new(Components::Random(preset), candle_core::Device::Cpu);
     let short = "a red fox";
     let unguided = info.resolve(&request(short, 1.0)).unwrap();
     let guided = info.resolve(&request(short, 5.0)).unwrap();

@@ -67,12 +67,6 @@ impl Components<'_> {
         }
     }
 
-    /// The positions the text encoder will run on for this request: its longest prompt's tokens
-    /// (the negative prompt counts when guidance uses it).
-    pub fn text_tokens(&self, req: &ResolvedRequest) -> Result<usize> {
-        text::longest_prompt_tokens(&self.tokenizer()?, &encoded_prompts(req))
-    }
-
     /// The released configuration these components are, when known (the memory plan, latent
     /// geometry and expert boundary come from it).
     pub fn preset(&self) -> Option<&'static ModelPreset> {
@@ -124,7 +118,7 @@ pub struct StageMemory {
 /// Components kept between stages (`Offload::None`).
 #[derive(Default)]
 struct Resident {
-    text: Option<Rc<(TextEncoder, Tokenizer)>>,
+    text: Option<Rc<TextEncoder>>,
     vae: Option<Rc<WanVae>>,
     transformers: Option<Rc<(WanTransformer, Option<WanTransformer>)>>,
 }
@@ -141,6 +135,8 @@ pub struct Stages<'a> {
     stage_started: RefCell<Instant>,
     /// The VAE's latent -> RGB map, probed once when a sink first wants previews.
     preview: OnceCell<LatentPreview>,
+    /// Read once per run: the plan counts the prompt's tokens with it before the text stage.
+    tokenizer: OnceCell<Tokenizer>,
 }
 
 impl<'a> Stages<'a> {
@@ -168,6 +164,7 @@ impl<'a> Stages<'a> {
             memory: RefCell::default(),
             stage_started: RefCell::new(Instant::now()),
             preview: OnceCell::new(),
+            tokenizer: OnceCell::new(),
         }
     }
 
@@ -261,7 +258,21 @@ impl<'a> Stages<'a> {
         Ok(vae)
     }
 
-    fn text(&self) -> Result<Rc<(TextEncoder, Tokenizer)>> {
+    /// The prompt tokenizer, read from the components on first use.
+    fn tokenizer(&self) -> Result<&Tokenizer> {
+        if self.tokenizer.get().is_none() {
+            let _ = self.tokenizer.set(self.components.tokenizer()?);
+        }
+        Ok(self.tokenizer.get().expect("set above"))
+    }
+
+    /// The positions the text encoder will run on for this request: its longest prompt's tokens
+    /// (the negative prompt counts when guidance uses it).
+    pub fn text_tokens(&self, req: &ResolvedRequest) -> Result<usize> {
+        text::longest_prompt_tokens(self.tokenizer()?, &encoded_prompts(req))
+    }
+
+    fn text(&self) -> Result<Rc<TextEncoder>> {
         if let Some(t) = &self.resident.borrow().text {
             return Ok(t.clone());
         }
@@ -274,7 +285,6 @@ impl<'a> Stages<'a> {
             TextPlacement::Resident => (self.device.clone(), DType::BF16),
         };
         let streamed = self.placement.text == TextPlacement::Streamed && !self.device.is_cpu();
-        let tokenizer = self.components.tokenizer()?;
         let encoder = match self.components {
             Components::Demo => demo::text_encoder(&self.device, DType::F32)?,
             Components::Layout(l) => TextEncoder::load(&l.text_encoder, &device, dtype)?,
@@ -299,7 +309,7 @@ impl<'a> Stages<'a> {
         } else {
             encoder
         };
-        let text = Rc::new((encoder, tokenizer));
+        let text = Rc::new(encoder);
         if self.keep_resident() {
             self.resident.borrow_mut().text = Some(text.clone());
         }
@@ -325,16 +335,16 @@ impl<'a> Stages<'a> {
         sink: &mut dyn ProgressSink,
     ) -> Result<(Tensor, Option<Tensor>)> {
         self.stage(sink, Stage::TextEncode)?;
-        let text = self.text()?;
-        let (encoder, tokenizer) = (&text.0, &text.1);
+        let encoder = self.text()?;
+        let tokenizer = self.tokenizer()?;
         let mut embeds = encoded_prompts(req)
             .into_iter()
-            .map(|p| text::encode_prompts(encoder, tokenizer, &[p]))
+            .map(|p| text::encode_prompts(&encoder, tokenizer, &[p]))
             .collect::<Result<Vec<_>>>()?
             .into_iter();
         let positive = embeds.next().expect("the prompt is always encoded");
         let negative = embeds.next();
-        drop(text);
+        drop(encoder);
         let out = (
             positive.to_dtype(DType::F32)?,
             negative.map(|n| n.to_dtype(DType::F32)).transpose()?,

@@ -18,8 +18,10 @@
 //! `to_float` per block; CUDA runs candle's `dequantize_block_*_f32` kernels (the ones
 //! `QTensor::dequantize` uses) on our U8 buffer. Every block type's value is a product of an f16
 //! scale and small integers that is exact in f32, followed by at most one rounded add, so both
-//! give identical f32 bits (`vidgen bench --what dit --weights q8_0` checks it on the device);
-//! the cast to bf16/f16 afterwards rounds to nearest-even on both.
+//! give identical f32 values (`vidgen bench --what dit --weights q8_0` checks it on the device).
+//! One difference is in the sign of zero only: CUDA's Q4_0 computes `d·q − 8d` (+0) where the
+//! CPU's `(q − 8)·d` is −0 for a negative scale. The cast to bf16/f16 afterwards rounds to
+//! nearest-even on both.
 //!
 //! [`write`] writes GGUF v3 files (tests and tools make quantised checkpoints with it).
 
@@ -585,8 +587,9 @@ impl GgufWeight {
         Ok(values)
     }
 
-    /// The first GPU dequantisation of each block type in a process is compared, bit for bit,
-    /// with the CPU's on the weight's first rows: a kernel that decodes a type differently on
+    /// The first GPU dequantisation of each block type in a process is compared, bit for bit
+    /// (±0 equal, see [`crate::tensor_util::dequantized_mismatches`]), with the CPU's on the
+    /// weight's first rows: a kernel that decodes a type differently on
     /// this GPU stops the run with an error instead of corrupting it silently.
     #[cfg(feature = "cuda")]
     fn check_first_use(&self, values: &Tensor) -> Result<()> {
@@ -606,13 +609,9 @@ impl GgufWeight {
             .flatten_all()?
             .to_device(&Device::Cpu)?
             .to_vec1::<f32>()?;
-        let differ = cpu
-            .iter()
-            .zip(&gpu)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
+        let (differ, _) = crate::tensor_util::dequantized_mismatches(&cpu, &gpu);
         ensure!(
-            differ == 0 && cpu.len() == gpu.len(),
+            differ == 0,
             "GGUF {:?}: the GPU dequantisation differs from the CPU's in {differ} of {} values of \
              the first rows; refusing to run with it (use a safetensors checkpoint or the CPU)",
             self.ggml_type,
