@@ -2,8 +2,11 @@
 // O = softmax(Q·Kᵀ·scale)·V without materialising the score matrix. Q/K/V/O in the layout the
 // projections produce, [B, L, H, 128] with a token stride (elements between consecutive tokens).
 //
-// One CTA = 4 warps = 64 queries of one (batch, head); each warp owns 16 query rows. Key/value
-// tiles of 64 keys are double-buffered in shared memory with cp.async. Q·Kᵀ and P·V run on the
+// One CTA = 4 warps of one (batch, head); each warp owns 16·M_TILES query rows: 64 queries per
+// CTA (`flash_attention_bf16`, Q fragments held in registers) or 128 (`flash_attention_bf16_m128`:
+// Q re-read from shared memory, so each K/V fragment read from shared memory feeds two MMAs
+// instead of one — shared-memory bandwidth, not the tensor cores, bounds the 64-query form on the
+// H100). Key/value tiles of 64 keys are double-buffered in shared memory with cp.async. Q·Kᵀ and P·V run on the
 // tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate); the online softmax keeps the running
 // max and sum in f32 registers, in the log2 domain (scale·log2(e) folded into one multiply).
 // P goes from the score accumulators straight into the A operand of P·V (same register layout).
@@ -15,14 +18,11 @@
 namespace {
 
 constexpr int HEAD_DIM = 128;
-constexpr int BLOCK_M = 64;
-constexpr int BLOCK_N = 64;
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
 // Row pitch in shared memory: 128 values + 8 padding (16 B) so that the 8 rows read by one
 // ldmatrix land in different banks.
 constexpr int PITCH = HEAD_DIM + 8;
-constexpr int TILE_ELEMS = BLOCK_M * PITCH;  // BLOCK_M == BLOCK_N
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -70,13 +70,14 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Copies rows [row0, row0 + 64) of one head (token stride `stride`) into a shared tile; rows at
-// or past `rows` are zero-filled.
+// Copies rows [row0, row0 + TILE_ROWS) of one head (token stride `stride`) into a shared tile;
+// rows at or past `rows` are zero-filled.
+template <int TILE_ROWS>
 __device__ __forceinline__ void load_tile(__nv_bfloat16* tile, const __nv_bfloat16* base, long long stride,
                                           int row0, int rows) {
-  // 64 rows x 16 chunks of 16 B = 1024 chunks, 8 per thread.
+  // TILE_ROWS rows x 16 chunks of 16 B, TILE_ROWS / 8 per thread.
 #pragma unroll
-  for (int i = 0; i < (BLOCK_N * HEAD_DIM / 8) / THREADS; ++i) {
+  for (int i = 0; i < (TILE_ROWS * HEAD_DIM / 8) / THREADS; ++i) {
     const int chunk = threadIdx.x + i * THREADS;
     const int r = chunk / (HEAD_DIM / 8);
     const int c = (chunk % (HEAD_DIM / 8)) * 8;
@@ -86,73 +87,102 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* tile, const __nv_bfloat
   }
 }
 
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(THREADS, 2)
-    flash_attention_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-                         const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ o, int lq, int lk,
-                         long long q_stride, long long k_stride, long long v_stride, long long o_stride,
-                         long long q_batch, long long k_batch, long long v_batch, long long o_batch,
-                         float scale_log2) {
+// The kernel body for M_TILES m16 row tiles per warp (see the file comment).
+template <int M_TILES, int BLOCK_N>
+__device__ __forceinline__ void flash_attention(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                                const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ o,
+                                                int lq, int lk, long long q_stride, long long k_stride,
+                                                long long v_stride, long long o_stride, long long q_batch,
+                                                long long k_batch, long long v_batch, long long o_batch,
+                                                float scale_log2) {
+  constexpr int WARP_ROWS = 16 * M_TILES;
+  constexpr int BLOCK_M = WARPS * WARP_ROWS;
+  // One row tile: the 8 k-steps of Q stay in registers; two: Q is re-read per k-step (registers
+  // go to the second tile's accumulators).
+  constexpr bool Q_IN_REGISTERS = M_TILES == 1;
+  constexpr int KV_TILE_ELEMS = BLOCK_N * PITCH;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __nv_bfloat16* sq = reinterpret_cast<__nv_bfloat16*>(smem_raw);
-  __nv_bfloat16* sk = sq + TILE_ELEMS;      // 2 stages
-  __nv_bfloat16* sv = sk + 2 * TILE_ELEMS;  // 2 stages
+  __nv_bfloat16* sk = sq + BLOCK_M * PITCH;  // 2 stages
+  __nv_bfloat16* sv = sk + 2 * KV_TILE_ELEMS;  // 2 stages
 
   const int m0 = blockIdx.x * BLOCK_M;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int g = lane / 4;  // accumulator row within the warp's 8-row half
+  const int g = lane / 4;  // accumulator row within an 8-row half
   const int t = lane % 4;  // accumulator column pair
 
   const __nv_bfloat16* qb = q + batch * q_batch + head * HEAD_DIM;
   const __nv_bfloat16* kb = k + batch * k_batch + head * HEAD_DIM;
   const __nv_bfloat16* vb = v + batch * v_batch + head * HEAD_DIM;
 
-  load_tile(sq, qb, q_stride, m0, lq);
+  load_tile<BLOCK_M>(sq, qb, q_stride, m0, lq);
   cp_async_commit();
-  load_tile(sk, kb, k_stride, 0, lk);
-  load_tile(sv, vb, v_stride, 0, lk);
+  load_tile<BLOCK_N>(sk, kb, k_stride, 0, lk);
+  load_tile<BLOCK_N>(sv, vb, v_stride, 0, lk);
   cp_async_commit();
 
-  // Q fragments (A operand) for the warp's 16 rows, all 8 k-steps of 16.
+  // A fragment of Q for row tile mt, k-step kk, from shared memory.
+  auto load_q = [&](int mt, int kk, uint32_t (&a)[4]) {
+    const int row = warp * WARP_ROWS + mt * 16 + (lane % 16);
+    const int col = kk * 16 + (lane / 16) * 8;
+    ldmatrix_x4(smem_addr(sq + row * PITCH + col), a[0], a[1], a[2], a[3]);
+  };
   cp_async_wait<1>();
   __syncthreads();
-  uint32_t qa[HEAD_DIM / 16][4];
+  uint32_t qa[Q_IN_REGISTERS ? HEAD_DIM / 16 : 1][4];
+  if constexpr (Q_IN_REGISTERS) {
 #pragma unroll
-  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-    const int row = warp * 16 + (lane % 16);
-    const int col = kk * 16 + (lane / 16) * 8;
-    ldmatrix_x4(smem_addr(sq + row * PITCH + col), qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3]);
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) load_q(0, kk, qa[kk]);
   }
 
-  float acc[HEAD_DIM / 8][4];
+  // Thread rows: per row tile mt, g (elements 0..1) and g + 8 (elements 2..3), i.e. r = 2mt + e/2.
+  float acc[M_TILES][HEAD_DIM / 8][4];
 #pragma unroll
-  for (int j = 0; j < HEAD_DIM / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int j = 0; j < HEAD_DIM / 8; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
+  float row_max[2 * M_TILES];
+  float row_sum[2 * M_TILES];
+#pragma unroll
+  for (int r = 0; r < 2 * M_TILES; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.f;
+  }
 
   const int tiles = (lk + BLOCK_N - 1) / BLOCK_N;
   for (int tile = 0; tile < tiles; ++tile) {
     const int stage = tile & 1;
     if (tile + 1 < tiles) {
-      load_tile(sk + (stage ^ 1) * TILE_ELEMS, kb, k_stride, (tile + 1) * BLOCK_N, lk);
-      load_tile(sv + (stage ^ 1) * TILE_ELEMS, vb, v_stride, (tile + 1) * BLOCK_N, lk);
+      load_tile<BLOCK_N>(sk + (stage ^ 1) * KV_TILE_ELEMS, kb, k_stride, (tile + 1) * BLOCK_N, lk);
+      load_tile<BLOCK_N>(sv + (stage ^ 1) * KV_TILE_ELEMS, vb, v_stride, (tile + 1) * BLOCK_N, lk);
     }
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const __nv_bfloat16* ks = sk + stage * TILE_ELEMS;
-    const __nv_bfloat16* vs = sv + stage * TILE_ELEMS;
+    const __nv_bfloat16* ks = sk + stage * KV_TILE_ELEMS;
+    const __nv_bfloat16* vs = sv + stage * KV_TILE_ELEMS;
 
-    // S = Q·Kᵀ for 16 rows x 64 keys: 8 n-tiles of 8 keys.
-    float s[BLOCK_N / 8][4];
+    // S = Q·Kᵀ for WARP_ROWS rows x 64 keys: 8 n-tiles of 8 keys per row tile.
+    float s[M_TILES][BLOCK_N / 8][4];
 #pragma unroll
-    for (int j = 0; j < BLOCK_N / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int j = 0; j < BLOCK_N / 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+      uint32_t a[M_TILES][4];
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt) {
+        if constexpr (Q_IN_REGISTERS) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[mt][e] = qa[kk][e];
+        } else {
+          load_q(mt, kk, a[mt]);
+        }
+      }
 #pragma unroll
       for (int j = 0; j < BLOCK_N / 8; j += 2) {
         const int mi = lane / 8;
@@ -160,27 +190,35 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
         const int col = kk * 16 + (mi % 2) * 8;
         uint32_t b0, b1, b2, b3;
         ldmatrix_x4(smem_addr(ks + key * PITCH + col), b0, b1, b2, b3);
-        mma_bf16(s[j], qa[kk], b0, b1);
-        mma_bf16(s[j + 1], qa[kk], b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma_bf16(s[mt][j], a[mt], b0, b1);
+          mma_bf16(s[mt][j + 1], a[mt], b2, b3);
+        }
       }
     }
 
-    // Online softmax (log2 domain). Thread rows: g (s[.][0..1]) and g + 8 (s[.][2..3]).
+    // Online softmax (log2 domain).
     const int key0 = tile * BLOCK_N;
-    float tile_max[2] = {-INFINITY, -INFINITY};
+    float tile_max[2 * M_TILES];
 #pragma unroll
-    for (int j = 0; j < BLOCK_N / 8; ++j) {
+    for (int r = 0; r < 2 * M_TILES; ++r) tile_max[r] = -INFINITY;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + j * 8 + 2 * t + (e & 1);
-        const float x = key < lk ? s[j][e] * scale_log2 : -INFINITY;
-        s[j][e] = x;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
+    for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+      for (int j = 0; j < BLOCK_N / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + j * 8 + 2 * t + (e & 1);
+          const float x = key < lk ? s[mt][j][e] * scale_log2 : -INFINITY;
+          s[mt][j][e] = x;
+          tile_max[2 * mt + e / 2] = fmaxf(tile_max[2 * mt + e / 2], x);
+        }
       }
     }
-    float correction[2];
+    float correction[2 * M_TILES];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < 2 * M_TILES; ++r) {
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
       const float m_new = fmaxf(row_max[r], tile_max[r]);
@@ -189,25 +227,31 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
       row_sum[r] *= correction[r];
     }
 #pragma unroll
-    for (int j = 0; j < HEAD_DIM / 8; ++j) {
-      acc[j][0] *= correction[0];
-      acc[j][1] *= correction[0];
-      acc[j][2] *= correction[1];
-      acc[j][3] *= correction[1];
+    for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+      for (int j = 0; j < HEAD_DIM / 8; ++j) {
+        acc[mt][j][0] *= correction[2 * mt];
+        acc[mt][j][1] *= correction[2 * mt];
+        acc[mt][j][2] *= correction[2 * mt + 1];
+        acc[mt][j][3] *= correction[2 * mt + 1];
+      }
     }
     // P = exp2(S − max), packed to bf16 A fragments: k-step kk of P·V covers keys 16kk..16kk+15,
     // i.e. score n-tiles 2kk and 2kk+1.
-    uint32_t pa[BLOCK_N / 16][4];
+    uint32_t pa[M_TILES][BLOCK_N / 16][4];
 #pragma unroll
-    for (int j = 0; j < BLOCK_N / 8; ++j) {
-      const float p0 = fast_exp2(s[j][0] - row_max[0]);
-      const float p1 = fast_exp2(s[j][1] - row_max[0]);
-      const float p2 = fast_exp2(s[j][2] - row_max[1]);
-      const float p3 = fast_exp2(s[j][3] - row_max[1]);
-      row_sum[0] += p0 + p1;
-      row_sum[1] += p2 + p3;
-      pa[j / 2][(j % 2) * 2 + 0] = pack_bf16(p0, p1);
-      pa[j / 2][(j % 2) * 2 + 1] = pack_bf16(p2, p3);
+    for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+      for (int j = 0; j < BLOCK_N / 8; ++j) {
+        const float p0 = fast_exp2(s[mt][j][0] - row_max[2 * mt]);
+        const float p1 = fast_exp2(s[mt][j][1] - row_max[2 * mt]);
+        const float p2 = fast_exp2(s[mt][j][2] - row_max[2 * mt + 1]);
+        const float p3 = fast_exp2(s[mt][j][3] - row_max[2 * mt + 1]);
+        row_sum[2 * mt] += p0 + p1;
+        row_sum[2 * mt + 1] += p2 + p3;
+        pa[mt][j / 2][(j % 2) * 2 + 0] = pack_bf16(p0, p1);
+        pa[mt][j / 2][(j % 2) * 2 + 1] = pack_bf16(p2, p3);
+      }
     }
 
     // O += P·V: 16 n-tiles of 8 head dims, 4 k-steps of 16 keys.
@@ -220,33 +264,58 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
         const int col = j * 8 + (mi / 2) * 8;
         uint32_t b0, b1, b2, b3;
         ldmatrix_x4_trans(smem_addr(vs + key * PITCH + col), b0, b1, b2, b3);
-        mma_bf16(acc[j], pa[kk], b0, b1);
-        mma_bf16(acc[j + 1], pa[kk], b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma_bf16(acc[mt][j], pa[mt][kk], b0, b1);
+          mma_bf16(acc[mt][j + 1], pa[mt][kk], b2, b3);
+        }
       }
     }
     __syncthreads();  // the stage is overwritten by the load issued in the next iteration
   }
 
   // Normalise and store (rows past lq are dropped).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
-  }
-  const float inv0 = 1.f / row_sum[0];
-  const float inv1 = 1.f / row_sum[1];
-  const int row0 = m0 + warp * 16 + g;
   __nv_bfloat16* ob = o + batch * o_batch + head * HEAD_DIM;
 #pragma unroll
-  for (int j = 0; j < HEAD_DIM / 8; ++j) {
-    const int col = j * 8 + 2 * t;
-    if (row0 < lq) {
-      *reinterpret_cast<uint32_t*>(ob + (long long)row0 * o_stride + col) =
-          pack_bf16(acc[j][0] * inv0, acc[j][1] * inv0);
+  for (int mt = 0; mt < M_TILES; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum = row_sum[2 * mt + h];
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      inv[h] = 1.f / sum;
     }
-    if (row0 + 8 < lq) {
-      *reinterpret_cast<uint32_t*>(ob + (long long)(row0 + 8) * o_stride + col) =
-          pack_bf16(acc[j][2] * inv1, acc[j][3] * inv1);
+    const int row0 = m0 + warp * WARP_ROWS + mt * 16 + g;
+#pragma unroll
+    for (int j = 0; j < HEAD_DIM / 8; ++j) {
+      const int col = j * 8 + 2 * t;
+      if (row0 < lq) {
+        *reinterpret_cast<uint32_t*>(ob + (long long)row0 * o_stride + col) =
+            pack_bf16(acc[mt][j][0] * inv[0], acc[mt][j][1] * inv[0]);
+      }
+      if (row0 + 8 < lq) {
+        *reinterpret_cast<uint32_t*>(ob + (long long)(row0 + 8) * o_stride + col) =
+            pack_bf16(acc[mt][j][2] * inv[1], acc[mt][j][3] * inv[1]);
+      }
     }
   }
 }
+
+}  // namespace
+
+#define FLASH_ATTENTION_ENTRY(NAME, M_TILES, BLOCK_N)                                                                    \
+  extern "C" __global__ void __launch_bounds__(THREADS, 2)                                                     \
+      NAME(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,                            \
+           const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ o, int lq, int lk, long long q_stride, \
+           long long k_stride, long long v_stride, long long o_stride, long long q_batch, long long k_batch,     \
+           long long v_batch, long long o_batch, float scale_log2) {                                             \
+    flash_attention<M_TILES, BLOCK_N>(q, k, v, o, lq, lk, q_stride, k_stride, v_stride, o_stride, q_batch, k_batch,      \
+                             v_batch, o_batch, scale_log2);                                                      \
+  }
+
+// 64 queries per CTA; shared memory 5 * 64 * PITCH bf16 (Q, 2 K stages, 2 V stages).
+FLASH_ATTENTION_ENTRY(flash_attention_bf16, 1, 64)
+// 128 queries per CTA; shared memory (128 + 4 * 64) * PITCH bf16.
+FLASH_ATTENTION_ENTRY(flash_attention_bf16_m128, 2, 64)
+FLASH_ATTENTION_ENTRY(flash_attention_bf16_m128_n32, 2, 32)

@@ -229,7 +229,10 @@ impl Bench {
     /// choice (the chunked attention).
     fn attention_kernels(&self) -> Vec<Option<flash::Kernel>> {
         if self.device.is_cuda() && self.dtype == DType::BF16 {
-            vec![Some(flash::Kernel::Cudnn), Some(flash::Kernel::Own)]
+            std::iter::once(flash::Kernel::Cudnn)
+                .chain(flash::Tile::ALL.map(flash::Kernel::Own))
+                .map(Some)
+                .collect()
         } else {
             vec![None]
         }

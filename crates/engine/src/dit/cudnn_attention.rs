@@ -699,7 +699,7 @@ mod gpu {
             // misreads) must not corrupt videos silently: compare once with our own kernel.
             let rows = lq.min(VERIFY_ROWS);
             let own = crate::dit::flash::attention_with(
-                crate::dit::flash::Kernel::Own,
+                crate::dit::flash::Kernel::Own(crate::dit::flash::Tile::DEFAULT),
                 &q.narrow(1, 0, rows)?,
                 k,
                 v,

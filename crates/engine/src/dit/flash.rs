@@ -29,30 +29,59 @@ pub fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     Cudnn,
-    Own,
+    Own(Tile),
+}
+
+/// Tile shapes of our own kernel (kernels/attention.cu): queries per CTA and keys per step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    /// 64 queries (16 per warp, Q in registers), 64 keys.
+    M64,
+    /// 128 queries (32 per warp: each K/V fragment feeds two MMAs), 64 keys.
+    M128,
+    /// 128 queries, 32 keys (fewer live registers than `M128`).
+    M128N32,
+}
+
+impl Tile {
+    pub const ALL: [Tile; 3] = [Tile::M64, Tile::M128, Tile::M128N32];
+    /// Our kernel's shape when none is asked for.
+    pub const DEFAULT: Tile = Tile::M64;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tile::M64 => "flash",
+            Tile::M128 => "flash_m128",
+            Tile::M128N32 => "flash_m128_n32",
+        }
+    }
 }
 
 impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Cudnn => "cudnn",
-            Kernel::Own => "flash",
+            Kernel::Own(tile) => tile.name(),
         }
     }
 }
 
-/// The kernel tried first: `VIDGEN_ATTENTION=own|cudnn`, read once. Default: our own kernel
-/// (measured on the H100); the cuDNN path is opt-in until it has been measured there.
+/// The kernel tried first: `VIDGEN_ATTENTION=own|cudnn|flash|flash_m128|flash_m128_n32`, read
+/// once (`own` is our kernel's default tile). Default: our own kernel (measured on the H100); the
+/// cuDNN path is opt-in until it has been measured there.
 pub fn preferred() -> Result<Kernel> {
     static CHOICE: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     let choice = CHOICE.get_or_init(|| match std::env::var("VIDGEN_ATTENTION").as_deref() {
-        Err(_) | Ok("") | Ok("own") => Some(Kernel::Own),
+        Err(_) | Ok("") | Ok("own") => Some(Kernel::Own(Tile::DEFAULT)),
         Ok("cudnn") => Some(Kernel::Cudnn),
-        Ok(_) => None,
+        Ok(name) => Tile::ALL
+            .into_iter()
+            .find(|t| t.name() == name)
+            .map(Kernel::Own),
     });
     choice.ok_or_else(|| {
         crate::invalid!(
-            "VIDGEN_ATTENTION: `{}` is not one of cudnn, own",
+            "VIDGEN_ATTENTION: `{}` is not one of cudnn, own, flash, flash_m128, flash_m128_n32",
             std::env::var("VIDGEN_ATTENTION").unwrap_or_default()
         )
     })
@@ -66,7 +95,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             return Ok(out);
         }
     }
-    own_attention(q, k, v)
+    let tile = match preferred()? {
+        Kernel::Own(tile) => tile,
+        Kernel::Cudnn => Tile::DEFAULT,
+    };
+    own_attention(q, k, v, tile)
 }
 
 /// One kernel explicitly (benchmarks compare them): `None` when cuDNN has no plan for the inputs.
@@ -79,11 +112,11 @@ pub fn attention_with(
     match kernel {
         Kernel::Cudnn if supported(q, k, v) => super::cudnn_attention::attention(q, k, v),
         Kernel::Cudnn => Ok(None),
-        Kernel::Own => own_attention(q, k, v).map(Some),
+        Kernel::Own(tile) => own_attention(q, k, v, tile).map(Some),
     }
 }
 
-fn own_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+fn own_attention(q: &Tensor, k: &Tensor, v: &Tensor, tile: Tile) -> Result<Tensor> {
     anyhow::ensure!(
         supported(q, k, v),
         "fused attention: unsupported inputs q {:?} {:?}, k {:?}, v {:?} (needs CUDA, bf16, head_dim 128)",
@@ -94,10 +127,13 @@ fn own_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     );
     #[cfg(feature = "cuda")]
     {
-        gpu::attention(q, k, v)
+        gpu::attention(q, k, v, tile)
     }
     #[cfg(not(feature = "cuda"))]
-    unreachable!("supported() is false without CUDA")
+    {
+        let _ = tile;
+        unreachable!("supported() is false without CUDA")
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -115,20 +151,43 @@ mod gpu {
     use candle_core::op::BackpropOp;
     use candle_core::{Storage, Tensor};
 
-    use super::HEAD_DIM;
+    use super::{Tile, HEAD_DIM};
     use crate::cuda_util::address;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-    const BLOCK_M: usize = 64;
     const THREADS: u32 = 128;
-    /// Q tile + two stages of K and V tiles, rows padded to 136 values.
-    const SMEM_BYTES: u32 = 5 * 64 * (128 + 8) * 2;
 
-    /// The kernel, loaded once per device (its shared-memory limit raised above 48 KB).
-    fn function(dev: &candle_core::CudaDevice) -> Result<CudaFunction> {
-        static CACHE: OnceLock<Mutex<HashMap<usize, CudaFunction>>> = OnceLock::new();
+    impl Tile {
+        /// Queries per CTA and keys per step.
+        fn block(self) -> (usize, usize) {
+            match self {
+                Tile::M64 => (64, 64),
+                Tile::M128 => (128, 64),
+                Tile::M128N32 => (128, 32),
+            }
+        }
+
+        fn entry(self) -> &'static str {
+            match self {
+                Tile::M64 => "flash_attention_bf16",
+                Tile::M128 => "flash_attention_bf16_m128",
+                Tile::M128N32 => "flash_attention_bf16_m128_n32",
+            }
+        }
+
+        /// The Q tile and two stages of K and V tiles, rows padded to 136 bf16 values.
+        fn smem_bytes(self) -> u32 {
+            let (m, n) = self.block();
+            ((m + 4 * n) * (HEAD_DIM + 8) * 2) as u32
+        }
+    }
+
+    /// The tile's kernel, loaded once per device (its shared-memory limit raised above 48 KB).
+    fn function(dev: &candle_core::CudaDevice, tile: Tile) -> Result<CudaFunction> {
+        static CACHE: OnceLock<Mutex<HashMap<(usize, &'static str), CudaFunction>>> =
+            OnceLock::new();
         let ctx = dev.cuda_stream().context().clone();
-        let key = ctx.ordinal();
+        let key = (ctx.ordinal(), tile.entry());
         let mut cache = CACHE
             .get_or_init(Default::default)
             .lock()
@@ -137,16 +196,16 @@ mod gpu {
             return Ok(f.clone());
         }
         let module = ctx.load_module(Ptx::from_src(PTX))?;
-        let f = module.load_function("flash_attention_bf16")?;
+        let f = module.load_function(tile.entry())?;
         f.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            SMEM_BYTES as i32,
+            tile.smem_bytes() as i32,
         )?;
         cache.insert(key, f.clone());
         Ok(f)
     }
 
-    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, tile: Tile) -> Result<Tensor> {
         let (b, lq, h, _) = q.dims4()?;
         let lk = k.dim(1)?;
         let dev = q.device().as_cuda_device()?.clone();
@@ -175,11 +234,11 @@ mod gpu {
                 t.stride()
             );
         }
-        let f = function(&dev)?;
+        let f = function(&dev, tile)?;
         let cfg = LaunchConfig {
-            grid_dim: (lq.div_ceil(BLOCK_M) as u32, h as u32, b as u32),
+            grid_dim: (lq.div_ceil(tile.block().0) as u32, h as u32, b as u32),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: SMEM_BYTES,
+            shared_mem_bytes: tile.smem_bytes(),
         };
         let mut args = stream.launch_builder(&f);
         args.arg(&pq)
@@ -197,7 +256,8 @@ mod gpu {
             .arg(&v_batch)
             .arg(&o_batch)
             .arg(&scale_log2);
-        // SAFETY: the arguments match `flash_attention_bf16` in kernels/attention.cu; the tensors
+        // SAFETY: the arguments match the `flash_attention_bf16*` entries in kernels/attention.cu
+        // (one signature for every tile); the tensors
         // outlive the launch on this stream.
         unsafe { args.launch(cfg) }.map_err(candle_core::Error::wrap)?;
         Ok(out)
