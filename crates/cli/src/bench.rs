@@ -728,6 +728,7 @@ impl Bench {
             emit(json!({
                 "what": "vae_decode_tiled", "model": case.name, "latent": latent, "dtype": dtype,
                 "tile_px": tile.tile_size, "overlap_px": tile.tile_overlap,
+                "largest_tile_hw": tile.decoded_tile(w, h, s)?,
                 "seconds": seconds, "peak_gib": peak, "predicted_peak_gib": predicted,
             }));
         }
