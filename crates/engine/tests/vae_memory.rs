@@ -81,7 +81,10 @@ fn tiled_decode_memory_is_independent_of_frame_count() {
     let _ = vae.decode_tiled(&latents(2), &tiles(32)).unwrap();
 
     let mut working = Vec::new();
-    for t in [3, 6, 12] {
+    // A tile holds at most TILE_COPY_CHUNKS latent frames' output between host copies; from two
+    // copies per tile on, one batch is in flight to the blender while the next is decoded.
+    let n = vidgen_engine::vae::TILE_COPY_CHUNKS;
+    for t in [2 * n, 3 * n, 4 * n] {
         let z = latents(t);
         let w = working_bytes(out_bytes(t), || vae.decode_tiled(&z, &tiles(32)).unwrap());
         println!(
