@@ -335,7 +335,7 @@ impl WanVae {
         let rows = plan_axis(h, tile, overlap, s);
         let cols = plan_axis(w, tile, overlap, s);
         std::thread::scope(|scope| {
-            // One decoded tile in flight: the device decodes tile i + 1 while tile i is blended.
+            // One batch of decoded frames in flight: the device decodes on while the host blends.
             let (send, receive) = std::sync::mpsc::sync_channel::<(Tensor, usize, &Span, &Span)>(1);
             let blender = scope.spawn(move || -> Result<Blend> {
                 for (frames, t0, ys, xs) in receive {
