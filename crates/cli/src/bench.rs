@@ -394,11 +394,12 @@ impl Bench {
         for granularity in [Fp8Granularity::PerChannel, Fp8Granularity::PerTensor] {
             let (gpu, q_seconds) = self.synced(|| Fp8Weight::quantize(&w, granularity))?;
             let cpu = Fp8Weight::quantize(&w_cpu, granularity)?;
-            // FP8 bytes must match exactly, the sign of a zero included.
-            let (differ, zero_sign) = value_mismatches(gpu.weight(), cpu.weight())?;
-            let byte_mismatches = differ + zero_sign;
-            let ((dequant_mismatches, _), dequant_seconds) = self
+            // FP8 bytes and dequantised values must match exactly, the sign of a zero included.
+            let every = |(differ, zero_sign): (usize, usize)| differ + zero_sign;
+            let byte_mismatches = every(value_mismatches(gpu.weight(), cpu.weight())?);
+            let (dequant, dequant_seconds) = self
                 .dequantize_vs_cpu(|dtype| gpu.dequantize(dtype), |dtype| cpu.dequantize(dtype))?;
+            let dequant_mismatches = every(dequant);
             let err = vidgen_engine::tensor_util::rel_err(&gpu.dequantize(DType::F32)?, &w)?;
             emit(json!({
                 "what": "fp8_kernels", "granularity": format!("{granularity:?}"),
@@ -531,15 +532,11 @@ impl Bench {
                     "dequantize_bf16_seconds": dequant_seconds, "pass": differ == 0,
                 }))
             };
-            let mut line = json!({"what": "gguf_kernels", "type": ty.name(), "shape": shape});
-            match check() {
-                Ok(Value::Object(fields)) => line.as_object_mut().expect("object").extend(fields),
-                Ok(_) => unreachable!("the check returns an object"),
-                Err(e) => {
-                    line["error"] = json!(format!("{e:#}"));
-                    line["pass"] = json!(false);
-                }
-            }
+            let mut line =
+                check().unwrap_or_else(|e| json!({"error": format!("{e:#}"), "pass": false}));
+            line["what"] = json!("gguf_kernels");
+            line["type"] = json!(ty.name());
+            line["shape"] = json!(shape);
             emit(line);
         }
         Ok(())
