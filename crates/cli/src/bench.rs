@@ -29,6 +29,10 @@ pub struct Args {
     /// is the pipeline's and diffusers').
     #[arg(long, default_value = "256:64")]
     vae_tiles: String,
+    /// Frames per pass through the VAE decoder's full-resolution levels, comma-separated (0: a
+    /// whole chunk at once, as diffusers does); every decode is timed with each.
+    #[arg(long, default_value = "1")]
+    vae_pass_frames: String,
     /// DiT models, comma-separated: wan2.1-1.3b, wan2.2-ti2v-5b, wan-a14b-expert.
     #[arg(long, default_value = "wan2.1-1.3b,wan2.2-ti2v-5b,wan-a14b-expert")]
     models: String,
@@ -696,34 +700,61 @@ impl Bench {
         (weights * elem + act) as f64 / memory::GIB
     }
 
-    fn vae_decode(&self, case: &VaeCase, plain: bool, tiles: &[TileConfig]) -> Result<()> {
+    fn vae_decode(
+        &self,
+        case: &VaeCase,
+        plain: bool,
+        tiles: &[TileConfig],
+        pass_frames: &[usize],
+    ) -> Result<()> {
         let ((w, h), frames) = self.shape(case.size, case.frames);
         let s = case.config.spatial_stride();
         let latent = [1, case.config.z_dim, (frames - 1) / 4 + 1, h / s, w / s];
-        let vae = WanVae::random(case.config.clone(), 11, &self.device, self.dtype)?;
+        let mut vae = WanVae::random(case.config.clone(), 11, &self.device, self.dtype)?;
         let z = rand(&latent, self.dtype, &self.device)?;
+        for &passes in pass_frames {
+            vae.set_decode_pass_frames(passes);
+            self.vae_decode_modes(case, &vae, &z, plain, tiles)?;
+        }
+        Ok(())
+    }
+
+    /// One pass-frames setting of [`vae_decode`](Self::vae_decode): plain, then each tiling.
+    fn vae_decode_modes(
+        &self,
+        case: &VaeCase,
+        vae: &WanVae,
+        z: &Tensor,
+        plain: bool,
+        tiles: &[TileConfig],
+    ) -> Result<()> {
+        let ((w, h), _) = self.shape(case.size, case.frames);
+        let s = case.config.spatial_stride();
+        let latent = z.dims();
         let dtype = format!("{:?}", vae.dtype()).to_lowercase();
+        let pass_frames = vae.decode_pass_frames();
         if plain {
             let (seconds, peak) = self.time(|| {
-                vae.decode(&z)?;
+                vae.decode(z)?;
                 Ok(())
             })?;
             emit(json!({
                 "what": "vae_decode", "model": case.name, "latent": latent, "dtype": dtype,
-                "seconds": seconds, "peak_gib": peak,
-                "predicted_peak_gib": self.vae_predicted(case, &vae, false),
+                "pass_frames": pass_frames, "seconds": seconds, "peak_gib": peak,
+                "predicted_peak_gib": self.vae_predicted(case, vae, false),
             }));
         }
         for tile in tiles {
             let (seconds, peak) = self.time(|| {
-                vae.decode_tiled(&z, tile)?;
+                vae.decode_tiled(z, tile)?;
                 Ok(())
             })?;
             // The planner models the pipeline's (default) tile geometry only.
             let predicted =
-                (*tile == TileConfig::default()).then(|| self.vae_predicted(case, &vae, true));
+                (*tile == TileConfig::default()).then(|| self.vae_predicted(case, vae, true));
             emit(json!({
                 "what": "vae_decode_tiled", "model": case.name, "latent": latent, "dtype": dtype,
+                "pass_frames": pass_frames,
                 "tile_px": tile.tile_size, "overlap_px": tile.tile_overlap,
                 "largest_tile_hw": tile.decoded_tile(w, h, s)?,
                 "seconds": seconds, "peak_gib": peak, "predicted_peak_gib": predicted,
@@ -914,12 +945,21 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         Vec::new()
     };
+    let pass_frames = args
+        .vae_pass_frames
+        .split(',')
+        .map(|n| {
+            n.trim().parse::<usize>().map_err(|_| {
+                invalid!("--vae-pass-frames: `{n}` is not a frame count (0 for whole chunks)")
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     if what.contains(&"vae") {
         for case in &vaes {
             report(
                 "vae_decode",
                 case.name,
-                bench.vae_decode(case, modes.contains(&"plain"), &tiles),
+                bench.vae_decode(case, modes.contains(&"plain"), &tiles, &pass_frames),
             );
         }
     }

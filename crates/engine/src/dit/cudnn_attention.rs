@@ -1,5 +1,6 @@
 //! Fused attention through cuDNN's graph (backend) API, the fastest attention measured on the H100
-//! (588 TFLOP/s through PyTorch at 32760 tokens × 40 heads × 128, against 373 for FlashAttention-2).
+//! (588 TFLOP/s through PyTorch at 32760 tokens × 40 heads × 128, against 373 for FlashAttention-2;
+//! 585 through this module).
 //!
 //! cuDNN recognises a fixed operation graph as "fused flash attention" and runs it as one kernel
 //! with no seq² buffer: Q·Kᵀ (f32 scores), × scale, softmax written out as max / subtract / exp /
@@ -9,11 +10,15 @@
 //! multiple of 128 unless a padding mask is present (cudnn-frontend adds one for the same reason),
 //! so there the graph carries a padding mask whose lengths are the full lengths — it masks nothing.
 //!
+//! From cuDNN 9.13.1 the same attention is also one backend operation (SDPA forward), which
+//! cudnn-frontend prefers there; it is tried first and the composite graph is the fallback.
+//!
 //! A plan is built once per shape and kept; a shape cuDNN cannot plan is remembered and the caller
 //! falls back to our own kernel. The first execution of every plan is compared with our own kernel
 //! on the first query rows, and a plan that disagrees is dropped (a warning, then our kernel), so a
 //! cuDNN version that computes this graph wrongly cannot corrupt output silently. Execution errors
-//! surface as errors. Opt-in for now (`VIDGEN_ATTENTION=cudnn`): not yet run on a GPU.
+//! surface as errors. The default kernel (see `flash::preferred`); on the H100 with cuDNN 9.19 the
+//! SDPA operation plans every shape the bench checks and runs at 585 TFLOP/s.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -85,6 +90,8 @@ mod gpu {
     const VERIFY_TOLERANCE: f64 = 2e-2;
     /// Versions before this one need the padding-mask workaround for key lengths % 128 != 0.
     const FIXED_UNPADDED_VERSION: usize = 91600;
+    /// The first version with the single SDPA forward operation.
+    const UNIFIED_SDPA_VERSION: usize = 91301;
 
     // Unique ids of the graph's non-virtual tensors (the variant pack names them).
     const UID_Q: i64 = 1;
@@ -331,14 +338,68 @@ mod gpu {
         _graph: Graph,
     }
 
-    /// Builds a plan, first with the softmax statistics in the graph (as cudnn-frontend's
-    /// inference graph has them), then without; the error names both refusals.
+    /// Builds a plan: from cuDNN 9.13.1 first as the single SDPA operation (what cudnn-frontend
+    /// picks there for plain attention), then as the composite graph with the softmax statistics
+    /// (as cudnn-frontend's inference graph has them), then without; the error names every refusal.
     fn build(handle: sys::cudnnHandle_t, key: &Key, dev: &candle_core::CudaDevice) -> Result<Plan> {
-        build_graph(handle, key, dev, true).or_else(|with_stats| {
-            build_graph(handle, key, dev, false).map_err(|without| {
-                anyhow::anyhow!("with softmax stats: {with_stats:#}; without: {without:#}")
-            })
-        })
+        let mut refusals = Vec::new();
+        if cudnn::get_version() >= UNIFIED_SDPA_VERSION {
+            match build_unified(handle, key) {
+                Ok(plan) => return Ok(plan),
+                Err(e) => refusals.push(format!("SDPA operation: {e:#}")),
+            }
+        }
+        for stats in [true, false] {
+            match build_graph(handle, key, dev, stats) {
+                Ok(plan) => return Ok(plan),
+                Err(e) => refusals.push(format!(
+                    "composite graph {} softmax stats: {e:#}",
+                    if stats { "with" } else { "without" }
+                )),
+            }
+        }
+        bail!("{}", refusals.join("; "))
+    }
+
+    /// The [B, H, L, 128] descriptors of q, k, v (heads are adjacent 128-value rows inside a
+    /// token) and of the contiguous [B, L, H, 128] output, plus the by-value scale; `k_transposed`
+    /// describes k as [B, H, 128, L] (the composite graph's Kᵀ).
+    fn io_tensors(g: &mut Graph, key: &Key, k_transposed: bool) -> Result<[usize; 5]> {
+        let (b, h, lq, lk) = (key.b as i64, key.h as i64, key.lq as i64, key.lk as i64);
+        let d = HEAD_DIM as i64;
+        let [(qb, qt), (kb, kt), (vb, vt)] = key.strides.map(|(b, t)| (b as i64, t as i64));
+        let io = |g: &mut Graph, dims, strides, uid| {
+            g.tensor(dims, strides, DT_BF16, Some(uid), false, false)
+        };
+        let q = io(g, [b, h, lq, d], [qb, d, qt, 1], UID_Q)?;
+        let k = if k_transposed {
+            io(g, [b, h, d, lk], [kb, d, 1, kt], UID_K)?
+        } else {
+            io(g, [b, h, lk, d], [kb, d, kt, 1], UID_K)?
+        };
+        let v = io(g, [b, h, lk, d], [vb, d, vt, 1], UID_V)?;
+        let o = io(g, [b, h, lq, d], [lq * h * d, d, h * d, 1], UID_O)?;
+        let one = [1i64; 4];
+        let scale = g.tensor(one, one, DT_FLOAT, Some(UID_SCALE), false, true)?;
+        Ok([q, k, v, o, scale])
+    }
+
+    /// The whole attention as cuDNN's one SDPA forward operation (cuDNN >= 9.13.1).
+    fn build_unified(handle: sys::cudnnHandle_t, key: &Key) -> Result<Plan> {
+        let mut g = Graph::default();
+        let [q, k, v, o, scale] = io_tensors(&mut g, key, false)?;
+        let op = Desc::new(D::CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR)?
+            .set_descs(A::CUDNN_ATTR_OPERATION_SDPA_FWD_QDESC, &[&g.keep[q]])?
+            .set_descs(A::CUDNN_ATTR_OPERATION_SDPA_FWD_KDESC, &[&g.keep[k]])?
+            .set_descs(A::CUDNN_ATTR_OPERATION_SDPA_FWD_VDESC, &[&g.keep[v]])?
+            .set_descs(A::CUDNN_ATTR_OPERATION_SDPA_FWD_ODESC, &[&g.keep[o]])?
+            .set_descs(
+                A::CUDNN_ATTR_OPERATION_SDPA_FWD_SCALEDESC,
+                &[&g.keep[scale]],
+            )?
+            .finalize()?;
+        g.ops.push(op);
+        plan_graph(handle, g, key, None)
     }
 
     /// `stats`: also compute max + log(sum) into a virtual tensor nobody reads. cudnn-frontend's
@@ -351,44 +412,9 @@ mod gpu {
         stats: bool,
     ) -> Result<Plan> {
         let (b, h, lq, lk) = (key.b as i64, key.h as i64, key.lq as i64, key.lk as i64);
-        let d = HEAD_DIM as i64;
-        let [(qb, qt), (kb, kt), (vb, vt)] = key.strides.map(|(b, t)| (b as i64, t as i64));
         let mut g = Graph::default();
-        // Logical [B, H, L, d]; heads are adjacent 128-value rows inside a token.
-        let q = g.tensor(
-            [b, h, lq, d],
-            [qb, d, qt, 1],
-            DT_BF16,
-            Some(UID_Q),
-            false,
-            false,
-        )?;
-        let k_t = g.tensor(
-            [b, h, d, lk],
-            [kb, d, 1, kt],
-            DT_BF16,
-            Some(UID_K),
-            false,
-            false,
-        )?;
-        let v = g.tensor(
-            [b, h, lk, d],
-            [vb, d, vt, 1],
-            DT_BF16,
-            Some(UID_V),
-            false,
-            false,
-        )?;
-        let o = g.tensor(
-            [b, h, lq, d],
-            [lq * h * d, d, h * d, 1],
-            DT_BF16,
-            Some(UID_O),
-            false,
-            false,
-        )?;
+        let [q, k_t, v, o, scale] = io_tensors(&mut g, key, true)?;
         let one = [1i64; 4];
-        let scale = g.tensor(one, one, DT_FLOAT, Some(UID_SCALE), false, true)?;
         let full = ([b, h, lq, lk], [h * lq * lk, lq * lk, lk, 1]);
         let row = ([b, h, lq, 1], [h * lq, lq, 1, 1]);
 
@@ -464,7 +490,29 @@ mod gpu {
         let probs = g.virtual_tensor(full.0, full.1, DT_BF16)?;
         g.pointwise(PW_DIV, DT_FLOAT, None, (exp, Some(sum), None), probs)?;
         g.matmul(probs, v, o)?;
+        let lengths = if padding {
+            let lengths = |n: usize| -> Result<Tensor> {
+                Ok(Tensor::from_vec(
+                    vec![n as i32; key.b],
+                    key.b,
+                    &candle_core::Device::Cuda(dev.clone()),
+                )?)
+            };
+            Some((lengths(key.lq)?, lengths(key.lk)?))
+        } else {
+            None
+        };
+        plan_graph(handle, g, key, lengths)
+    }
 
+    /// Finalises `g`'s operations into an operation graph and the first execution plan cuDNN's
+    /// heuristics offer for it; `lengths` are the padding-mask inputs, when the graph has them.
+    fn plan_graph(
+        handle: sys::cudnnHandle_t,
+        mut g: Graph,
+        key: &Key,
+        lengths: Option<(Tensor, Tensor)>,
+    ) -> Result<Plan> {
         let ops: Vec<&Desc> = g.ops.iter().collect();
         let graph = Desc::new(D::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?
             .set(
@@ -483,18 +531,6 @@ mod gpu {
                     refusals.push(format!("heuristics mode {mode}: {e:#}"));
                     continue;
                 }
-            };
-            let lengths = if padding {
-                let lengths = |n: usize| -> Result<Tensor> {
-                    Ok(Tensor::from_vec(
-                        vec![n as i32; key.b],
-                        key.b,
-                        &candle_core::Device::Cuda(dev.clone()),
-                    )?)
-                };
-                Some((lengths(key.lq)?, lengths(key.lk)?))
-            } else {
-                None
             };
             g.keep.push(graph);
             g.keep.extend(keep);

@@ -116,6 +116,18 @@ impl FeatCache {
         self.idx = 0;
     }
 
+    /// The next slot a layer will take (see [`rewind`](Self::rewind)).
+    pub fn position(&self) -> usize {
+        self.idx
+    }
+
+    /// Makes the layers from slot `position` on take their slots again: the same layers run once
+    /// more on the chunk's next frames.
+    pub fn rewind(&mut self, position: usize) {
+        debug_assert!(position <= self.idx);
+        self.idx = position;
+    }
+
     pub fn next_slot(&mut self) -> &mut Slot {
         if self.idx == self.slots.len() {
             self.slots.push(Slot::Empty);

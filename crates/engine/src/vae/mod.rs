@@ -46,6 +46,9 @@ const OFFICIAL_FILES: [&str; 2] = ["Wan2.2_VAE.pth", "Wan2.1_VAE.pth"];
 /// (8 chunks = 29 to 32 video frames).
 pub const TILE_COPY_CHUNKS: usize = 8;
 
+/// Frames per pass through the decoder's full-resolution levels ([`WanVae::set_decode_pass_frames`]).
+pub const DEFAULT_DECODE_PASS_FRAMES: usize = 1;
+
 /// A loaded Wan VAE.
 pub struct WanVae {
     config: VaeConfig,
@@ -55,6 +58,7 @@ pub struct WanVae {
     post_quant_conv: CausalConv3d,
     device: Device,
     dtype: DType,
+    decode_pass_frames: usize,
 }
 
 impl WanVae {
@@ -103,6 +107,7 @@ impl WanVae {
             config: config.clone(),
             device,
             dtype,
+            decode_pass_frames: DEFAULT_DECODE_PASS_FRAMES,
         })
     }
 
@@ -161,6 +166,18 @@ impl WanVae {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// How many of a chunk's frames go through the decoder's levels after the last temporal
+    /// upsampler at once: 1 (the default) holds a quarter of the full-resolution activations of
+    /// the reference's 4; 0 takes the whole chunk, as the reference does. Decoded frames do not
+    /// depend on it beyond the convolutions' rounding.
+    pub fn set_decode_pass_frames(&mut self, frames: usize) {
+        self.decode_pass_frames = frames;
+    }
+
+    pub fn decode_pass_frames(&self) -> usize {
+        self.decode_pass_frames
     }
 
     pub fn dtype(&self) -> DType {
@@ -286,7 +303,9 @@ impl WanVae {
                 .to_dtype(self.dtype)?;
             let z = z.permute((0, 2, 1, 3, 4))?.contiguous()?;
             let x = self.post_quant_conv.forward(&z, None)?;
-            let out = self.decoder.forward(&x, &mut cache, i == 0)?;
+            let out = self
+                .decoder
+                .forward(&x, &mut cache, i == 0, self.decode_pass_frames)?;
             sink(unpatchify(&out, self.config.patch())?)?;
         }
         Ok(())

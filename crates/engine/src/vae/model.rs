@@ -145,6 +145,11 @@ pub struct Decoder3d {
     conv_in: CausalConv3d,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
+    /// The first up block after the last temporal upsampler. From there on every layer works on
+    /// each frame alone apart from its causal cache, so a chunk's frames can go through in
+    /// passes of fewer frames with the same result: the full-resolution levels, which hold most
+    /// of the decoder's working memory, then hold fewer frames at once.
+    tail_start: usize,
     norm_out: RmsNorm,
     conv_out: CausalConv3d,
 }
@@ -160,6 +165,10 @@ impl Decoder3d {
         // The decoder mirrors the encoder: temporal upsampling in reverse stage order.
         let temporal_up: Vec<bool> = cfg.temperal_downsample.iter().rev().copied().collect();
         let mut up_blocks = Vec::new();
+        let tail_start = (0..stages)
+            .rev()
+            .find(|&i| i + 1 != stages && temporal_up[i])
+            .map_or(0, |i| i + 1);
         for i in 0..stages {
             let (mut in_dim, out_dim) = (dims[i], dims[i + 1]);
             if i > 0 && !cfg.is_residual {
@@ -216,31 +225,68 @@ impl Decoder3d {
             conv_in: CausalConv3d::load_k(&vb.pp("conv_in"), cfg.z_dim, dims[0], 3)?,
             mid_block: MidBlock::load(&vb.pp("mid_block"), dims[0])?,
             up_blocks,
+            tail_start,
             norm_out: RmsNorm::load(&vb.pp("norm_out"), out_dim, false)?,
             conv_out: CausalConv3d::load_k(&vb.pp("conv_out"), out_dim, cfg.out_channels, 3)?,
         })
     }
 
     /// One latent frame `[B, 1, z, h, w]` -> `[B, f, C_out, H, W]` (f = 1 on the first chunk).
-    pub fn forward(&self, x: &Tensor, cache: &mut FeatCache, first_chunk: bool) -> Result<Tensor> {
+    /// The levels after the last temporal upsampler take at most `pass_frames` of the chunk's
+    /// frames at a time (0: all at once, as the reference does); the result does not depend on it.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cache: &mut FeatCache,
+        first_chunk: bool,
+        pass_frames: usize,
+    ) -> Result<Tensor> {
         let x = self.conv_in.forward_cached(x, cache)?;
         let mut x = self.mid_block.forward(&x, cache)?;
-        for block in &self.up_blocks {
-            let shortcut = match &block.dup_shortcut {
-                Some(d) => Some(d.forward(&x, first_chunk)?),
-                None => None,
-            };
-            for r in &block.resnets {
-                x = r.forward(&x, cache)?;
-            }
-            if let Some(u) = &block.upsampler {
-                x = u.forward(&x, cache)?;
-            }
-            if let Some(s) = shortcut {
-                x = (x + s)?;
-            }
+        for block in &self.up_blocks[..self.tail_start] {
+            x = block.forward(&x, cache, first_chunk)?;
+        }
+        let frames = x.dim(1)?;
+        if pass_frames == 0 || frames <= pass_frames {
+            return self.tail(&x, cache, first_chunk);
+        }
+        let start = cache.position();
+        let mut passes = Vec::with_capacity(frames.div_ceil(pass_frames));
+        for t0 in (0..frames).step_by(pass_frames) {
+            cache.rewind(start);
+            let n = pass_frames.min(frames - t0);
+            passes.push(self.tail(&x.narrow(1, t0, n)?, cache, first_chunk)?);
+        }
+        Ok(Tensor::cat(&passes, 1)?)
+    }
+
+    /// The up blocks from `tail_start`, the output norm and the output convolution.
+    fn tail(&self, x: &Tensor, cache: &mut FeatCache, first_chunk: bool) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.up_blocks[self.tail_start..] {
+            x = block.forward(&x, cache, first_chunk)?;
         }
         let x = self.norm_out.forward_silu(&x, 2)?;
         self.conv_out.forward_cached(&x, cache)
+    }
+}
+
+impl UpBlock {
+    fn forward(&self, x: &Tensor, cache: &mut FeatCache, first_chunk: bool) -> Result<Tensor> {
+        let shortcut = match &self.dup_shortcut {
+            Some(d) => Some(d.forward(x, first_chunk)?),
+            None => None,
+        };
+        let mut x = x.clone();
+        for r in &self.resnets {
+            x = r.forward(&x, cache)?;
+        }
+        if let Some(u) = &self.upsampler {
+            x = u.forward(&x, cache)?;
+        }
+        Ok(match shortcut {
+            Some(s) => (x + s)?,
+            None => x,
+        })
     }
 }
