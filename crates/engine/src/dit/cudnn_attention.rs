@@ -15,9 +15,9 @@
 //!
 //! A plan is built once per shape and kept; a shape cuDNN cannot plan is remembered and the caller
 //! falls back to our own kernel. The first execution of every plan is compared with our own kernel
-//! on the first query rows, and a plan that disagrees is dropped (a warning, then our kernel), so a
-//! cuDNN version that computes this graph wrongly cannot corrupt output silently. Execution errors
-//! surface as errors. The default kernel (see `flash::preferred`); on the H100 with cuDNN 9.19 the
+//! on the first and last query rows, and a plan that disagrees is dropped (a warning, then our
+//! kernel), so a cuDNN version that computes this graph wrongly cannot corrupt output silently.
+//! Execution errors surface as errors. The default kernel (see `flash::preferred`); on the H100 with cuDNN 9.19 the
 //! SDPA operation plans every shape the bench checks and runs at 585 TFLOP/s.
 
 use anyhow::Result;
@@ -84,8 +84,9 @@ mod gpu {
     const HEUR_MODE_A: i32 = 3;
     /// Engine configurations asked from the heuristics (the first that builds a plan wins).
     const MAX_CONFIGS: usize = 8;
-    /// The first execution of each plan is checked against our own kernel on this many query rows
-    /// (a few percent of one attention); beyond `VERIFY_TOLERANCE` the plan is dropped for good.
+    /// The first execution of each plan is checked against our own kernel on this many query rows,
+    /// half from the start and half from the end (a few percent of one attention); beyond
+    /// `VERIFY_TOLERANCE` the plan is dropped for good.
     const VERIFY_ROWS: usize = 1024;
     const VERIFY_TOLERANCE: f64 = 2e-2;
     /// Versions before this one need the padding-mask workaround for key lengths % 128 != 0.
@@ -733,18 +734,29 @@ mod gpu {
             }
             // A graph cuDNN accepts but computes differently (a version's bug, a stride it
             // misreads) must not corrupt videos silently: compare once with our own kernel.
-            let rows = lq.min(VERIFY_ROWS);
-            let own = crate::dit::flash::attention_with(
-                crate::dit::flash::Kernel::Own(crate::dit::flash::Tile::DEFAULT),
-                &q.narrow(1, 0, rows)?,
-                k,
-                v,
-            )?
-            .ok_or_else(|| anyhow::anyhow!("own attention kernel unavailable"))?;
-            let err = crate::tensor_util::rel_err(
-                &out.narrow(1, 0, rows)?.to_dtype(DType::F32)?,
-                &own.to_dtype(DType::F32)?,
-            )?;
+            // The first and the last query rows: a version's bug in the last, partial tile of
+            // queries or keys shows in the last rows.
+            let mut err = 0f64;
+            for start in [0, lq.saturating_sub(VERIFY_ROWS / 2)] {
+                let rows = (lq - start).min(VERIFY_ROWS / 2);
+                let own = crate::dit::flash::attention_with(
+                    crate::dit::flash::Kernel::Own(crate::dit::flash::Tile::DEFAULT),
+                    &q.narrow(1, start, rows)?,
+                    k,
+                    v,
+                )?
+                .ok_or_else(|| anyhow::anyhow!("own attention kernel unavailable"))?;
+                let e = crate::tensor_util::rel_err(
+                    &out.narrow(1, start, rows)?.to_dtype(DType::F32)?,
+                    &own.to_dtype(DType::F32)?,
+                )?;
+                if !e.is_finite() {
+                    // f64::max would drop a NaN: a non-finite error must drop the plan.
+                    err = f64::NAN;
+                    break;
+                }
+                err = err.max(e);
+            }
             if err.is_finite() && err <= VERIFY_TOLERANCE {
                 plan.verified.set(true);
                 return Ok(Some(out));
