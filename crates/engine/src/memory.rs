@@ -165,10 +165,13 @@ pub mod coeff {
     /// (Wan2.1: 7.17 GiB measured) and 1280x704x121 (Wan2.2: 15.12 GiB measured).
     pub const VAE21_CHUNK_FACTOR: f64 = 24.0;
     pub const VAE22_CHUNK_FACTOR: f64 = 31.0;
-    /// The same for one tile of the tiled decode (f32, 256 px tiles; the area is the largest tile
-    /// `TileConfig::decoded_tile` lays): calibrated on the H100 with
-    /// Wan2.1 at 832x480x81 (2.29 GiB measured with the 0.47 GiB of weights; 24 over-predicted it
-    /// by 19%). Wan2.2's is scaled by the same ratio (not yet measured).
+    /// The same for one tile of the tiled decode (the area is the largest tile
+    /// `TileConfig::decoded_tile` lays): calibrated on the H100 with Wan2.1 at 832x480x81 (f32,
+    /// 256 px tiles: 2.29 GiB measured with the 0.47 GiB of weights; 24 over-predicted it by
+    /// 19%). Checked in bf16 with whole-chunk passes: 0.99 GiB measured vs 0.975 predicted for
+    /// 208x256 px tiles, 1.446 vs 1.444 for 272x320. Wan2.2's is scaled by the same ratio (2.00 GiB
+    /// measured vs 1.955 predicted for 224x240 px tiles). One-frame passes (the default) need
+    /// less; not yet measured on a GPU, so these over-predict there.
     pub const VAE21_TILE_FACTOR: f64 = 19.4;
     pub const VAE22_TILE_FACTOR: f64 = 31.0 * 19.4 / 24.0;
 }
@@ -731,7 +734,8 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
         0,
         vae_act,
         if tiled {
-            "tiled 256 px (64 px overlap)".into()
+            let t = crate::vae::TileConfig::default();
+            format!("tiled {} px ({} px overlap)", t.tile_size, t.tile_overlap)
         } else {
             "whole frames".into()
         },
