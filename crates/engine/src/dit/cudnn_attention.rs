@@ -17,8 +17,9 @@
 //! falls back to our own kernel. The first execution of every plan is compared with our own kernel
 //! on the first and last query rows, and a plan that disagrees is dropped (a warning, then our
 //! kernel), so a cuDNN version that computes this graph wrongly cannot corrupt output silently.
-//! Execution errors surface as errors. The default kernel (see `flash::preferred`); on the H100 with cuDNN 9.19 the
-//! SDPA operation plans every shape the bench checks and runs at 585 TFLOP/s.
+//! Execution errors surface as errors. This is the default kernel (see `flash::preferred`); on
+//! the H100 with cuDNN 9.19 the SDPA operation plans every shape the bench checks and runs at
+//! 585 TFLOP/s.
 
 use anyhow::Result;
 use candle_core::Tensor;
