@@ -26,8 +26,8 @@ pub struct Args {
     #[arg(long, default_value = "plain,tiled")]
     vae_modes: String,
     /// Tile geometries of the tiled decode, comma-separated SIZE:OVERLAP in pixels (the default
-    /// is the pipeline's; diffusers' is 256:64).
-    #[arg(long, default_value = "320:64")]
+    /// is the pipeline's and diffusers').
+    #[arg(long, default_value = "256:64")]
     vae_tiles: String,
     /// Frames per pass through the VAE decoder's full-resolution levels, comma-separated (0: a
     /// whole chunk at once, as diffusers does); every decode is timed with each.
