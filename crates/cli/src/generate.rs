@@ -432,6 +432,7 @@ fn placement_of(plan: &Plan, memory: &MemoryOptions) -> Placement {
         text: plan.text,
         fp8_linears: memory.fp8,
         vae_bf16: memory.vae_bf16,
+        vae_tiled: Some(plan.vae_tiled),
     }
 }
 
@@ -460,6 +461,7 @@ pub fn plan_placement(
                 text: TextPlacement::Resident,
                 fp8_linears: memory.fp8,
                 vae_bf16: memory.vae_bf16,
+                vae_tiled: None,
             },
             plan: None,
             request: None,
@@ -535,10 +537,18 @@ fn replan_if_squeezed(
         })?;
         return Ok(());
     };
-    if next.offload != current.offload || next.resident_blocks != current.resident_blocks {
+    if next.offload != current.offload
+        || next.resident_blocks != current.resident_blocks
+        || next.vae_tiled != current.vae_tiled
+    {
+        let tiles = if next.vae_tiled && !current.vae_tiled {
+            ", decoding in tiles"
+        } else {
+            ""
+        };
         sink.event(ProgressEvent::Warning {
             message: format!(
-                "GPU memory: {:.2} GiB available now, switching to --offload {} for the rest of the run",
+                "GPU memory: {:.2} GiB available now, switching to --offload {}{tiles} for the rest of the run",
                 budget as f64 / GIB,
                 next.offload.name()
             ),

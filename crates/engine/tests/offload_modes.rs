@@ -90,6 +90,7 @@ fn placement(offload: Offload, resident_blocks: usize, prefetch: usize) -> Place
         text: TextPlacement::Resident,
         fp8_linears: false,
         vae_bf16: true,
+        vae_tiled: None,
     }
 }
 

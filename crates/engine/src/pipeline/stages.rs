@@ -92,6 +92,9 @@ pub struct Placement {
     /// exact f32 path, half the memory; error vs the f32 reference like diffusers' own bf16 VAE).
     /// The CPU always runs it in f32.
     pub vae_bf16: bool,
+    /// The plan's choice of tiled (`Some(true)`) or whole-frame decode; `None` without a plan:
+    /// tiled above 512x512 pixels and under `aggressive` or `stream` offload.
+    pub vae_tiled: Option<bool>,
 }
 
 impl Default for Placement {
@@ -103,6 +106,7 @@ impl Default for Placement {
             text: TextPlacement::Resident,
             fp8_linears: false,
             vae_bf16: true,
+            vae_tiled: None,
         }
     }
 }
@@ -663,20 +667,23 @@ impl<'a> Stages<'a> {
         Ok(self.preview.get_or_init(|| probed))
     }
 
-    /// Normalised latents -> video [3, T, H, W] f32 on the CPU, in [-1, 1]. Large videos (and
-    /// every video under `aggressive` or `stream` offload) are decoded in spatial tiles (bounded
-    /// memory); the VAE is freed before returning (unless kept resident).
+    /// Normalised latents -> video [3, T, H, W] f32 on the CPU, in [-1, 1]. Decoded in spatial
+    /// tiles (bounded memory) where the placement says so, or without a plan's word for large
+    /// videos and every video under `aggressive` or `stream` offload; the VAE is freed before
+    /// returning (unless kept resident).
     pub fn decode(&self, latents: &Tensor, sink: &mut dyn ProgressSink) -> Result<Tensor> {
         self.stage(sink, Stage::VaeDecode)?;
         let vae = self.vae()?;
         let z = vae.denormalize(latents)?;
         let (_, _, _, h, w) = z.dims5()?;
         let s = vae.config().spatial_stride();
-        let tiled = h * w * s * s > 512 * 512
-            || matches!(
-                self.placement.offload,
-                Offload::Aggressive | Offload::Stream
-            );
+        let tiled = self.placement.vae_tiled.unwrap_or_else(|| {
+            h * w * s * s > 512 * 512
+                || matches!(
+                    self.placement.offload,
+                    Offload::Aggressive | Offload::Stream
+                )
+        });
         let video = if tiled {
             vae.decode_tiled(&z, &TileConfig::default())?
         } else {
