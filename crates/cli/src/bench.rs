@@ -29,9 +29,9 @@ pub struct Args {
     /// is the pipeline's and diffusers').
     #[arg(long, default_value = "256:64")]
     vae_tiles: String,
-    /// Frames per pass through the VAE decoder's full-resolution levels, comma-separated (0: a
-    /// whole chunk at once, as diffusers does); every decode is timed with each.
-    #[arg(long, default_value = "1")]
+    /// Frames per pass through the VAE decoder's full-resolution levels, comma-separated (0, the
+    /// default: a whole chunk at once, as diffusers does); every decode is timed with each.
+    #[arg(long, default_value = "0")]
     vae_pass_frames: String,
     /// DiT models, comma-separated: wan2.1-1.3b, wan2.2-ti2v-5b, wan-a14b-expert.
     #[arg(long, default_value = "wan2.1-1.3b,wan2.2-ti2v-5b,wan-a14b-expert")]

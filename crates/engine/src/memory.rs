@@ -160,20 +160,22 @@ pub mod coeff {
     /// bias (with the padding mask added), the scores and the probabilities.
     pub const TEXT_SCORE_BUFFERS: f64 = 3.0;
     /// VAE decode working set per chunk, in multiples of the finest level's chunk tensor
-    /// (decoder base channels x 4 frames x H x W): per-tap convolution outputs, sums, the causal
-    /// caches and cuDNN workspace. Calibrated on the H100, bf16, plain decode of 832x480x81
-    /// (Wan2.1: 7.17 GiB measured) and 1280x704x121 (Wan2.2: 15.12 GiB measured).
-    pub const VAE21_CHUNK_FACTOR: f64 = 24.0;
-    pub const VAE22_CHUNK_FACTOR: f64 = 31.0;
+    /// (decoder base channels x 4 frames x H x W): channels-last convolution copies, causal
+    /// caches and cuDNN workspace. Calibrated on the H100, bf16, whole-frame decode with
+    /// whole-chunk passes (`vidgen bench --what vae`): 832x480x81 through Wan2.1, 5.78 GiB
+    /// measured (24, from an older convolution path, predicted 7.27); 1280x704x121 through
+    /// Wan2.2, 12.19 GiB measured (31 predicted 15.24).
+    pub const VAE21_CHUNK_FACTOR: f64 = 18.8;
+    pub const VAE22_CHUNK_FACTOR: f64 = 23.9;
     /// The same for one tile of the tiled decode (the area is the largest tile
     /// `TileConfig::decoded_tile` lays): calibrated on the H100 with Wan2.1 at 832x480x81 (f32,
     /// 256 px tiles: 2.29 GiB measured with the 0.47 GiB of weights; 24 over-predicted it by
     /// 19%). Checked in bf16 with whole-chunk passes: 0.99 GiB measured vs 0.975 predicted for
     /// 208x256 px tiles, 1.446 vs 1.444 for 272x320. Wan2.2's is scaled by the same ratio (2.00 GiB
-    /// measured vs 1.955 predicted for 224x240 px tiles). One-frame passes (the default) need
-    /// less; not yet measured on a GPU, so these over-predict there.
+    /// measured vs 1.955 predicted for 224x240 px tiles). One-frame passes
+    /// (`WanVae::set_decode_pass_frames(1)`) need less; not yet measured on a GPU.
     pub const VAE21_TILE_FACTOR: f64 = 19.4;
-    pub const VAE22_TILE_FACTOR: f64 = 31.0 * 19.4 / 24.0;
+    pub const VAE22_TILE_FACTOR: f64 = 25.06;
 }
 
 /// What a plan is made for.
