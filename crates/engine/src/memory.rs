@@ -171,8 +171,9 @@ pub mod coeff {
     /// `TileConfig::decoded_tile` lays): calibrated on the H100 with Wan2.1 at 832x480x81 (f32,
     /// 256 px tiles: 2.29 GiB measured with the 0.47 GiB of weights; 24 over-predicted it by
     /// 19%). Checked in bf16 with whole-chunk passes: 0.99 GiB measured vs 0.975 predicted for
-    /// 208x256 px tiles, 1.446 vs 1.444 for 272x320. Wan2.2's is scaled by the same ratio (2.00 GiB
-    /// measured vs 1.955 predicted for 224x240 px tiles). One-frame passes
+    /// 208x256 px tiles, 1.446 vs 1.444 for 272x320. Wan2.2's was scaled from Wan2.1's by the
+    /// older whole-frame factors' ratio, 31/24 (2.00 GiB measured vs 1.955 predicted for 224x240
+    /// px tiles). One-frame passes
     /// (`WanVae::set_decode_pass_frames(1)`) need less; not yet measured on a GPU.
     pub const VAE21_TILE_FACTOR: f64 = 19.4;
     pub const VAE22_TILE_FACTOR: f64 = 25.06;
