@@ -37,6 +37,10 @@ fn known_models_plan_with_exact_weights() {
         "{gib}"
     );
     assert_eq!(v["fits"], true);
+    // 80 GiB holds the whole-frame decode of 832x480x81 (the reference computation).
+    assert_eq!(v["size"], "832x480");
+    assert_eq!(v["vae_decode"], "whole frames");
+    assert_eq!(v["stages"][2]["placement"], "whole frames");
 }
 
 /// `vidgen plan` for A14B T2V at 832x480x81 with `extra` arguments.
@@ -75,6 +79,8 @@ fn a_budget_too_small_exits_3_with_a_suggestion() {
         out.contains("stream") && out.contains("blocks resident"),
         "{out}"
     );
+    // Streaming promises bounded memory: the decode is tiled whatever the budget.
+    assert!(out.contains("tiled 256 px"), "{out}");
 }
 
 #[test]
