@@ -173,8 +173,8 @@ pub mod coeff {
     /// 19%). Checked in bf16 with whole-chunk passes: 0.99 GiB measured vs 0.975 predicted for
     /// 208x256 px tiles, 1.446 vs 1.444 for 272x320. Wan2.2's was scaled from Wan2.1's by the
     /// older whole-frame factors' ratio, 31/24 (2.00 GiB measured vs 1.955 predicted for 224x240
-    /// px tiles). One-frame passes
-    /// (`WanVae::set_decode_pass_frames(1)`) need less; not yet measured on a GPU.
+    /// px tiles). One-frame passes (`WanVae::set_decode_pass_frames(1)`) need less; not yet
+    /// measured on a GPU.
     pub const VAE21_TILE_FACTOR: f64 = 19.4;
     pub const VAE22_TILE_FACTOR: f64 = 25.06;
 }
@@ -577,6 +577,14 @@ pub fn vae_decode_activations(
     (factor * chunk + video) as u64 * elem
 }
 
+/// Whether the VAE decodes a `width`x`height` video in tiles: always in the modes that promise
+/// bounded memory, and above 512x512 pixels unless the whole-frame decode (the reference
+/// computation, and 1.6x to 3x faster) is known to fit the budget (`whole_fits`).
+pub fn vae_decode_tiled(mode: Offload, width: usize, height: usize, whole_fits: bool) -> bool {
+    matches!(mode, Offload::Aggressive | Offload::Stream)
+        || (width * height > 512 * 512 && !whole_fits)
+}
+
 fn stage(name: &str, gpu: u64, host: u64, act: u64, placement: String) -> StagePlan {
     StagePlan {
         stage: name.to_string(),
@@ -645,17 +653,13 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
                 (text_w, on_gpu, 0, dit_w)
             }
         };
-    // The decode is tiled in the strongest modes (bounded memory is what they promise), and
-    // above 512x512 pixels unless the whole-frame decode (the reference computation, and 1.6x to
-    // 3x faster) is known to fit the budget.
     let decode_act = |tiled| {
         vae_decode_activations(&vae_cfg, req.width, req.height, req.frames, tiled, vae_elem)
     };
     let whole_fits = req
         .vram_budget
         .is_some_and(|b| vae_w + others_during_decode + decode_act(false) <= b);
-    let vae_tiled = matches!(mode, Offload::Aggressive | Offload::Stream)
-        || (req.width * req.height > 512 * 512 && !whole_fits);
+    let vae_tiled = vae_decode_tiled(mode, req.width, req.height, whole_fits);
     let vae_act = decode_act(vae_tiled);
     // In the strongest modes an encoder that does not fit the budget is streamed to the GPU a
     // block at a time; only when one block does not fit either does it run on the CPU.

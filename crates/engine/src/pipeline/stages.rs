@@ -678,11 +678,7 @@ impl<'a> Stages<'a> {
         let (_, _, _, h, w) = z.dims5()?;
         let s = vae.config().spatial_stride();
         let tiled = self.placement.vae_tiled.unwrap_or_else(|| {
-            h * w * s * s > 512 * 512
-                || matches!(
-                    self.placement.offload,
-                    Offload::Aggressive | Offload::Stream
-                )
+            crate::memory::vae_decode_tiled(self.placement.offload, w * s, h * s, false)
         });
         let video = if tiled {
             vae.decode_tiled(&z, &TileConfig::default())?
