@@ -63,3 +63,71 @@ __device__ void dequant1(const __nv_fp8_storage_t* q, const float* scale, long l
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)
 INSTANTIATE(__half, f16)
+
+// FP8 matmuls (activations quantised per row = per token, weights per output channel):
+//   e4m3_quantize_rows_T: for each row r of x [rows, k]: s_r = amax_r / 448 (1 for an all-zero row),
+//                         q = e4m3(clamp(x / s_r, ±448)) — Fp8Weight::quantize's per-channel
+//                         arithmetic, so the bytes and scales equal the CPU's.
+//   fp8_epilogue_T:       y = T(acc · s_row[r] · s_col[c] + b[c]), then with gelu: T(gelu_tanh(y)),
+//                         where acc [rows, cols] is the e4m3 product accumulated in f32 and rounded
+//                         to T by the matmul; s_col has one value per column, or one for all when
+//                         per_col == 0. y may be acc.
+
+__device__ __forceinline__ float block_max(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < warps ? shared[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}
+
+template <typename T>
+__device__ void quantize_rows(const T* __restrict__ x, __nv_fp8_storage_t* __restrict__ q, float* __restrict__ scale,
+                              int k) {
+  __shared__ float shared[32];
+  const long long row = blockIdx.x;
+  const T* xr = x + row * k;
+  __nv_fp8_storage_t* qr = q + row * k;
+  float amax = 0.f;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(load_f(xr[i])));
+  amax = block_max(amax, shared);
+  const float s = amax > 0.f ? amax / 448.f : 1.f;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    const float v = fminf(fmaxf(load_f(xr[i]) / s, -448.f), 448.f);
+    qr[i] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+  }
+  if (threadIdx.x == 0) scale[row] = s;
+}
+
+template <typename T>
+__device__ void fp8_epilogue(const T* acc, T* y, const float* __restrict__ s_row, const float* __restrict__ s_col,
+                             int per_col, const float* __restrict__ b, int cols, int gelu) {
+  const long long row = blockIdx.x;
+  const T* ar = acc + row * cols;
+  T* yr = y + row * cols;
+  const float sr = s_row[row];
+  for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+    float v = load_f(ar[i]) * sr * s_col[per_col ? i : 0] + b[i];
+    if (gelu) {
+      v = load_f(store_f<T>(v));
+      // 0.5·v·(1 + tanh(√(2/π)·(v + 0.044715·v³))), as bias_gelu in dit_fused.cu
+      const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+      v = 0.5f * v * (1.f + tanhf(inner));
+    }
+    yr[i] = store_f<T>(v);
+  }
+}
+
+#define INSTANTIATE_MATMUL(T, NAME)                                                                            \
+  extern "C" __global__ void e4m3_quantize_rows_##NAME(const T* x, __nv_fp8_storage_t* q, float* scale, int k) { \
+    quantize_rows<T>(x, q, scale, k);                                                                            \
+  }                                                                                                              \
+  extern "C" __global__ void fp8_epilogue_##NAME(const T* acc, T* y, const float* s_row, const float* s_col,   \
+                                                 int per_col, const float* b, int cols, int gelu) {             \
+    fp8_epilogue<T>(acc, y, s_row, s_col, per_col, b, cols, gelu);                                              \
+  }
+
+INSTANTIATE_MATMUL(__nv_bfloat16, bf16)
+INSTANTIATE_MATMUL(__half, f16)

@@ -413,6 +413,91 @@ impl Bench {
                 "pass": byte_mismatches == 0 && dequant_mismatches == 0,
             }));
         }
+        self.fp8_matmul_kernels()
+    }
+
+    /// The FP8 matmul on the device against the CPU's: per-token quantisation (bytes and scales
+    /// identical), the product (the same quantised values multiplied in f32 on the CPU: only the
+    /// accumulation order and the bf16 rounding of the product differ) and the timing against the
+    /// bf16 matmul + bias at the A14B expert's shapes (all 32760 tokens; the FFN's 8192-token
+    /// chunk).
+    fn fp8_matmul_kernels(&self) -> Result<()> {
+        use vidgen_engine::weights::fp8::{Fp8Granularity, Fp8Weight};
+        use vidgen_engine::weights::fp8_matmul::{fp8_linear, quantize_rows, Activation};
+        let cpu = Device::Cpu;
+        // Rows of very different ranges, so the per-row scales matter.
+        let row_scale = Tensor::arange(0f32, 515.0, &cpu)?
+            .affine(0.02, -5.0)?
+            .exp()?
+            .reshape((515, 1))?;
+        let x_cpu = rand(&[515, 5120], DType::F32, &cpu)?
+            .broadcast_mul(&row_scale)?
+            .to_dtype(self.dtype)?;
+        let x = x_cpu.to_device(&self.device)?;
+        let (gpu_q, cpu_q) = (quantize_rows(&x)?, quantize_rows(&x_cpu)?);
+        let every = |(differ, zero_sign): (usize, usize)| differ + zero_sign;
+        let byte_mismatches = every(value_mismatches(gpu_q.weight(), cpu_q.weight())?);
+        let scale_mismatches = every(value_mismatches(gpu_q.scale(), cpu_q.scale())?);
+        let w_cpu = rand(&[1536, 5120], DType::F32, &cpu)?;
+        let b_cpu = rand(&[1536], DType::F32, &cpu)?;
+        let wq_cpu = Fp8Weight::quantize(&w_cpu, Fp8Granularity::PerChannel)?;
+        let wq = wq_cpu.to_device(&self.device)?;
+        let b = b_cpu.to_device(&self.device)?;
+        let mut errors = serde_json::Map::new();
+        for (name, act) in [("linear", Activation::None), ("gelu", Activation::GeluTanh)] {
+            let gpu = fp8_linear(&x, &wq, &b, act)?;
+            let reference = fp8_linear(&x_cpu, &wq_cpu, &b_cpu, act)?;
+            let err = vidgen_engine::tensor_util::rel_err(
+                &gpu.to_device(&cpu)?.to_dtype(DType::F32)?,
+                &reference.to_dtype(DType::F32)?,
+            )?;
+            errors.insert(name.into(), json!(err));
+        }
+        let pass = byte_mismatches == 0
+            && scale_mismatches == 0
+            && errors
+                .values()
+                .all(|e| e.as_f64().is_some_and(|e| e <= 1e-2));
+        emit(json!({
+            "what": "fp8_matmul_kernels", "rows": 515, "k": 5120, "out": 1536,
+            "quantized_byte_mismatches_vs_cpu": byte_mismatches,
+            "scale_mismatches_vs_cpu": scale_mismatches,
+            "rel_err_vs_cpu": errors, "limit": 1e-2, "pass": pass,
+            "fast_accum": std::env::var("VIDGEN_FP8_FAST_ACCUM").is_ok_and(|v| v == "1"),
+        }));
+        if !self.device.is_cuda() {
+            return Ok(());
+        }
+        for (rows, k, out) in [
+            (32760, 5120, 5120),
+            (8192, 5120, 13824),
+            (8192, 13824, 5120),
+        ] {
+            let x = rand(&[rows, k], self.dtype, &self.device)?;
+            let w = rand(&[out, k], self.dtype, &self.device)?;
+            let b = rand(&[out], DType::F32, &self.device)?;
+            let wq = Fp8Weight::quantize(&w, Fp8Granularity::PerChannel)?;
+            let flops = 2.0 * (rows * k * out) as f64;
+            let (bf16_seconds, _) = self.time(|| {
+                let y = x.matmul(&w.t()?)?;
+                dit::fused::bias_add(y, &b)?;
+                Ok(())
+            })?;
+            let (fp8_seconds, _) = self.time(|| {
+                fp8_linear(&x, &wq, &b, Activation::None)?;
+                Ok(())
+            })?;
+            let err = vidgen_engine::tensor_util::rel_err(
+                &fp8_linear(&x, &wq, &b, Activation::None)?.to_dtype(DType::F32)?,
+                &dit::fused::bias_add(x.matmul(&w.t()?)?, &b)?.to_dtype(DType::F32)?,
+            )?;
+            emit(json!({
+                "what": "fp8_matmul_speed", "rows": rows, "k": k, "out": out,
+                "bf16_seconds": bf16_seconds, "bf16_tflops": flops / bf16_seconds / 1e12,
+                "fp8_seconds": fp8_seconds, "fp8_tflops": flops / fp8_seconds / 1e12,
+                "speedup": bf16_seconds / fp8_seconds, "rel_err_vs_bf16": err,
+            }));
+        }
         Ok(())
     }
 
@@ -470,20 +555,26 @@ impl Bench {
         Ok(gpu_memory::usage(&self.device)?.map_or(0.0, |u| gib(u.used)))
     }
 
-    /// The same random weights as bf16 and with FP8 block linears (per-channel scales): weight
-    /// memory, forward time and the FP8 output's error against bf16.
+    /// The same random weights as bf16, with FP8 block linears (per-channel scales) dequantised
+    /// for bf16 matmuls, and as FP8 matmuls: weight memory, forward time and the error against
+    /// bf16.
     fn fp8_forward(&self, case: &DitCase) -> Result<()> {
         let cfg = &case.config;
         let ((w, h), frames) = self.shape(case.size, case.frames);
         let (x, text, t) = self.forward_inputs(case)?;
         let used = || self.used_gib();
         let mut outputs = Vec::new();
-        for fp8 in [false, true] {
+        for (linears, fp8, fp8_matmul) in [
+            ("bf16", false, false),
+            ("fp8", true, false),
+            ("fp8-matmul", true, true),
+        ] {
             let before = used()?;
             let weights = dit::random::random_weights_on_device(cfg, 7, &self.device, self.dtype)?;
             let source = MemorySource::new("random transformer", weights);
-            let map =
-                WeightMap::plain(Box::new(source), &self.device, self.dtype)?.with_fp8_linears(fp8);
+            let map = WeightMap::plain(Box::new(source), &self.device, self.dtype)?
+                .with_fp8_linears(fp8)
+                .with_fp8_matmul(fp8_matmul);
             let model = WanTransformer::from_weights(cfg.clone(), &map)?;
             drop(map);
             let model_gib = used()? - before;
@@ -501,7 +592,7 @@ impl Bench {
             };
             emit(json!({
                 "what": "fp8_forward", "model": case.name, "size": format!("{w}x{h}"),
-                "frames": frames, "linears": if fp8 { "fp8" } else { "bf16" },
+                "frames": frames, "linears": linears,
                 "model_gib": model_gib, "seconds": seconds, "peak_gib": peak,
                 "rel_err_vs_bf16": err,
             }));

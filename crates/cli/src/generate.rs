@@ -112,10 +112,13 @@ pub struct Args {
     /// stage).
     #[arg(long, value_name = "SIZE")]
     pub vram_budget: Option<String>,
-    /// Transformer weights: bf16 (f32 on the CPU) or fp8 (block linears in FP8 e4m3 with
-    /// per-channel scales, quantised while loading: half the memory, computed in bf16). A GGUF DiT
-    /// (`--dit x.gguf`) keeps its block-quantised block linears as stored whatever this says.
-    #[arg(long, value_name = "bf16|fp8", default_value = "bf16")]
+    /// Transformer weights: bf16 (f32 on the CPU), fp8 (block linears in FP8 e4m3 with
+    /// per-channel scales, quantised while loading: half the memory, computed in bf16), or
+    /// fp8-matmul (the same weights computed as FP8 matmuls with per-token activation scales:
+    /// faster on GPUs with FP8 tensor cores, a little less accurate; see `vidgen bench --what
+    /// fp8`). A GGUF DiT (`--dit x.gguf`) keeps its block-quantised block linears as stored
+    /// whatever this says.
+    #[arg(long, value_name = "bf16|fp8|fp8-matmul", default_value = "bf16")]
     pub weights: String,
     /// Transformer blocks uploaded ahead of the one computing when streaming.
     #[arg(long, default_value_t = 1)]
@@ -366,6 +369,8 @@ pub struct MemoryOptions {
     pub prefetch: usize,
     /// Transformer block linears in FP8.
     pub fp8: bool,
+    /// ...computed as FP8 matmuls.
+    pub fp8_matmul: bool,
     /// The VAE in bf16 (applies on a GPU only).
     pub vae_bf16: bool,
 }
@@ -377,6 +382,7 @@ impl Default for MemoryOptions {
             vram_budget: None,
             prefetch: 1,
             fp8: false,
+            fp8_matmul: false,
             vae_bf16: true,
         }
     }
@@ -431,6 +437,7 @@ fn placement_of(plan: &Plan, memory: &MemoryOptions) -> Placement {
         },
         text: plan.text,
         fp8_linears: memory.fp8,
+        fp8_matmul: memory.fp8_matmul,
         vae_bf16: memory.vae_bf16,
         vae_tiled: Some(plan.vae_tiled),
     }
@@ -460,6 +467,7 @@ pub fn plan_placement(
                 },
                 text: TextPlacement::Resident,
                 fp8_linears: memory.fp8,
+                fp8_matmul: memory.fp8_matmul,
                 vae_bf16: memory.vae_bf16,
                 vae_tiled: None,
             },
@@ -718,6 +726,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         messages.extend(resolved.notes.iter().cloned());
     }
+    let (fp8, fp8_matmul) = match args.weights.as_str() {
+        "bf16" => (false, false),
+        "fp8" => (true, false),
+        "fp8-matmul" => (true, true),
+        other => {
+            return Err(invalid!(
+                "--weights: `{other}` is not one of bf16, fp8, fp8-matmul"
+            ));
+        }
+    };
     let memory = MemoryOptions {
         offload: Offload::parse(&args.offload)?,
         vram_budget: args
@@ -726,13 +744,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|b| vidgen_engine::memory::parse_bytes("--vram-budget", b))
             .transpose()?,
         prefetch: args.prefetch,
-        fp8: match args.weights.as_str() {
-            "bf16" => false,
-            "fp8" => true,
-            other => {
-                return Err(invalid!("--weights: `{other}` is not one of bf16, fp8"));
-            }
-        },
+        fp8: fp8 || fp8_matmul,
+        fp8_matmul,
         vae_bf16: vidgen_engine::memory::vae_bf16(
             "--vae-dtype",
             &args.vae_dtype,

@@ -88,6 +88,7 @@ fn fp8_block_linears_in_the_model() {
         DType::F32,
         &dit::LoadOptions {
             fp8_linears: true,
+            fp8_matmul: false,
             stream: None,
         },
     )
@@ -153,6 +154,7 @@ fn fp8_block_linears_in_the_model() {
         DType::F32,
         &dit::LoadOptions {
             fp8_linears: true,
+            fp8_matmul: false,
             stream: Some(dit::StreamOptions {
                 resident_blocks: 0,
                 prefetch: 1,
@@ -164,5 +166,61 @@ fn fp8_block_linears_in_the_model() {
         run(&streamed),
         ours,
         "streamed FP8 blocks differ from resident ones"
+    );
+}
+
+/// FP8 matmuls (`--weights fp8-matmul`) on the fixture: the error against the f32 reference is
+/// bounded and printed beside FP8 storage's; streamed blocks give the resident result bit for bit.
+#[test]
+fn fp8_matmul_accuracy_and_streaming_on_fixture() {
+    let path = fixture("t2v/transformer");
+    let load = |fp8_matmul: bool, stream: Option<dit::StreamOptions>| {
+        dit::load_with(
+            &path,
+            &Device::Cpu,
+            DType::F32,
+            &dit::LoadOptions {
+                fp8_linears: true,
+                fp8_matmul,
+                stream,
+            },
+        )
+        .unwrap()
+    };
+    let storage = forward_err(&load(false, None));
+    let matmul_model = load(true, None);
+    let matmul = forward_err(&matmul_model);
+    println!(
+        "DiT forward rel err vs f32 reference: fp8 storage {storage:.3e}, fp8 matmul {matmul:.3e}"
+    );
+    // Quantising the activations too adds a second e4m3 rounding per product.
+    assert!(matmul < 8e-2, "fp8 matmul error {matmul}");
+    assert!(matmul != storage, "the FP8 matmul path did not run");
+
+    let io: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture("t2v/io.safetensors"), &Device::Cpu).unwrap();
+    let run = |m: &WanTransformer| -> Vec<f32> {
+        let x = &io["hidden_states"];
+        let rope = m.rope(x.dims()).unwrap();
+        let ctx = m.prepare_context(&io["encoder_hidden_states"]).unwrap();
+        m.forward(x, &io["timestep"], &ctx, &rope)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let streamed = load(
+        true,
+        Some(dit::StreamOptions {
+            resident_blocks: 0,
+            prefetch: 1,
+        }),
+    );
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(
+        bits(run(&streamed)),
+        bits(run(&matmul_model)),
+        "streamed FP8-matmul blocks differ from resident ones"
     );
 }

@@ -89,6 +89,7 @@ fn placement(offload: Offload, resident_blocks: usize, prefetch: usize) -> Place
         },
         text: TextPlacement::Resident,
         fp8_linears: false,
+        fp8_matmul: false,
         vae_bf16: true,
         vae_tiled: None,
     }

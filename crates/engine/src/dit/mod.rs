@@ -84,6 +84,9 @@ pub struct LoadOptions {
     /// loading, one layer at a time on the device it loads to (those a GGUF file stores
     /// block-quantised stay in their encoding).
     pub fp8_linears: bool,
+    /// FP8 block linears (quantised on load or stored so) run as FP8 matmuls
+    /// ([`crate::weights::fp8_matmul`]).
+    pub fp8_matmul: bool,
     /// Blocks streamed from page-locked host memory: the checkpoint is read on the CPU, then
     /// everything but the streamed blocks moves to the device.
     pub stream: Option<StreamOptions>,
@@ -101,7 +104,10 @@ pub fn load_with(
         device.clone()
     };
     let (wm, cfg) = open_weights(path, &load_device, dtype)?;
-    let model = WanTransformer::from_weights(cfg, &wm.with_fp8_linears(options.fp8_linears))?;
+    let wm = wm
+        .with_fp8_linears(options.fp8_linears)
+        .with_fp8_matmul(options.fp8_matmul);
+    let model = WanTransformer::from_weights(cfg, &wm)?;
     match options.stream {
         Some(opts) => model.into_streamed(device, opts),
         None => Ok(model),

@@ -21,6 +21,7 @@ use super::streaming::{self, HostBlock, StreamOptions, Uploader};
 use crate::invalid;
 use crate::profile::scope;
 use crate::weights::fp8::{Fp8Granularity, Fp8Weight};
+use crate::weights::fp8_matmul::{fp8_linear, Activation};
 use crate::weights::{GgufType, GgufWeight, MemorySource, WeightMap, WeightPath};
 
 /// A transformer block's linear layer (the bulk of the weights): dense in the model dtype; FP8
@@ -30,6 +31,8 @@ use crate::weights::{GgufType, GgufWeight, MemorySource, WeightMap, WeightPath};
 struct BlockLinear {
     weight: BlockWeight,
     bias: Tensor,
+    /// An FP8 weight runs as an FP8 matmul ([`fp8_linear`]) rather than dequantised.
+    fp8_matmul: bool,
 }
 
 enum BlockWeight {
@@ -60,7 +63,12 @@ impl BlockLinear {
         } else {
             BlockWeight::Dense(p.get("weight", &[d_out, d_in])?)
         };
-        Ok(Self { weight, bias })
+        let fp8_matmul = wp.map().fp8_matmul() && matches!(weight, BlockWeight::Fp8(_));
+        Ok(Self {
+            weight,
+            bias,
+            fp8_matmul,
+        })
     }
 
     /// The weight in `dtype` for a matmul (FP8, GGUF: dequantised now; dense: as stored).
@@ -214,26 +222,56 @@ fn linear_forward(layer: &BlockLinear, x: &Tensor) -> Result<Tensor> {
     linear_forward_with(layer, &matmul_weight(layer, x.dtype())?, x)
 }
 
-/// [`linear_forward`] with the layer's weight already in the activation dtype (`w`).
-fn linear_forward_with(layer: &BlockLinear, w: &Tensor, x: &Tensor) -> Result<Tensor> {
-    let y = scope("dit.matmul", x.device(), || matmul_t(x, w))?;
-    scope("dit.bias", x.device(), || fused::bias_add(y, &layer.bias))
+/// A block linear's weight ready for its matmuls: dense in the activation dtype, or its FP8
+/// weight as held, for an FP8 matmul.
+enum MatmulWeight<'a> {
+    Dense(Tensor),
+    Fp8(&'a Fp8Weight),
 }
 
-/// The FFN's first layer with its tanh-GELU fused into the bias pass (`w`: its weight in the
-/// activation dtype).
-fn linear_gelu_with(layer: &BlockLinear, w: &Tensor, x: &Tensor) -> Result<Tensor> {
-    let y = scope("dit.matmul", x.device(), || matmul_t(x, w))?;
-    scope("dit.bias_gelu", x.device(), || {
-        fused::bias_gelu(y, &layer.bias)
-    })
+/// [`linear_forward`] with the layer's weight prepared by [`matmul_weight`].
+fn linear_forward_with(layer: &BlockLinear, w: &MatmulWeight, x: &Tensor) -> Result<Tensor> {
+    linear_act_with(layer, w, x, Activation::None)
 }
 
-/// A block linear's weight for a matmul in `dtype` (FP8, GGUF: dequantised now, once per use).
-fn matmul_weight(layer: &BlockLinear, dtype: DType) -> Result<Tensor> {
+/// The FFN's first layer with its tanh-GELU fused into the bias pass.
+fn linear_gelu_with(layer: &BlockLinear, w: &MatmulWeight, x: &Tensor) -> Result<Tensor> {
+    linear_act_with(layer, w, x, Activation::GeluTanh)
+}
+
+fn linear_act_with(
+    layer: &BlockLinear,
+    w: &MatmulWeight,
+    x: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
+    let w = match w {
+        MatmulWeight::Fp8(q) => {
+            return scope("dit.fp8_matmul", x.device(), || {
+                fp8_linear(x, q, &layer.bias, act)
+            })
+        }
+        MatmulWeight::Dense(w) => w,
+    };
+    let y = scope("dit.matmul", x.device(), || matmul_t(x, w))?;
+    match act {
+        Activation::None => scope("dit.bias", x.device(), || fused::bias_add(y, &layer.bias)),
+        Activation::GeluTanh => scope("dit.bias_gelu", x.device(), || {
+            fused::bias_gelu(y, &layer.bias)
+        }),
+    }
+}
+
+/// A block linear's weight for a matmul in `dtype` (FP8, GGUF: dequantised now, once per use;
+/// FP8 under FP8 matmuls: as held).
+fn matmul_weight(layer: &BlockLinear, dtype: DType) -> Result<MatmulWeight<'_>> {
+    if let (true, BlockWeight::Fp8(q)) = (layer.fp8_matmul, &layer.weight) {
+        return Ok(MatmulWeight::Fp8(q));
+    }
     scope("dit.dequantize", layer.bias.device(), || {
         layer.dense_weight(dtype)
     })
+    .map(MatmulWeight::Dense)
 }
 
 /// `x [.., K] · wᵀ` with w `[N, K]`, as one 2-D matmul over all rows.
@@ -443,6 +481,7 @@ impl Block {
         cfg: &DitConfig,
         device: &Device,
         dtype: DType,
+        fp8_matmul: bool,
     ) -> Result<Self> {
         let mut dense = HashMap::with_capacity(tensors.len());
         let mut quantized = HashMap::new();
@@ -460,7 +499,7 @@ impl Block {
             }
         }
         let source = MemorySource::new("streamed block", dense).with_quantized(quantized);
-        let wm = WeightMap::plain(Box::new(source), device, dtype)?;
+        let wm = WeightMap::plain(Box::new(source), device, dtype)?.with_fp8_matmul(fp8_matmul);
         let block = Self::load(&wm.pp(""), cfg)?;
         wm.finish()?;
         Ok(block)
@@ -605,6 +644,8 @@ pub struct WanTransformer {
     proj_out: Linear,
     dtype: DType,
     device: Device,
+    /// FP8 block linears run as FP8 matmuls (streamed blocks are rebuilt with it).
+    fp8_matmul: bool,
 }
 
 impl WanTransformer {
@@ -637,6 +678,7 @@ impl WanTransformer {
             proj_out: linear(&root, "proj_out", d, cfg.out_channels * pt * ph * pw)?,
             dtype: wm.dtype(),
             device: wm.device().clone(),
+            fp8_matmul: wm.fp8_matmul(),
             cfg,
         };
         wm.finish()?;
@@ -688,6 +730,7 @@ impl WanTransformer {
             proj_out: to(self.proj_out)?,
             dtype: self.dtype,
             device: device.clone(),
+            fp8_matmul: self.fp8_matmul,
             cfg: self.cfg,
         };
         model.set_streaming(opts)?;
@@ -697,7 +740,8 @@ impl WanTransformer {
     /// Changes how many of a streamed model's blocks stay on the device, and the prefetch depth
     /// (the placement planner re-decides this per stage as free memory changes).
     pub fn set_streaming(&mut self, opts: StreamOptions) -> Result<()> {
-        let (cfg, device, dtype) = (&self.cfg, &self.device, self.dtype);
+        let (cfg, device, dtype, fp8_matmul) =
+            (&self.cfg, &self.device, self.dtype, self.fp8_matmul);
         let Blocks::Streamed {
             resident,
             host,
@@ -712,7 +756,13 @@ impl WanTransformer {
         while resident.len() < k {
             let block = uploader.upload(&host[resident.len()])?;
             uploader.wait_for(&block)?;
-            resident.push(Block::from_tensors(block.tensors, cfg, device, dtype)?);
+            resident.push(Block::from_tensors(
+                block.tensors,
+                cfg,
+                device,
+                dtype,
+                fp8_matmul,
+            )?);
         }
         *prefetch = opts.prefetch;
         Ok(())
@@ -970,7 +1020,13 @@ impl WanTransformer {
                 }
                 let k = resident.len();
                 streaming::for_each_streamed(uploader, &host[k..], k, *prefetch, |i, t| {
-                    let block = Block::from_tensors(t, &self.cfg, &self.device, self.dtype)?;
+                    let block = Block::from_tensors(
+                        t,
+                        &self.cfg,
+                        &self.device,
+                        self.dtype,
+                        self.fp8_matmul,
+                    )?;
                     f(i, &block)
                 })
             }

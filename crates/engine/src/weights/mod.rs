@@ -12,6 +12,7 @@
 //! ([`WeightMap::with_gguf_blocks`]).
 
 pub mod fp8;
+pub mod fp8_matmul;
 pub mod gguf;
 pub mod pth;
 pub mod safetensors;
@@ -149,6 +150,7 @@ pub struct WeightMap {
     device: Device,
     dtype: DType,
     fp8_linears: bool,
+    fp8_matmul: bool,
     gguf_blocks: bool,
 }
 
@@ -180,6 +182,7 @@ impl WeightMap {
             device: device.clone(),
             dtype,
             fp8_linears: false,
+            fp8_matmul: false,
             gguf_blocks: true,
         })
     }
@@ -193,6 +196,18 @@ impl WeightMap {
 
     pub fn fp8_linears(&self) -> bool {
         self.fp8_linears
+    }
+
+    /// Asks the model built from this map to run its FP8 linears (quantised on load or stored so)
+    /// as FP8 matmuls ([`fp8_matmul`]) instead of dequantising them for a matmul in the model
+    /// dtype.
+    pub fn with_fp8_matmul(mut self, on: bool) -> Self {
+        self.fp8_matmul = on;
+        self
+    }
+
+    pub fn fp8_matmul(&self) -> bool {
+        self.fp8_matmul
     }
 
     /// `true` (the default): block-quantised GGUF tensors are offered quantised
