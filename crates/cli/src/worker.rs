@@ -159,7 +159,8 @@ fn run_options(job: &WorkerJob) -> anyhow::Result<RunOptions> {
         device,
         memory: MemoryOptions {
             offload,
-            fp8: job.memory.weights == Weights::Fp8,
+            fp8: matches!(job.memory.weights, Weights::Fp8 | Weights::Fp8Matmul),
+            fp8_matmul: job.memory.weights == Weights::Fp8Matmul,
             vae_bf16,
             ..MemoryOptions::default()
         },
@@ -303,7 +304,9 @@ mod tests {
     #[test]
     fn run_options_apply_weights_and_vae_dtype() {
         let o = run_options(&job(Weights::Fp8, VaeDtype::F32)).unwrap();
-        assert!(o.memory.fp8 && !o.memory.vae_bf16);
+        assert!(o.memory.fp8 && !o.memory.fp8_matmul && !o.memory.vae_bf16);
+        let o = run_options(&job(Weights::Fp8Matmul, VaeDtype::F32)).unwrap();
+        assert!(o.memory.fp8 && o.memory.fp8_matmul);
         assert_eq!(o.memory.offload, Some(Offload::Aggressive));
         // auto on the CPU: f32.
         let o = run_options(&job(Weights::Bf16, VaeDtype::Auto)).unwrap();

@@ -301,7 +301,7 @@ fn validation_happens_before_queueing_with_the_models_rules() {
     let e = server.post_json("/v1/videos", &json!({"prompt": "p", "weights": "fp16"}));
     assert_eq!(
         e.expect_error(400),
-        "weights: `fp16` is not one of bf16, fp8"
+        "weights: `fp16` is not one of bf16, fp8, fp8-matmul"
     );
     assert_eq!(e.json()["error"]["param"], "weights");
     let e = server.post_multipart(
@@ -508,7 +508,7 @@ fn models_openapi_portal_and_health() {
     assert_eq!(demo["offload"]["values"][4], "stream");
     assert_eq!(
         demo["weights"],
-        json!({"default": "bf16", "values": ["bf16", "fp8"]})
+        json!({"default": "bf16", "values": ["bf16", "fp8", "fp8-matmul"]})
     );
     assert_eq!(demo["vae_dtype"]["default"], "auto");
     // bf16 is offered only when the workers run on a GPU (the default of a CUDA build).

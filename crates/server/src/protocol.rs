@@ -53,15 +53,20 @@ pub enum Weights {
     Bf16,
     /// Transformer block linears in FP8 e4m3 with per-channel scales: half the weight memory.
     Fp8,
+    /// The same FP8 weights computed as FP8 matmuls (per-token activation scales): faster on
+    /// GPUs with FP8 tensor cores, a little less accurate.
+    #[serde(rename = "fp8-matmul")]
+    Fp8Matmul,
 }
 
 impl Weights {
-    pub const NAMES: [&'static str; 2] = ["bf16", "fp8"];
+    pub const NAMES: [&'static str; 3] = ["bf16", "fp8", "fp8-matmul"];
 
     pub fn parse(s: &str) -> Option<Weights> {
         match s {
             "bf16" => Some(Weights::Bf16),
             "fp8" => Some(Weights::Fp8),
+            "fp8-matmul" => Some(Weights::Fp8Matmul),
             _ => None,
         }
     }
@@ -70,6 +75,7 @@ impl Weights {
         match self {
             Weights::Bf16 => "bf16",
             Weights::Fp8 => "fp8",
+            Weights::Fp8Matmul => "fp8-matmul",
         }
     }
 }
@@ -243,7 +249,10 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<JobSettings>(&text).unwrap(), new);
         for name in Weights::NAMES {
-            assert_eq!(Weights::parse(name).unwrap().name(), name);
+            let w = Weights::parse(name).unwrap();
+            assert_eq!(w.name(), name);
+            // The JSON spelling is the CLI's.
+            assert_eq!(serde_json::to_value(w).unwrap(), name);
         }
         for name in VaeDtype::NAMES {
             assert_eq!(VaeDtype::parse(name).unwrap().name(), name);
