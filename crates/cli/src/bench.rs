@@ -25,13 +25,14 @@ pub struct Args {
     /// VAE decode modes, comma-separated: plain, tiled.
     #[arg(long, default_value = "plain,tiled")]
     vae_modes: String,
-    /// Tile geometries of the tiled decode, comma-separated SIZE:OVERLAP in pixels (the default
-    /// is the pipeline's and diffusers').
-    #[arg(long, default_value = "256:64")]
+    /// Tile geometries of the tiled decode, comma-separated SIZE:OVERLAP in pixels (the default:
+    /// diffusers' and the pipeline's; `memory::tiled_decode` names the pipeline's per VAE).
+    #[arg(long, default_value = "256:64,384:64")]
     vae_tiles: String,
-    /// Frames per pass through the VAE decoder's full-resolution levels, comma-separated (0, the
-    /// default: a whole chunk at once, as diffusers does); every decode is timed with each.
-    #[arg(long, default_value = "0")]
+    /// Frames per pass through the VAE decoder's full-resolution levels, comma-separated (0: a
+    /// whole chunk at once, as diffusers does; the pipeline's tiled Wan2.1 decode runs 2); every
+    /// decode is timed with each.
+    #[arg(long, default_value = "0,2")]
     vae_pass_frames: String,
     /// DiT models, comma-separated: wan2.1-1.3b, wan2.2-ti2v-5b, wan-a14b-expert.
     #[arg(long, default_value = "wan2.1-1.3b,wan2.2-ti2v-5b,wan-a14b-expert")]
@@ -832,7 +833,8 @@ impl Bench {
             emit(json!({
                 "what": "vae_decode", "model": case.name, "latent": latent, "dtype": dtype,
                 "pass_frames": pass_frames, "seconds": seconds, "peak_gib": peak,
-                "predicted_peak_gib": self.vae_predicted(case, vae, false),
+                // The planner models whole chunks for whole frames.
+                "predicted_peak_gib": (pass_frames == 0).then(|| self.vae_predicted(case, vae, false)),
             }));
         }
         for tile in tiles {
@@ -840,9 +842,10 @@ impl Bench {
                 vae.decode_tiled(z, tile)?;
                 Ok(())
             })?;
-            // The planner models the pipeline's (default) tile geometry only.
-            let predicted =
-                (*tile == TileConfig::default()).then(|| self.vae_predicted(case, vae, true));
+            // The planner models the pipeline's tiled decode only.
+            let pipeline = memory::tiled_decode(&case.config);
+            let predicted = (*tile == pipeline.tiles && pass_frames == pipeline.pass_frames)
+                .then(|| self.vae_predicted(case, vae, true));
             emit(json!({
                 "what": "vae_decode_tiled", "model": case.name, "latent": latent, "dtype": dtype,
                 "pass_frames": pass_frames,

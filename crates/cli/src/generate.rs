@@ -158,6 +158,9 @@ pub struct GenerateSummary {
 pub struct StageMemoryRow {
     pub stage: String,
     pub predicted_gib: Option<f64>,
+    /// In use when the stage began (left by earlier stages), part of `measured_gib`.
+    #[serde(default)]
+    pub at_start_gib: Option<f64>,
     pub measured_gib: Option<f64>,
     pub seconds: f64,
 }
@@ -588,6 +591,7 @@ fn memory_rows(plan: Option<&Plan>, measured: &[StageMemory]) -> Vec<StageMemory
             StageMemoryRow {
                 stage: m.stage.clone(),
                 predicted_gib: predicted.map(gib),
+                at_start_gib: m.gpu_at_start.map(gib),
                 measured_gib: m.gpu_peak.map(gib),
                 seconds: m.seconds,
             }
@@ -873,8 +877,8 @@ fn print_memory_report(rows: &[StageMemoryRow]) {
         return;
     }
     eprintln!(
-        "{:<30} {:>12} {:>12} {:>8} {:>9}",
-        "stage", "predicted", "measured", "ratio", "seconds"
+        "{:<30} {:>12} {:>12} {:>8} {:>9} {:>12}",
+        "stage", "predicted", "measured", "ratio", "seconds", "at start"
     );
     let gib = |v: Option<f64>| v.map_or("-".to_string(), |g| format!("{g:.2} GiB"));
     for r in rows {
@@ -883,12 +887,13 @@ fn print_memory_report(rows: &[StageMemoryRow]) {
             _ => "-".into(),
         };
         eprintln!(
-            "{:<30} {:>12} {:>12} {:>8} {:>9.2}",
+            "{:<30} {:>12} {:>12} {:>8} {:>9.2} {:>12}",
             r.stage,
             gib(r.predicted_gib),
             gib(r.measured_gib),
             ratio,
-            r.seconds
+            r.seconds,
+            gib(r.at_start_gib)
         );
     }
 }

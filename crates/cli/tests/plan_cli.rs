@@ -79,8 +79,12 @@ fn a_budget_too_small_exits_3_with_a_suggestion() {
         out.contains("stream") && out.contains("blocks resident"),
         "{out}"
     );
-    // Streaming promises bounded memory: the decode is tiled whatever the budget.
-    assert!(out.contains("tiled 256 px"), "{out}");
+    // Streaming promises bounded memory: the decode is tiled whatever the budget, the Wan2.1
+    // VAE's in 384 px tiles with 2-frame passes (`memory::tiled_decode`).
+    assert!(
+        out.contains("tiled 384 px (64 px overlap), 2-frame passes"),
+        "{out}"
+    );
 }
 
 #[test]

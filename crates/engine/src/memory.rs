@@ -154,8 +154,6 @@ pub mod coeff {
     pub const DIT_TOKEN_BUFFERS: f64 = 4.0;
     /// Fixed workspace (cuBLAS, RoPE tables, latents, scheduler state), bytes.
     pub const DIT_FIXED: f64 = 64.0 * 1024.0 * 1024.0;
-    /// UMT5 activations per token (f32 bytes): hidden, attention, gated FFN buffers.
-    pub const TEXT_PER_TOKEN: f64 = 4.0 * (8.0 * 4096.0 + 3.0 * 10240.0);
     /// UMT5 self-attention buffers of [heads, tokens, tokens] f32 alive at once: the position
     /// bias (with the padding mask added), the scores and the probabilities.
     pub const TEXT_SCORE_BUFFERS: f64 = 3.0;
@@ -167,16 +165,21 @@ pub mod coeff {
     /// Wan2.2, 12.19 GiB measured (31 predicted 15.24).
     pub const VAE21_CHUNK_FACTOR: f64 = 18.8;
     pub const VAE22_CHUNK_FACTOR: f64 = 23.9;
-    /// The same for one tile of the tiled decode (the area is the largest tile
-    /// `TileConfig::decoded_tile` lays): calibrated on the H100 with Wan2.1 at 832x480x81 (f32,
-    /// 256 px tiles: 2.29 GiB measured with the 0.47 GiB of weights; 24 over-predicted it by
-    /// 19%). Checked in bf16 with whole-chunk passes: 0.99 GiB measured vs 0.975 predicted for
-    /// 208x256 px tiles, 1.446 vs 1.444 for 272x320. Wan2.2's was scaled from Wan2.1's by the
-    /// older whole-frame factors' ratio, 31/24 (2.00 GiB measured vs 1.955 predicted for 224x240
-    /// px tiles). One-frame passes (`WanVae::set_decode_pass_frames(1)`) need less; not yet
-    /// measured on a GPU.
-    pub const VAE21_TILE_FACTOR: f64 = 19.4;
-    pub const VAE22_TILE_FACTOR: f64 = 25.06;
+    /// The same for one tile of the pipeline's tiled decode ([`super::tiled_decode`]; the area is
+    /// the largest tile `TileConfig::decoded_tile` lays). Fitted on the H100 (bf16, one call,
+    /// `vidgen bench --what vae --vae-tiles ... --vae-pass-frames 0,1,2`), where the peak is the
+    /// weights, a fixed part and a per-pixel part, linear in the tile's area to within 0.2%
+    /// (three tile sizes each): Wan2.1 at 832x480x81 with 2-frame passes 8.76 kB per output
+    /// pixel (0.98 / 1.26 / 2.02 GiB for 272x320 / 272x448 / 480x448 px tiles; whole chunks 15.7
+    /// kB, 1-frame passes 7.4 kB); Wan2.2 at 1280x704x121 with whole chunks 12.8 kB (3.60 / 7.05
+    /// GiB for 384x480 / 704x672 px tiles, 2.00 GiB for 224x240 in an earlier call).
+    pub const VAE21_TILE_FACTOR: f64 = 11.41;
+    pub const VAE22_TILE_FACTOR: f64 = 25.07;
+    /// The fixed part of a tiled decode's peak besides the weights (cuDNN workspaces, the tile's
+    /// latents, blend buffers), in 2-byte values: the same fits' intercepts less the bf16
+    /// weights (Wan2.1 0.270 - 0.236 GiB, Wan2.2 1.398 - 1.313 GiB).
+    pub const VAE21_TILE_FIXED: f64 = 0.0338 * super::GIB / 2.0;
+    pub const VAE22_TILE_FIXED: f64 = 0.0855 * super::GIB / 2.0;
 }
 
 /// What a plan is made for.
@@ -480,18 +483,30 @@ fn text_layer_params(c: &Umt5Config) -> u64 {
     4 * d * inner + 3 * d * ff + 2 * d + (c.relative_attention_num_buckets * c.num_heads) as u64
 }
 
-/// Peak activation bytes of one UMT5 encode over `tokens` positions: per-token buffers plus the
-/// attention's [heads, tokens, tokens] f32 buffers.
+/// Peak working set of one bf16 UMT5 encode on the GPU over `tokens` positions, besides the
+/// weights: the larger of a block's two halves, which never overlap.
+/// - Self-attention: the f32 residual stream, the normed bf16 input and f32 q, k, v per token,
+///   plus the [heads, tokens, tokens] f32 buffers (quadratic in the prompt length).
+/// - Feed-forward at its output projection: the residual, the normed input, three f32
+///   [tokens, d_ff] buffers (pre-activation, activation, gated product) and the f32 output per
+///   token, plus the f32 copy of `wo` made per call (it runs in f32, as in transformers).
 pub fn text_activations(c: &Umt5Config, tokens: usize) -> u64 {
-    let t = tokens.min(TEXT_LEN) as f64;
-    (coeff::TEXT_PER_TOKEN * t + coeff::TEXT_SCORE_BUFFERS * c.num_heads as f64 * t * t * 4.0)
-        as u64
+    let t = tokens.min(TEXT_LEN) as u64;
+    let (d, ff, inner) = (
+        c.d_model as u64,
+        c.d_ff as u64,
+        (c.num_heads * c.d_kv) as u64,
+    );
+    let scores = coeff::TEXT_SCORE_BUFFERS as u64 * c.num_heads as u64 * t * t * 4;
+    let attention = t * (4 * d + 2 * d + 3 * 4 * inner) + scores;
+    let feed_forward = t * (4 * d + 2 * d + 3 * 4 * ff + 4 * d) + 4 * d * ff;
+    attention.max(feed_forward)
 }
 
-/// GPU bytes of one streamed encoder block in bf16, with the f32 copy of `wo` its feed-forward
-/// makes while it runs.
+/// GPU bytes of one streamed encoder block in bf16 (the f32 `wo` copy its feed-forward makes
+/// is in [`text_activations`]).
 pub fn text_block_bytes(c: &Umt5Config) -> u64 {
-    2 * text_layer_params(c) + 4 * (c.d_model * c.d_ff) as u64
+    2 * text_layer_params(c)
 }
 
 /// The VAE architecture of a preset.
@@ -552,9 +567,10 @@ pub fn vae_decode_activations(
 ) -> u64 {
     let base = cfg.decoder_base_dim.unwrap_or(cfg.base_dim) as f64;
     let area = if tiled {
-        let (th, tw) = crate::vae::TileConfig::default()
+        let (th, tw) = tiled_decode(cfg)
+            .tiles
             .decoded_tile(width, height, cfg.spatial_stride())
-            .expect("the default tile geometry suits every Wan VAE stride (8, 16)");
+            .expect("the pipeline's tile geometries suit every Wan VAE stride (8, 16)");
         (th * tw) as f64
     } else {
         (width * height) as f64
@@ -568,13 +584,51 @@ pub fn vae_decode_activations(
     } else {
         3.0 * (frames * width * height) as f64
     };
-    let factor = match (cfg.is_residual, tiled) {
-        (true, false) => coeff::VAE22_CHUNK_FACTOR,
-        (false, false) => coeff::VAE21_CHUNK_FACTOR,
-        (true, true) => coeff::VAE22_TILE_FACTOR,
-        (false, true) => coeff::VAE21_TILE_FACTOR,
+    let (factor, fixed) = match (cfg.is_residual, tiled) {
+        (true, false) => (coeff::VAE22_CHUNK_FACTOR, 0.0),
+        (false, false) => (coeff::VAE21_CHUNK_FACTOR, 0.0),
+        (true, true) => (coeff::VAE22_TILE_FACTOR, coeff::VAE22_TILE_FIXED),
+        (false, true) => (coeff::VAE21_TILE_FACTOR, coeff::VAE21_TILE_FIXED),
     };
-    (factor * chunk + video) as u64 * elem
+    (factor * chunk + fixed + video) as u64 * elem
+}
+
+/// How the pipeline decodes in tiles: the geometry and the frames per pass through the
+/// decoder's full-resolution levels (`WanVae::decode_tiled_passes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TiledDecode {
+    pub tiles: crate::vae::TileConfig,
+    pub pass_frames: usize,
+}
+
+impl TiledDecode {
+    /// For a plan's table: "tiled 384 px (64 px overlap), 2-frame passes".
+    pub fn describe(&self) -> String {
+        let passes = match self.pass_frames {
+            0 => String::new(),
+            n => format!(", {n}-frame passes"),
+        };
+        format!(
+            "tiled {} px ({} px overlap){passes}",
+            self.tiles.tile_size, self.tiles.tile_overlap
+        )
+    }
+}
+
+/// The pipeline's tiled decode for a VAE. Measured on the H100 (bf16, one call): Wan2.1 at
+/// 832x480x81 decodes with 384 px tiles and 2-frame passes in 2.15 s at 0.98 GiB, against 3.27 s
+/// at 1.05 GiB for diffusers' geometry (256 px, whole chunks) and diffusers' own tiled decode,
+/// 4.50 s at 1.18 GiB. Wan2.2 keeps 256 px tiles with whole chunks (2.00 GiB): at 1280x704x121
+/// nothing measured was faster in as little memory (1-frame passes cost it 15-20% more time).
+pub fn tiled_decode(cfg: &VaeConfig) -> TiledDecode {
+    let (tile_size, pass_frames) = if cfg.is_residual { (256, 0) } else { (384, 2) };
+    TiledDecode {
+        tiles: crate::vae::TileConfig {
+            tile_size,
+            tile_overlap: 64,
+        },
+        pass_frames,
+    }
 }
 
 /// Whether the VAE decodes a `width`x`height` video in tiles: always in the modes that promise
@@ -751,8 +805,7 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
         0,
         vae_act,
         if vae_tiled {
-            let t = crate::vae::TileConfig::default();
-            format!("tiled {} px ({} px overlap)", t.tile_size, t.tile_overlap)
+            tiled_decode(&vae_cfg).describe()
         } else {
             "whole frames".into()
         },

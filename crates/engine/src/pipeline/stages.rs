@@ -33,7 +33,7 @@ use crate::presets::{ModelPreset, TaskKind};
 use crate::scheduler::{self, SchedulerKind, SchedulerSpec};
 use crate::text::{self, TextEncoder, Tokenizer, Umt5Config};
 use crate::vae::preview::LatentPreview;
-use crate::vae::{TileConfig, WanVae};
+use crate::vae::WanVae;
 use crate::weights::WeightMap;
 
 /// The prompts the text stage encodes, each on its own: the prompt, then the negative prompt when
@@ -120,6 +120,9 @@ impl Default for Placement {
 pub struct StageMemory {
     pub stage: String,
     pub gpu_peak: Option<u64>,
+    /// In use when the stage began: what earlier stages left on the GPU (persistent cuDNN
+    /// workspaces, tensors carried over), part of `gpu_peak`.
+    pub gpu_at_start: Option<u64>,
     pub seconds: f64,
 }
 
@@ -141,6 +144,8 @@ pub struct Stages<'a> {
     resident: RefCell<Resident>,
     memory: RefCell<Vec<StageMemory>>,
     stage_started: RefCell<Instant>,
+    /// GPU bytes in use when the current measure began.
+    stage_start_used: Cell<Option<u64>>,
     /// The VAE's latent -> RGB map, probed once when a sink first wants previews.
     preview: OnceCell<LatentPreview>,
     /// Read once per run: the plan counts the prompt's tokens with it before the text stage.
@@ -171,6 +176,7 @@ impl<'a> Stages<'a> {
             resident: RefCell::default(),
             memory: RefCell::default(),
             stage_started: RefCell::new(Instant::now()),
+            stage_start_used: Cell::new(None),
             preview: OnceCell::new(),
             tokenizer: OnceCell::new(),
         }
@@ -197,6 +203,8 @@ impl<'a> Stages<'a> {
     /// Starts measuring a stage: the pool's peak restarts from what is held now.
     fn begin_measure(&self) -> Result<()> {
         gpu_memory::reset_peak(&self.device)?;
+        self.stage_start_used
+            .set(gpu_memory::usage(&self.device)?.map(|u| u.used));
         *self.stage_started.borrow_mut() = Instant::now();
         Ok(())
     }
@@ -211,6 +219,7 @@ impl<'a> Stages<'a> {
         self.memory.borrow_mut().push(StageMemory {
             stage: name.to_string(),
             gpu_peak,
+            gpu_at_start: self.stage_start_used.get(),
             seconds,
         });
         self.begin_measure()
@@ -687,7 +696,8 @@ impl<'a> Stages<'a> {
             crate::memory::vae_decode_tiled(self.placement.offload, w * s, h * s, false)
         });
         let video = if tiled {
-            vae.decode_tiled(&z, &TileConfig::default())?
+            let how = crate::memory::tiled_decode(vae.config());
+            vae.decode_tiled_passes(&z, &how.tiles, how.pass_frames)?
         } else {
             vae.decode(&z)?
         };

@@ -24,9 +24,8 @@ pub struct TileConfig {
 impl Default for TileConfig {
     /// Tiles of at most 256 px with a 64 px overlap, diffusers' `enable_tiling` geometry (256 px
     /// tiles at a 192 px stride), laid evenly; in latents 32/8 for Wan2.1, 16/4 for Wan2.2.
-    /// Measured on the H100 (Wan2.1, 832x480x81, bf16, one call): 3.85 s at 0.99 GiB, below
-    /// diffusers' tiled decode on both (5.70 s at 1.21 GiB). 320:64 was faster, 2.47 s, but at
-    /// 1.45 GiB, above diffusers' memory: a caller who has the memory can ask for it.
+    /// The pipeline's geometry per VAE is `memory::tiled_decode`'s (for Wan2.1 384 px tiles with
+    /// 2-frame passes: faster in the same memory).
     fn default() -> Self {
         Self {
             tile_size: 256,
