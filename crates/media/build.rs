@@ -20,7 +20,7 @@ fn main() {
             "vidgen-media: compiling the libvpx layer failed ({err}). WebM (VP9) needs libvpx's \
              headers and library: `apt-get install libvpx-dev` on Debian/Ubuntu (or set \
              VPX_INCLUDE_DIR / VPX_LIB_DIR), or build without WebM: \
-             `--no-default-features` on vidgen-media."
+             `cargo build -p vidgen --no-default-features` (add `--features cuda` for GPUs)."
         );
     }
     println!("cargo:rustc-link-lib=vpx");

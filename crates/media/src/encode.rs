@@ -7,7 +7,9 @@ use anyhow::{Context, Result};
 use vidgen_engine::invalid;
 
 use crate::atomic::write_atomically;
-use crate::{h264, mp4, webm, Format, Frames};
+#[cfg(feature = "webm")]
+use crate::webm;
+use crate::{h264, mp4, Format, Frames};
 
 /// A frame rate as an exact fraction `num / den` frames per second.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +111,7 @@ impl EncodeOptions {
             .unwrap_or_else(|| (2.0 * fps.as_f64()).round().max(1.0) as u32)
     }
 
+    #[cfg(feature = "webm")]
     pub(crate) fn thread_count(&self) -> usize {
         if self.threads > 0 {
             self.threads

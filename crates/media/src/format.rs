@@ -24,7 +24,10 @@ impl Format {
     /// The format named by a file's extension (`.mp4`, `.webm`, any case).
     pub fn from_path(path: &Path) -> Result<Self> {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        ext.parse().map_err(|_| {
+        ext.parse().map_err(|e| {
+            if ext.eq_ignore_ascii_case("webm") {
+                return e;
+            }
             invalid!(
                 "output: {:?} has extension {:?}; valid video extensions: .mp4 (H.264), .webm (VP9)",
                 path.display().to_string(),
@@ -62,7 +65,12 @@ impl FromStr for Format {
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "mp4" => Ok(Format::Mp4),
-            "webm" => Ok(Format::Webm),
+            "webm" if cfg!(feature = "webm") => Ok(Format::Webm),
+            // Refused before any work: the encoder is missing from this build.
+            "webm" => Err(invalid!(
+                "format: webm is not available in this build (built without libvpx: the `webm` \
+                 feature); valid: mp4"
+            )),
             _ => Err(invalid!(
                 "format: {s:?} is not a video format; valid: mp4, webm"
             )),
@@ -81,15 +89,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn webm_is_refused_up_front_without_its_encoder() {
+        let parsed = "WebM".parse::<Format>();
+        let from_path = Format::from_path(Path::new("out.webm"));
+        if cfg!(feature = "webm") {
+            assert_eq!(parsed.unwrap(), Format::Webm);
+            assert_eq!(from_path.unwrap(), Format::Webm);
+        } else {
+            for err in [parsed.unwrap_err(), from_path.unwrap_err()] {
+                let msg = err.to_string();
+                assert!(msg.contains("format: webm is not available") && msg.contains("mp4"));
+            }
+        }
+    }
+
+    #[test]
     fn extensions() {
         assert_eq!(
             Format::from_path(Path::new("a/b.MP4")).unwrap(),
             Format::Mp4
         );
-        assert_eq!(
-            Format::from_path(Path::new("x.webm")).unwrap(),
-            Format::Webm
-        );
+        // `.webm` without the encoder: `webm_is_refused_up_front_without_its_encoder`.
         for bad in ["clip.avi", "clip", "clip.mp4.tmp"] {
             let err = Format::from_path(Path::new(bad)).unwrap_err();
             assert!(vidgen_engine::error::is_invalid_input(&err));

@@ -5,6 +5,8 @@
 //! per-frame duration, so players and ffprobe derive the exact frame rate), one `Cluster` per
 //! keyframe (at most 32.7 s each, the limit of a block's 16-bit relative timestamp) of
 //! `SimpleBlock`s, and `Cues` pointing at every keyframe for seeking.
+// Without the `webm` feature (no libvpx encoder) only the reader is used.
+#![cfg_attr(not(feature = "webm"), allow(dead_code))]
 
 use anyhow::{bail, ensure, Context, Result};
 
