@@ -23,6 +23,7 @@ use vidgen_engine::pipeline::{
 };
 use vidgen_engine::presets::ModelPreset;
 use vidgen_media::{Format, GuardPolicy};
+use vidgen_server::protocol::Weights;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -730,16 +731,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         messages.extend(resolved.notes.iter().cloned());
     }
-    let (fp8, fp8_matmul) = match args.weights.as_str() {
-        "bf16" => (false, false),
-        "fp8" => (true, false),
-        "fp8-matmul" => (true, true),
-        other => {
-            return Err(invalid!(
-                "--weights: `{other}` is not one of bf16, fp8, fp8-matmul"
-            ));
-        }
-    };
+    let (fp8, fp8_matmul) = Weights::parse(&args.weights)
+        .ok_or_else(|| {
+            invalid!(
+                "--weights: `{}` is not one of {}",
+                args.weights,
+                Weights::NAMES.join(", ")
+            )
+        })?
+        .fp8_flags();
     let memory = MemoryOptions {
         offload: Offload::parse(&args.offload)?,
         vram_budget: args

@@ -14,7 +14,7 @@ use vidgen_engine::memory::Offload;
 use vidgen_engine::pipeline::{ProgressEvent, ProgressSink};
 
 use crate::generate::{MemoryOptions, RunOptions};
-use vidgen_server::protocol::{codes, JobOutput, Weights, WorkerEnd, WorkerJob, WorkerLine};
+use vidgen_server::protocol::{codes, JobOutput, WorkerEnd, WorkerJob, WorkerLine};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -155,12 +155,13 @@ fn run_options(job: &WorkerJob) -> anyhow::Result<RunOptions> {
         job.memory.vae_dtype.name(),
         !device.is_cpu(),
     )?;
+    let (fp8, fp8_matmul) = job.memory.weights.fp8_flags();
     Ok(RunOptions {
         device,
         memory: MemoryOptions {
             offload,
-            fp8: matches!(job.memory.weights, Weights::Fp8 | Weights::Fp8Matmul),
-            fp8_matmul: job.memory.weights == Weights::Fp8Matmul,
+            fp8,
+            fp8_matmul,
             vae_bf16,
             ..MemoryOptions::default()
         },
@@ -280,7 +281,7 @@ fn still_images(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vidgen_server::protocol::{MemorySettings, VaeDtype};
+    use vidgen_server::protocol::{MemorySettings, VaeDtype, Weights};
 
     fn job(weights: Weights, vae_dtype: VaeDtype) -> WorkerJob {
         WorkerJob {

@@ -618,8 +618,9 @@ impl TiledDecode {
 /// The pipeline's tiled decode for a VAE. Measured on the H100 (bf16): Wan2.1 at 832x480x81
 /// decodes with 384 px tiles and 2-frame passes in 2.15 s at 0.98 GiB, against 3.27 s at 1.05 GiB
 /// for diffusers' geometry (256 px, whole chunks; an earlier call) and 4.50 s at 1.18 GiB for
-/// diffusers' own tiled decode (the same machine). Wan2.2 keeps 256 px tiles with whole chunks (2.00 GiB): at 1280x704x121
-/// nothing measured was faster in as little memory (1-frame passes cost it 15-20% more time).
+/// diffusers' own tiled decode (the same machine). Wan2.2 keeps 256 px tiles with whole chunks
+/// (2.00 GiB): at 1280x704x121 nothing measured was faster in as little memory (1-frame passes
+/// cost it 15-20% more time).
 pub fn tiled_decode(cfg: &VaeConfig) -> TiledDecode {
     let (tile_size, pass_frames) = if cfg.is_residual { (256, 0) } else { (384, 2) };
     TiledDecode {

@@ -78,6 +78,15 @@ impl Weights {
             Weights::Fp8Matmul => "fp8-matmul",
         }
     }
+
+    /// (FP8 block linears, FP8 matmuls): the engine's `MemoryOptions::fp8` and `fp8_matmul`.
+    pub fn fp8_flags(self) -> (bool, bool) {
+        match self {
+            Weights::Bf16 => (false, false),
+            Weights::Fp8 => (true, false),
+            Weights::Fp8Matmul => (true, true),
+        }
+    }
 }
 
 /// VAE precision asked for (`vidgen generate --vae-dtype`): `auto` is bf16 on a GPU and f32 on
