@@ -11,7 +11,9 @@
 //   bias_gelu:    y = T(gelu_tanh(T(x + b)))        (the FFN's first layer: linear output rounded, as
 //                                                    the reference's bf16 Linear, then GELU in f32)
 // Modulation tensors (shift/scale/gate) are f32 views [B, Lt, D] given by their batch and token
-// strides (token stride 0 when one timestep serves every token); their last dim is contiguous.
+// strides (token stride 0 when one timestep serves every token); their last dim is contiguous. The
+// caller passes a table whose entries each serve a run of tokens (one per sample, latent frame or
+// token) as batches of `tokens` = the run, with token stride 0.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

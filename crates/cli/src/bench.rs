@@ -345,7 +345,7 @@ impl Bench {
         let flops = dit_flops(cfg, tokens, 512);
         let elem = self.dtype.size_in_bytes() as u64;
         let predicted = param_count(cfg) as u64 * elem
-            + memory::dit_activations(memory::known_model(case.preset)?, tokens, 1, elem, false);
+            + memory::dit_activations(memory::known_model(case.preset)?, tokens, 1, elem);
         emit(json!({
             "what": "dit_forward", "model": case.name, "size": format!("{w}x{h}"), "frames": frames,
             "latent": x.dims(), "tokens": tokens, "params": param_count(cfg),
@@ -681,7 +681,7 @@ impl Bench {
             let elem = self.dtype.size_in_bytes() as u64;
             let predicted_peak = planned.total
                 + planned.dequantize_workspace
-                + memory::dit_activations(preset, tokens, 1, elem, false);
+                + memory::dit_activations(preset, tokens, 1, elem);
             let mut line = json!({
                 "what": "gguf_forward", "model": case.name, "size": format!("{w}x{h}"),
                 "frames": frames, "dtype": dtype,
@@ -778,7 +778,7 @@ impl Bench {
     }
 
     /// The planner's figure for this decode: weights in the VAE's dtype plus its activation model.
-    fn vae_predicted(&self, case: &VaeCase, vae: &WanVae, tiled: bool) -> f64 {
+    fn vae_predicted(&self, case: &VaeCase, vae: &WanVae, decode: memory::VaeDecode) -> f64 {
         let ((w, h), frames) = self.shape(case.size, case.frames);
         let elem = vae.dtype().size_in_bytes() as u64;
         let weights: u64 = WanVae::expected_weights(&case.config)
@@ -788,7 +788,7 @@ impl Bench {
                     .sum()
             })
             .unwrap_or(0);
-        let act = memory::vae_decode_activations(&case.config, w, h, frames, tiled, elem);
+        let act = memory::vae_decode_activations(&case.config, w, h, frames, decode, elem);
         (weights * elem + act) as f64 / memory::GIB
     }
 
@@ -834,7 +834,8 @@ impl Bench {
                 "what": "vae_decode", "model": case.name, "latent": latent, "dtype": dtype,
                 "pass_frames": pass_frames, "seconds": seconds, "peak_gib": peak,
                 // The planner models whole chunks for whole frames.
-                "predicted_peak_gib": (pass_frames == 0).then(|| self.vae_predicted(case, vae, false)),
+                "predicted_peak_gib": (pass_frames == 0)
+                    .then(|| self.vae_predicted(case, vae, memory::VaeDecode::WholeFrames)),
             }));
         }
         for tile in tiles {
@@ -842,10 +843,14 @@ impl Bench {
                 vae.decode_tiled(z, tile)?;
                 Ok(())
             })?;
-            // The planner models the pipeline's tiled decode only.
-            let pipeline = memory::tiled_decode(&case.config);
-            let predicted = (*tile == pipeline.tiles && pass_frames == pipeline.pass_frames)
-                .then(|| self.vae_predicted(case, vae, true));
+            // The planner models any tile size with the VAE's pass setting.
+            let modelled = memory::tiled_decode(&case.config).pass_frames;
+            let decode = memory::VaeDecode::Tiled(memory::TiledDecode {
+                tiles: *tile,
+                pass_frames,
+            });
+            let predicted =
+                (pass_frames == modelled).then(|| self.vae_predicted(case, vae, decode));
             emit(json!({
                 "what": "vae_decode_tiled", "model": case.name, "latent": latent, "dtype": dtype,
                 "pass_frames": pass_frames,

@@ -443,7 +443,7 @@ fn placement_of(plan: &Plan, memory: &MemoryOptions) -> Placement {
         fp8_linears: memory.fp8,
         fp8_matmul: memory.fp8_matmul,
         vae_bf16: memory.vae_bf16,
-        vae_tiled: Some(plan.vae_tiled),
+        vae_decode: Some(plan.vae_decode),
     }
 }
 
@@ -473,7 +473,7 @@ pub fn plan_placement(
                 fp8_linears: memory.fp8,
                 fp8_matmul: memory.fp8_matmul,
                 vae_bf16: memory.vae_bf16,
-                vae_tiled: None,
+                vae_decode: None,
             },
             plan: None,
             request: None,
@@ -551,12 +551,12 @@ fn replan_if_squeezed(
     };
     if next.offload != current.offload
         || next.resident_blocks != current.resident_blocks
-        || next.vae_tiled != current.vae_tiled
+        || next.vae_decode != current.vae_decode
     {
-        let tiles = if next.vae_tiled && !current.vae_tiled {
-            ", decoding in tiles"
+        let tiles = if next.vae_decode != current.vae_decode {
+            format!(", decoding in {}", next.vae_decode.describe())
         } else {
-            ""
+            String::new()
         };
         sink.event(ProgressEvent::Warning {
             message: format!(

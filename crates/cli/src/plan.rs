@@ -157,7 +157,7 @@ pub fn run(args: Args) -> Result<()> {
             "{}",
             json!({"model": preset.name, "size": format!("{width}x{height}"), "frames": frames,
                    "offload": plan.offload.name(), "resident_blocks": plan.resident_blocks,
-                   "vae_decode": if plan.vae_tiled { "tiled" } else { "whole frames" },
+                   "vae_decode": plan.vae_decode.describe(),
                    "vram_budget_gib": vram_budget.map(g), "host_budget_gib": host_budget.map(g),
                    "gpu_peak_gib": g(plan.gpu_peak), "host_peak_gib": g(plan.host_peak),
                    "fits": plan.fits, "suggestion": suggestion, "stages": stages})

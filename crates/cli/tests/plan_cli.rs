@@ -79,10 +79,10 @@ fn a_budget_too_small_exits_3_with_a_suggestion() {
         out.contains("stream") && out.contains("blocks resident"),
         "{out}"
     );
-    // Streaming promises bounded memory: the decode is tiled whatever the budget, the Wan2.1
-    // VAE's in 384 px tiles with 2-frame passes (`memory::tiled_decode`).
+    // Streaming promises bounded memory: the decode is tiled whatever the budget, here in the
+    // largest tiles of the ladder (the budget holds them), with the Wan2.1 VAE's 2-frame passes.
     assert!(
-        out.contains("tiled 384 px (64 px overlap), 2-frame passes"),
+        out.contains("tiled 704 px (64 px overlap), 2-frame passes"),
         "{out}"
     );
 }

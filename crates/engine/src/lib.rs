@@ -9,6 +9,7 @@
 //! - [`text`]: UMT5 encoder, tokenizer, prompt cleaning.
 //! - [`component`]: the `run-component` contract shared by the CLI and the tests.
 
+pub(crate) mod blaslt;
 pub mod component;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_util;

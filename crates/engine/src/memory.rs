@@ -228,8 +228,8 @@ pub struct Plan {
     pub fits: bool,
     /// Where the text encoder runs.
     pub text: TextPlacement,
-    /// The VAE decodes in spatial tiles rather than whole frames.
-    pub vae_tiled: bool,
+    /// Whole frames or spatial tiles, and which tiles.
+    pub vae_decode: VaeDecode,
 }
 
 /// Where the text encoder runs during its stage.
@@ -525,15 +525,9 @@ pub fn dit_tokens(p: &ModelPreset, width: usize, height: usize, frames: usize) -
     (f / pt) * (height / sh / ph) * (width / sw / pw)
 }
 
-/// DiT activation peak for `passes` CFG passes (see [`coeff`]); `per_token`: one timestep per
-/// token (TI2V's expand_timesteps), which makes the modulation tables token-sized.
-pub fn dit_activations(
-    p: &ModelPreset,
-    tokens: usize,
-    passes: usize,
-    elem: u64,
-    per_token: bool,
-) -> u64 {
+/// DiT activation peak for `passes` CFG passes (see [`coeff`]). TI2V's per-token timesteps add
+/// nothing: the model keeps one modulation entry per latent frame, not per token.
+pub fn dit_activations(p: &ModelPreset, tokens: usize, passes: usize, elem: u64) -> u64 {
     let d = p.dit.dim as f64;
     let l = tokens as f64;
     let b = elem as f64;
@@ -541,13 +535,7 @@ pub fn dit_activations(
     let temporaries = coeff::DIT_TOKEN_BUFFERS * l * d * b;
     // cross-attention K/V of every block, per pass (text length 512)
     let context = p.dit.num_layers as f64 * context_kv_per_block(p, passes, elem) as f64;
-    // per-token timesteps (TI2V): the f32 modulation table and its model-dtype projection
-    let per_token = if per_token {
-        l * 6.0 * d * (4.0 + b)
-    } else {
-        0.0
-    };
-    (hidden + temporaries + context + per_token + coeff::DIT_FIXED) as u64
+    (hidden + temporaries + context + coeff::DIT_FIXED) as u64
 }
 
 /// Cross-attention keys and values of one block for `passes` CFG passes (512 text tokens).
@@ -562,18 +550,20 @@ pub fn vae_decode_activations(
     width: usize,
     height: usize,
     frames: usize,
-    tiled: bool,
+    decode: VaeDecode,
     elem: u64,
 ) -> u64 {
     let base = cfg.decoder_base_dim.unwrap_or(cfg.base_dim) as f64;
-    let area = if tiled {
-        let (th, tw) = tiled_decode(cfg)
-            .tiles
-            .decoded_tile(width, height, cfg.spatial_stride())
-            .expect("the pipeline's tile geometries suit every Wan VAE stride (8, 16)");
-        (th * tw) as f64
-    } else {
-        (width * height) as f64
+    let tiled = decode.is_tiled();
+    let area = match decode {
+        VaeDecode::Tiled(t) => {
+            let (th, tw) = t
+                .tiles
+                .decoded_tile(width, height, cfg.spatial_stride())
+                .expect("the planner's tile sizes are multiples of 64: they suit every Wan VAE stride (8, 16)");
+            (th * tw) as f64
+        }
+        VaeDecode::WholeFrames => (width * height) as f64,
     };
     // A patchified VAE (Wan2.2, patch 2) decodes its finest level at 1/patch of the resolution.
     let area = area / (cfg.patch() * cfg.patch()) as f64;
@@ -615,12 +605,71 @@ impl TiledDecode {
     }
 }
 
-/// The pipeline's tiled decode for a VAE. Measured on the H100 (bf16): Wan2.1 at 832x480x81
-/// decodes with 384 px tiles and 2-frame passes in 2.15 s at 0.98 GiB, against 3.27 s at 1.05 GiB
-/// for diffusers' geometry (256 px, whole chunks; an earlier call) and 4.50 s at 1.18 GiB for
-/// diffusers' own tiled decode (the same machine). Wan2.2 keeps 256 px tiles with whole chunks
-/// (2.00 GiB): at 1280x704x121 nothing measured was faster in as little memory (1-frame passes
-/// cost it 15-20% more time).
+/// How the VAE decodes a video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaeDecode {
+    /// The reference computation, and the fastest.
+    WholeFrames,
+    Tiled(TiledDecode),
+}
+
+impl VaeDecode {
+    pub fn is_tiled(&self) -> bool {
+        matches!(self, Self::Tiled(_))
+    }
+
+    /// For a plan's table: "whole frames" or [`TiledDecode::describe`].
+    pub fn describe(&self) -> String {
+        match self {
+            Self::WholeFrames => "whole frames".into(),
+            Self::Tiled(t) => t.describe(),
+        }
+    }
+}
+
+/// Tile sizes (px, 64 px overlap) the planner tries for a tiled decode, largest first: larger
+/// tiles overlap less and decode faster (H100, bf16, this stop's call: Wan2.2 at 1280x704x121
+/// 10.60 / 6.50 / 5.45 s for 256 / 512 / 704 px tiles; Wan2.1 at 832x480x81 with 2-frame passes
+/// 1.88 / 1.70 s for 384 / 448 px) and need more memory, linearly in the tile's area.
+pub const TILE_LADDER: [usize; 8] = [704, 640, 576, 512, 448, 384, 320, 256];
+
+/// The pipeline's tiled decode for a `width`x`height` video when `room` bytes are free for its
+/// working set (the VAE's weights and what else stays on the GPU already subtracted): the
+/// largest tile of [`TILE_LADDER`] predicted to fit, with the VAE's pass setting; the smallest
+/// when none does. Without a budget, [`tiled_decode`]'s default.
+pub fn tiled_decode_within(
+    cfg: &VaeConfig,
+    width: usize,
+    height: usize,
+    frames: usize,
+    elem: u64,
+    room: Option<u64>,
+) -> TiledDecode {
+    let default = tiled_decode(cfg);
+    let Some(room) = room else {
+        return default;
+    };
+    let ladder = TILE_LADDER.map(|tile_size| TiledDecode {
+        tiles: crate::vae::TileConfig {
+            tile_size,
+            ..default.tiles
+        },
+        ..default
+    });
+    ladder
+        .into_iter()
+        .find(|t| {
+            vae_decode_activations(cfg, width, height, frames, VaeDecode::Tiled(*t), elem) <= room
+        })
+        .unwrap_or(ladder[ladder.len() - 1])
+}
+
+/// The pipeline's tiled decode for a VAE when no budget says more: the geometry for the least
+/// memory at a fair speed. Measured on the H100 (bf16, this stop's call): Wan2.1 at 832x480x81
+/// with 384 px tiles and 2-frame passes 1.88 s at 0.97 GiB (an earlier call: 3.27 s at 1.05 GiB
+/// with diffusers' geometry, 256 px with whole chunks), against diffusers' own tiled decode 4.82 s
+/// at 1.21 GiB and its whole-frame decode 2.07 s at 4.65 GiB. Wan2.2 keeps 256 px tiles with whole
+/// chunks (10.60 s at 2.03 GiB; 1-frame passes cost it 15-20% more time in an earlier call).
 pub fn tiled_decode(cfg: &VaeConfig) -> TiledDecode {
     let (tile_size, pass_frames) = if cfg.is_residual { (256, 0) } else { (384, 2) };
     TiledDecode {
@@ -669,8 +718,7 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
         .unwrap_or(0);
     let tokens = dit_tokens(p, req.width, req.height, req.frames);
     let passes = if req.cfg { 2 } else { 1 };
-    let mut dit_act = dit_activations(p, tokens, passes, elem, p.name == "wan2.2-ti2v-5b")
-        + weights.dequantize_workspace;
+    let mut dit_act = dit_activations(p, tokens, passes, elem) + weights.dequantize_workspace;
     let text_act = text_activations(&Umt5Config::umt5_xxl(), req.text_tokens);
     let all_dits = dit_w * experts;
     let mut resident_blocks = None;
@@ -708,14 +756,25 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
                 (text_w, on_gpu, 0, dit_w)
             }
         };
-    let decode_act = |tiled| {
-        vae_decode_activations(&vae_cfg, req.width, req.height, req.frames, tiled, vae_elem)
+    let decode_act = |decode| {
+        vae_decode_activations(
+            &vae_cfg, req.width, req.height, req.frames, decode, vae_elem,
+        )
     };
     let whole_fits = req
         .vram_budget
-        .is_some_and(|b| vae_w + others_during_decode + decode_act(false) <= b);
-    let vae_tiled = vae_decode_tiled(mode, req.width, req.height, whole_fits);
-    let vae_act = decode_act(vae_tiled);
+        .is_some_and(|b| vae_w + others_during_decode + decode_act(VaeDecode::WholeFrames) <= b);
+    let vae_decode = if vae_decode_tiled(mode, req.width, req.height, whole_fits) {
+        let room = req
+            .vram_budget
+            .map(|b| b.saturating_sub(vae_w + others_during_decode));
+        VaeDecode::Tiled(tiled_decode_within(
+            &vae_cfg, req.width, req.height, req.frames, vae_elem, room,
+        ))
+    } else {
+        VaeDecode::WholeFrames
+    };
+    let vae_act = decode_act(vae_decode);
     // In the strongest modes an encoder that does not fit the budget is streamed to the GPU a
     // block at a time; only when one block does not fit either does it run on the CPU.
     let text_block = text_block_bytes(&Umt5Config::umt5_xxl());
@@ -805,11 +864,7 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
         vae_w + others_during_decode,
         0,
         vae_act,
-        if vae_tiled {
-            tiled_decode(&vae_cfg).describe()
-        } else {
-            "whole frames".into()
-        },
+        vae_decode.describe(),
     ));
     let gpu_peak = stages.iter().map(|s| s.gpu_peak).max().unwrap_or(0);
     // Host: weights mmap'd while loading; held in RAM only when offloaded.
@@ -825,7 +880,7 @@ pub fn plan_mode(req: &PlanRequest, mode: Offload) -> Plan {
         host_peak,
         fits,
         text,
-        vae_tiled,
+        vae_decode,
     }
 }
 
@@ -1003,6 +1058,51 @@ mod tests {
     /// Whole-frame decode (the reference computation, and faster) wherever the budget is known
     /// to hold it; tiles when it is not, when no budget is known above 512x512, and always in the
     /// modes that promise bounded memory.
+    /// A tiled decode takes the largest ladder tile predicted to fit the room it has, keeps the
+    /// VAE's pass setting, and falls back to the default without a budget; the 5B streamed at a
+    /// 6 GiB budget decodes in tiles larger than the default 256 px, within the budget.
+    #[test]
+    fn tiled_decode_takes_the_largest_tiles_the_budget_holds() {
+        use crate::vae::TileConfig;
+        let cfg = VaeConfig::wan22();
+        let (w, h, f) = (1280, 704, 121);
+        let peak = |t: TiledDecode| vae_decode_activations(&cfg, w, h, f, VaeDecode::Tiled(t), 2);
+        let default = tiled_decode(&cfg);
+        assert_eq!(tiled_decode_within(&cfg, w, h, f, 2, None), default);
+        let mut sizes = Vec::new();
+        for room_gib in [0.5, 1.5, 2.5, 4.0, 8.0, 100.0] {
+            let room = (room_gib * GIB) as u64;
+            let t = tiled_decode_within(&cfg, w, h, f, 2, Some(room));
+            assert_eq!(t.pass_frames, default.pass_frames);
+            let smallest = t.tiles.tile_size == TILE_LADDER[TILE_LADDER.len() - 1];
+            assert!(peak(t) <= room || smallest, "{room_gib} GiB: {t:?}");
+            for &larger in TILE_LADDER.iter().filter(|&&s| s > t.tiles.tile_size) {
+                let tiles = TileConfig {
+                    tile_size: larger,
+                    ..t.tiles
+                };
+                assert!(
+                    peak(TiledDecode { tiles, ..t }) > room,
+                    "{larger} px fits {room_gib} GiB"
+                );
+            }
+            sizes.push(t.tiles.tile_size);
+        }
+        assert!(sizes.windows(2).all(|p| p[0] <= p[1]), "{sizes:?}");
+        assert_eq!((sizes[0], sizes[sizes.len() - 1]), (256, 704));
+
+        let mut five_b = req("wan2.2-ti2v-5b", 1280, 704, 121, Some(6.0));
+        five_b.offload = Some(Offload::Stream);
+        let p = plan_mode(&five_b, Offload::Stream);
+        let VaeDecode::Tiled(t) = p.vae_decode else {
+            panic!("stream decodes in tiles")
+        };
+        assert!(t.tiles.tile_size > default.tiles.tile_size, "{t:?}");
+        let decode = p.stages.iter().find(|s| s.stage == "VAE decode").unwrap();
+        assert!(p.fits && decode.gpu_peak <= (6.0 * GIB) as u64);
+        assert_eq!(decode.placement, p.vae_decode.describe());
+    }
+
     #[test]
     fn decode_is_whole_frames_where_the_budget_holds_them() {
         let decode = |p: &Plan| p.stages.iter().find(|s| s.stage == "VAE decode").cloned();
@@ -1010,23 +1110,23 @@ mod tests {
             &req("wan2.1-t2v-1.3b", 832, 480, 81, Some(200.0)),
             Offload::Cond,
         );
-        assert!(!roomy.vae_tiled);
+        assert!(!roomy.vae_decode.is_tiled());
         let whole = decode(&roomy).unwrap();
         assert_eq!(whole.placement, "whole frames");
         let mut tight = req("wan2.1-t2v-1.3b", 832, 480, 81, None);
         tight.vram_budget = Some(whole.gpu_peak - 1);
         let tight = plan_mode(&tight, Offload::Cond);
-        assert!(tight.vae_tiled);
+        assert!(tight.vae_decode.is_tiled());
         let tiles = decode(&tight).unwrap();
         assert!(tiles.placement.starts_with("tiled"), "{}", tiles.placement);
         assert!(tiles.gpu_peak < whole.gpu_peak);
         let unknown = plan_mode(&req("wan2.1-t2v-1.3b", 832, 480, 81, None), Offload::Cond);
-        assert!(unknown.vae_tiled);
+        assert!(unknown.vae_decode.is_tiled());
         let small = plan_mode(&req("wan2.1-t2v-1.3b", 480, 480, 81, None), Offload::Cond);
-        assert!(!small.vae_tiled);
+        assert!(!small.vae_decode.is_tiled());
         for mode in [Offload::Aggressive, Offload::Stream] {
             let p = plan_mode(&req("wan2.1-t2v-1.3b", 480, 480, 81, Some(200.0)), mode);
-            assert!(p.vae_tiled, "{mode:?}");
+            assert!(p.vae_decode.is_tiled(), "{mode:?}");
         }
     }
 

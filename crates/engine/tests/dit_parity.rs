@@ -125,6 +125,37 @@ fn one_block_matches() {
     check("block 0", &out, &io["ref_block0_out"], 1e-4);
 }
 
+/// TI2V's per-token timesteps are constant over each latent frame: the modulation computed once
+/// per frame equals the reference's per-token table (here: block 0 both ways, against each other
+/// and against diffusers' block output).
+#[test]
+fn ti2v_per_frame_modulation_equals_per_token() {
+    let io = io("ti2v");
+    let dit = dit::load(&fixture("ti2v/transformer"), &Device::Cpu, DType::F32).unwrap();
+    let x = &io["hidden_states"];
+    let rope = dit.rope(x.dims()).unwrap();
+    let ctx = dit.prepare_context(&io["encoder_hidden_states"]).unwrap();
+    let [frames, gh, gw] = dit.grid(x.dims()).unwrap();
+    let per_token = &io["timestep"];
+    let per_frame = per_token
+        .reshape((1, frames, gh * gw))
+        .unwrap()
+        .narrow(2, 0, 1)
+        .unwrap()
+        .squeeze(2)
+        .unwrap();
+    assert_eq!(per_frame.to_vec2::<f32>().unwrap(), [[0.0, 937.0, 937.0]]);
+    let block = |t: &Tensor| {
+        let (_, tproj) = dit.time_embedding(t).unwrap();
+        assert_eq!(tproj.dim(1).unwrap(), t.dim(1).unwrap());
+        dit.block_forward(0, &io["ref_block0_in"], &tproj, &rope, &ctx)
+            .unwrap()
+    };
+    let (tokens, framewise) = (block(per_token), block(&per_frame));
+    check("per-frame vs per-token block 0", &framewise, &tokens, 1e-6);
+    check("per-frame block 0", &framewise, &io["ref_block0_out"], 1e-4);
+}
+
 #[test]
 fn bf16_forward_close_to_f32_reference() {
     let io = io("t2v");

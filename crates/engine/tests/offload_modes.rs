@@ -91,7 +91,7 @@ fn placement(offload: Offload, resident_blocks: usize, prefetch: usize) -> Place
         fp8_linears: false,
         fp8_matmul: false,
         vae_bf16: true,
-        vae_tiled: None,
+        vae_decode: None,
     }
 }
 

@@ -6,8 +6,10 @@
 //! - `gated_add`: `T(x.f32 + y.f32·gate)`
 //! - `bias_add` / `bias_gelu`: a linear layer's bias (then the FFN's tanh-GELU) after its matmul
 //!
-//! Modulation comes from one f32 table `[B, Lt, K, D]` (Lt = 1 or tokens) and chunk indices into
-//! its third axis, which the kernels read in place (no copies of the narrowed views).
+//! Modulation comes from one f32 table `[B, Lt, K, D]` and chunk indices into its third axis, which
+//! the kernels read in place (no copies of the narrowed views). Lt divides the token count L: entry
+//! j serves the run of L/Lt consecutive tokens from j·L/Lt (Lt = 1: one timestep per sample; Lt =
+//! latent frames: one per frame, as Wan2.2 TI2V's per-token timesteps are; Lt = L: one per token).
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
@@ -21,7 +23,7 @@ fn check_table(x: &Tensor, table: &Tensor) -> Result<()> {
     let (b, l, d) = x.dims3()?;
     let (tb, tl, _, td) = table.dims4()?;
     ensure!(
-        tb == b && (tl == 1 || tl == l) && td == d && table.dtype() == DType::F32,
+        tb == b && tl > 0 && l % tl == 0 && td == d && table.dtype() == DType::F32,
         "modulation table {:?} {:?} does not fit tokens {:?}",
         table.dims(),
         table.dtype(),
@@ -55,12 +57,28 @@ pub fn layer_norm_modulate(
     };
     let n = candle_nn::ops::layer_norm(&x.to_dtype(DType::F32)?, &w, &b, eps)?;
     let n = match modulation {
-        Some((table, shift, scale)) => n
-            .broadcast_mul(&(chunk(table, scale)? + 1.0)?)?
-            .broadcast_add(&chunk(table, shift)?)?,
+        Some((table, shift, scale)) => {
+            let (grouped, scale) = grouped_chunk(&n, table, scale)?;
+            let (_, shift) = grouped_chunk(&n, table, shift)?;
+            grouped
+                .broadcast_mul(&(scale + 1.0)?)?
+                .broadcast_add(&shift)?
+                .reshape(n.dims())?
+        }
         None => n,
     };
     Ok(n.to_dtype(x.dtype())?)
+}
+
+/// `x` [B, L, D] viewed as [B, Lt, L/Lt, D], and chunk `index` of the table as [B, Lt, 1, D]: the
+/// two broadcast so that each entry meets its run of tokens.
+fn grouped_chunk(x: &Tensor, table: &Tensor, index: usize) -> Result<(Tensor, Tensor)> {
+    let (b, l, d) = x.dims3()?;
+    let lt = table.dim(1)?;
+    Ok((
+        x.reshape((b, lt, l / lt, d))?,
+        chunk(table, index)?.unsqueeze(2)?,
+    ))
 }
 
 /// RMSNorm over the last dim with an f32 weight `[D]`; result in x's dtype.
@@ -110,10 +128,10 @@ pub fn gated_add(x: &Tensor, y: &Tensor, table: &Tensor, index: usize) -> Result
     if x.device().is_cuda() {
         return gpu::gated_add(x, y, table, index);
     }
-    let out = x.to_dtype(DType::F32)?.add(
-        &y.to_dtype(DType::F32)?
-            .broadcast_mul(&chunk(table, index)?)?,
-    )?;
+    let (y, gate) = grouped_chunk(&y.to_dtype(DType::F32)?, table, index)?;
+    let out = x
+        .to_dtype(DType::F32)?
+        .add(&y.broadcast_mul(&gate)?.reshape(x.dims())?)?;
     Ok(out.to_dtype(x.dtype())?)
 }
 
@@ -161,13 +179,19 @@ mod gpu {
         }
     }
 
-    /// (address of chunk `index`, batch stride, token stride) of a contiguous table [B, Lt, K, D].
+    /// Chunk `index` of a contiguous table [B, Lt, K, D] as the kernels address it: (address,
+    /// entry stride, token stride). Its B·Lt entries are consecutive rows of K·D, each serving a
+    /// run of L/Lt tokens, so the kernels take the run as their `tokens` and each run as a
+    /// "batch" (entry = row / run) with token stride 0.
     fn table_chunk(table: &Tensor, index: usize) -> Result<(u64, i64, i64)> {
-        let table = table.contiguous()?;
-        let (_, lt, k, d) = table.dims4()?;
-        let base = address(&table)? + (index * d * 4) as u64;
-        let token_stride = if lt == 1 { 0 } else { (k * d) as i64 };
-        Ok((base, (lt * k * d) as i64, token_stride))
+        let (_, _, k, d) = table.dims4()?;
+        let base = address(table)? + (index * d * 4) as u64;
+        Ok((base, (k * d) as i64, 0))
+    }
+
+    /// Tokens served by one entry of the table for `x` [B, L, D].
+    fn tokens_per_entry(x: &Tensor, table: &Tensor) -> Result<i64> {
+        Ok((x.dim(1)? / table.dim(1)?) as i64)
     }
 
     /// The name of `{kernel}` for x's dtype and a launch of one CTA per row of `x`.
@@ -198,7 +222,11 @@ mod gpu {
             (Some(t), Some((_, shift, scale))) => (table_chunk(t, shift)?, table_chunk(t, scale)?),
             _ => ((0, 0, 0), (0, 0, 0)),
         };
-        let (d, tokens) = (d as i32, l as i64);
+        let tokens = match &table {
+            Some(t) => tokens_per_entry(&x, t)?,
+            None => l as i64,
+        };
+        let d = d as i32;
         let (name, cfg) = kernel(&x, "ln_modulate")?;
         let func = cuda_device(&x)?.get_or_load_custom_func(&name, MODULE, PTX)?;
         let mut b = func.builder();
@@ -238,12 +266,12 @@ mod gpu {
     pub fn gated_add(x: &Tensor, y: &Tensor, table: &Tensor, index: usize) -> Result<Tensor> {
         let x = x.contiguous()?;
         let y = y.to_dtype(x.dtype())?.contiguous()?;
-        let (_, l, d) = x.dims3()?;
+        let d = x.dim(2)? as i32;
         let table = table.contiguous()?;
         let (pg, g_bs, g_ts) = table_chunk(&table, index)?;
+        let tokens = tokens_per_entry(&x, &table)?;
         let (out, po) = output_like(&x)?;
         let (px, pu) = (address(&x)?, address(&y)?);
-        let (d, tokens) = (d as i32, l as i64);
         let (name, cfg) = kernel(&x, "gated_add")?;
         let func = cuda_device(&x)?.get_or_load_custom_func(&name, MODULE, PTX)?;
         let mut b = func.builder();

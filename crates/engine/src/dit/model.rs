@@ -253,6 +253,13 @@ fn linear_act_with(
         }
         MatmulWeight::Dense(w) => w,
     };
+    // On the GPU the bias (and GELU) ride on cuBLASLt's epilogue; elsewhere a second pass.
+    let fused = scope("dit.matmul", x.device(), || {
+        crate::blaslt::dense_linear(x, w, &layer.bias, act)
+    })?;
+    if let Some(y) = fused {
+        return Ok(y);
+    }
     let y = scope("dit.matmul", x.device(), || matmul_t(x, w))?;
     match act {
         Activation::None => scope("dit.bias", x.device(), || fused::bias_add(y, &layer.bias)),
@@ -552,7 +559,15 @@ impl Block {
 
     fn feed_forward_chunked(&self, x: &Tensor, m: &Tensor, chunk: usize) -> Result<Tensor> {
         let (_, l, _) = x.dims3()?;
-        let per_token = m.dim(1)? != 1;
+        // With a table of more than one entry, chunks hold whole entries' runs of tokens (whole
+        // latent frames under per-frame timesteps), so each chunk's slice of `m` fits it.
+        let entries = m.dim(1)?;
+        let run = l / entries;
+        let chunk = if entries == 1 {
+            chunk
+        } else {
+            (chunk / run).max(1) * run
+        };
         // FP8 weights are dequantised once for all chunks, not once per chunk.
         let w_in = matmul_weight(&self.ffn_in, x.dtype())?;
         let w_out = matmul_weight(&self.ffn_out, x.dtype())?;
@@ -560,10 +575,10 @@ impl Block {
         for start in (0..l).step_by(chunk) {
             let len = chunk.min(l - start);
             let xc = x.narrow(1, start, len)?.contiguous()?;
-            let mc = if per_token {
-                m.narrow(1, start, len)?
-            } else {
+            let mc = if entries == 1 {
                 m.clone()
+            } else {
+                m.narrow(1, start / run, len / run)?
             };
             let n = self.norm3.forward(&xc, Some((&mc, 3, 4)))?;
             let hidden = linear_gelu_with(&self.ffn_in, &w_in, &n)?;
@@ -575,6 +590,31 @@ impl Block {
         }
         Ok(Tensor::cat(&parts, 1)?)
     }
+}
+
+/// Timesteps `[B, lt]` with lt = L (one per token; lt = 1: `[B]`, returned as is) reduced to the fewest rows that carry the
+/// same values: `[B]` when all tokens of each sample share one, `[B, frames]` when each latent
+/// frame's tokens do (Wan2.2 TI2V: the conditioned first frame at 0, the others at t); otherwise
+/// unchanged. The time embedding and the blocks' f32 modulation tables then hold one entry per
+/// sample or frame where the reference makes one per token (TI2V-5B at 1280x704x121: 27280 tokens,
+/// 3 GiB of tables), with the same values, since each token's entry is computed from its own
+/// timestep either way.
+fn compact_timesteps(timestep: &Tensor, lt: usize, frames: usize) -> Result<Tensor> {
+    if lt == 1 {
+        return Ok(timestep.clone());
+    }
+    let rows: Vec<Vec<f32>> = timestep.to_dtype(DType::F32)?.to_vec2()?;
+    let run = lt / frames;
+    let uniform = |r: &[f32]| r.iter().all(|v| *v == r[0]);
+    let (values, shape): (Vec<f32>, Vec<usize>) = if rows.iter().all(|r| uniform(r)) {
+        (rows.iter().map(|r| r[0]).collect(), vec![rows.len()])
+    } else if rows.iter().all(|r| r.chunks(run).all(uniform)) {
+        let values = rows.iter().flat_map(|r| r.iter().step_by(run).copied());
+        (values.collect(), vec![rows.len(), frames])
+    } else {
+        return Ok(timestep.clone());
+    };
+    Ok(Tensor::from_vec(values, shape, timestep.device())?.to_dtype(timestep.dtype())?)
 }
 
 /// Sinusoidal timestep embedding (diffusers `get_timestep_embedding`, flip_sin_to_cos=True,
@@ -985,8 +1025,8 @@ impl WanTransformer {
             .broadcast_matmul(&self.patch_weight.t()?)?
             .broadcast_add(&self.patch_bias)?;
 
-        let (temb, tproj) = self.time_embedding(timestep)?;
-        debug_assert_eq!(temb.dim(1)?, lt);
+        let timestep = compact_timesteps(timestep, lt, gf)?;
+        let (temb, tproj) = self.time_embedding(&timestep)?;
 
         let mut hs = vec![h0; contexts.len()];
         self.for_each_block(|i, block| {
@@ -1056,7 +1096,8 @@ impl WanTransformer {
 mod tests {
     use super::*;
 
-    /// The token-chunked FFN equals the whole-sequence FFN (per-sample and per-token modulation).
+    /// The token-chunked FFN equals the whole-sequence FFN (per-sample, per-frame-like runs of 6
+    /// and 3 tokens, which a chunk of 5 tokens must not split, and per-token modulation).
     #[test]
     fn chunked_feed_forward_matches_whole() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1067,7 +1108,7 @@ mod tests {
         };
         let d = model.cfg.dim();
         let x = Tensor::randn(0f32, 1.0, (2, 18, d), &Device::Cpu).unwrap();
-        for lt in [1, 18] {
+        for lt in [1, 3, 6, 18] {
             let m = Tensor::randn(0f32, 0.1, (2, lt, 6, d), &Device::Cpu).unwrap();
             let whole = blocks[0].feed_forward_chunked(&x, &m, 1000).unwrap();
             let chunked = blocks[0].feed_forward_chunked(&x, &m, 5).unwrap();

@@ -28,7 +28,7 @@ use crate::device::gpu_memory;
 use crate::dit::random::RandomSource;
 use crate::dit::{self, LoadOptions, StreamOptions, WanTransformer};
 use crate::invalid;
-use crate::memory::{Offload, TextPlacement};
+use crate::memory::{Offload, TextPlacement, VaeDecode};
 use crate::presets::{ModelPreset, TaskKind};
 use crate::scheduler::{self, SchedulerKind, SchedulerSpec};
 use crate::text::{self, TextEncoder, Tokenizer, Umt5Config};
@@ -95,9 +95,10 @@ pub struct Placement {
     /// exact f32 path, half the memory; error vs the f32 reference like diffusers' own bf16 VAE).
     /// The CPU always runs it in f32.
     pub vae_bf16: bool,
-    /// The plan's choice of tiled (`Some(true)`) or whole-frame decode; `None` without a plan:
-    /// tiled above 512x512 pixels and under `aggressive` or `stream` offload.
-    pub vae_tiled: Option<bool>,
+    /// The plan's choice of whole-frame or tiled decode (and tiles); `None` without a plan:
+    /// tiled above 512x512 pixels and under `aggressive` or `stream` offload, in the VAE's
+    /// default tiles (`memory::tiled_decode`).
+    pub vae_decode: Option<VaeDecode>,
 }
 
 impl Default for Placement {
@@ -110,7 +111,7 @@ impl Default for Placement {
             fp8_linears: false,
             fp8_matmul: false,
             vae_bf16: true,
-            vae_tiled: None,
+            vae_decode: None,
         }
     }
 }
@@ -692,19 +693,22 @@ impl<'a> Stages<'a> {
         let z = vae.denormalize(latents)?;
         let (_, _, _, h, w) = z.dims5()?;
         let s = vae.config().spatial_stride();
-        let tiled = self.placement.vae_tiled.unwrap_or_else(|| {
-            crate::memory::vae_decode_tiled(self.placement.offload, w * s, h * s, false)
+        let decode = self.placement.vae_decode.unwrap_or_else(|| {
+            if crate::memory::vae_decode_tiled(self.placement.offload, w * s, h * s, false) {
+                VaeDecode::Tiled(crate::memory::tiled_decode(vae.config()))
+            } else {
+                VaeDecode::WholeFrames
+            }
         });
-        let video = if tiled {
-            let how = crate::memory::tiled_decode(vae.config());
-            vae.decode_tiled_passes(&z, &how.tiles, how.pass_frames)?
-        } else {
-            vae.decode(&z)?
+        let video = match decode {
+            VaeDecode::Tiled(how) => vae.decode_tiled_passes(&z, &how.tiles, how.pass_frames)?,
+            VaeDecode::WholeFrames => vae.decode(&z)?,
         };
         drop(vae);
+        // Widened on the host: an f32 copy on the GPU would add 4 bytes per value to the peak.
         let video = video
-            .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
             .squeeze(0)?;
         self.end_measure("VAE decode")?;
         Ok(video)

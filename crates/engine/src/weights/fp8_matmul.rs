@@ -86,24 +86,18 @@ fn reference(x2: &Tensor, w: &Fp8Weight, bias: &Tensor, act: Activation) -> Resu
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-
     use anyhow::{bail, Result};
-    use candle_core::cuda::cudarc::cublas::sys::cublasOperation_t;
-    use candle_core::cuda::cudarc::cublaslt::{result as lt, sys};
-    use candle_core::cuda::cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{DType, Tensor};
 
     use super::Activation;
+    use crate::blaslt::{matmul, Epilogue, MatmulShape};
     use crate::cuda_util::{address, alloc, cuda_device, launched, suffix};
     use crate::weights::fp8::Fp8Weight;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8.ptx"));
     const MODULE: &str = "vidgen_fp8";
     const THREADS: u32 = 256;
-    /// cuBLASLt's recommended workspace on Hopper.
-    const WORKSPACE_BYTES: usize = 32 << 20;
 
     pub fn supported_dtype(dtype: DType) -> bool {
         matches!(dtype, DType::BF16 | DType::F16)
@@ -145,22 +139,21 @@ mod gpu {
         let xq = quantize_rows(x2)?;
         let wq = w.weight().contiguous()?;
         let (y, py) = alloc(&dev, x2.dtype(), &[rows, out])?;
-        let stream = dev.cuda_stream();
-        LT.with(|cell| -> Result<()> {
-            let mut handles = cell.borrow_mut();
-            let h = match handles.entry(stream.cu_stream() as usize) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(Lt::new(&stream)?),
-            };
-            h.matmul(
-                &stream,
-                address(&wq)?,
-                address(xq.weight())?,
-                py,
-                [out, rows, k],
-                x2.dtype(),
-            )
-        })?;
+        let shape = MatmulShape {
+            out,
+            rows,
+            k,
+            input: DType::F8E4M3,
+            output: x2.dtype(),
+            epilogue: Epilogue::None,
+        };
+        let pointers = [address(&wq)?, address(xq.weight())?, py, 0];
+        if !matmul(&dev.cuda_stream(), shape, pointers)? {
+            bail!(
+                "cuBLASLt has no FP8 matmul for {rows}x{k} · ({out}x{k})ᵀ -> {:?}",
+                x2.dtype()
+            );
+        }
         let bias = bias.to_dtype(DType::F32)?.contiguous()?;
         let s_col = w.scale().contiguous()?;
         let per_col = i32::from(s_col.elem_count() > 1);
@@ -198,187 +191,5 @@ mod gpu {
             );
         }
         Ok(())
-    }
-
-    thread_local! {
-        /// One cuBLASLt handle per candle stream (device) and thread.
-        static LT: RefCell<HashMap<usize, Lt>> = RefCell::new(HashMap::new());
-    }
-
-    struct Lt {
-        handle: sys::cublasLtHandle_t,
-        workspace: CudaSlice<u8>,
-        /// The heuristic's first algorithm per (out, rows, k, dtype): asked once per shape.
-        algos: HashMap<(usize, usize, usize, DType), sys::cublasLtMatmulAlgo_t>,
-    }
-
-    impl Drop for Lt {
-        fn drop(&mut self) {
-            // SAFETY: created in `Lt::new`, destroyed once here.
-            let _ = unsafe { lt::destroy_handle(self.handle) };
-        }
-    }
-
-    /// The descriptors of one matmul, destroyed on drop.
-    struct Descriptors {
-        matmul: sys::cublasLtMatmulDesc_t,
-        a: sys::cublasLtMatrixLayout_t,
-        b: sys::cublasLtMatrixLayout_t,
-        d: sys::cublasLtMatrixLayout_t,
-    }
-
-    impl Drop for Descriptors {
-        fn drop(&mut self) {
-            // SAFETY: each was created once in `Lt::descriptors`.
-            unsafe {
-                let _ = lt::destroy_matrix_layout(self.a);
-                let _ = lt::destroy_matrix_layout(self.b);
-                let _ = lt::destroy_matrix_layout(self.d);
-                let _ = lt::destroy_matmul_desc(self.matmul);
-            }
-        }
-    }
-
-    /// `VIDGEN_FP8_FAST_ACCUM=1`: Hopper's faster FP8 accumulation (fewer promotions to full f32
-    /// precision); off by default, as in PyTorch's `_scaled_mm`.
-    fn fast_accum() -> bool {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| std::env::var("VIDGEN_FP8_FAST_ACCUM").is_ok_and(|v| v == "1"))
-    }
-
-    impl Lt {
-        fn new(
-            stream: &std::sync::Arc<candle_core::cuda::cudarc::driver::CudaStream>,
-        ) -> Result<Self> {
-            stream.context().bind_to_thread()?;
-            let handle = lt::create_handle()?;
-            // SAFETY: scratch memory; cuBLASLt needs no initial contents.
-            let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }?;
-            Ok(Self {
-                handle,
-                workspace,
-                algos: HashMap::new(),
-            })
-        }
-
-        /// Column-major view of the row-major product: D [out, rows] (= y [rows, out] row-major)
-        /// = op(A) · B with A the weight (stored [out, k] row-major = k×out column-major,
-        /// transposed: the "TN" layout Hopper's FP8 kernels require) and B the activations
-        /// (k×rows column-major).
-        fn descriptors(out: usize, rows: usize, k: usize, dtype: DType) -> Result<Descriptors> {
-            let e4m3 = sys::cudaDataType::CUDA_R_8F_E4M3;
-            let out_type = match dtype {
-                DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
-                DType::F16 => sys::cudaDataType::CUDA_R_16F,
-                other => bail!("FP8 matmul: output dtype {other:?} is not bf16 or f16"),
-            };
-            let matmul = lt::create_matmul_desc(
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cudaDataType::CUDA_R_32F,
-            )?;
-            let desc = |a, b, d| Descriptors { matmul, a, b, d };
-            let a = lt::create_matrix_layout(e4m3, k as u64, out as u64, k as i64)?;
-            let b = lt::create_matrix_layout(e4m3, k as u64, rows as u64, k as i64)?;
-            let d = lt::create_matrix_layout(out_type, out as u64, rows as u64, out as i64)?;
-            let descriptors = desc(a, b, d);
-            let transa = cublasOperation_t::CUBLAS_OP_T as i32;
-            let transb = cublasOperation_t::CUBLAS_OP_N as i32;
-            let fast = i8::from(fast_accum());
-            // SAFETY: live descriptors; each buffer has the attribute's documented type.
-            unsafe {
-                use sys::cublasLtMatmulDescAttributes_t as Attr;
-                lt::set_matmul_desc_attribute(
-                    matmul,
-                    Attr::CUBLASLT_MATMUL_DESC_TRANSA,
-                    (&transa) as *const i32 as *const _,
-                    std::mem::size_of::<i32>(),
-                )?;
-                lt::set_matmul_desc_attribute(
-                    matmul,
-                    Attr::CUBLASLT_MATMUL_DESC_TRANSB,
-                    (&transb) as *const i32 as *const _,
-                    std::mem::size_of::<i32>(),
-                )?;
-                lt::set_matmul_desc_attribute(
-                    matmul,
-                    Attr::CUBLASLT_MATMUL_DESC_FAST_ACCUM,
-                    (&fast) as *const i8 as *const _,
-                    std::mem::size_of::<i8>(),
-                )?;
-            }
-            Ok(descriptors)
-        }
-
-        fn algo(
-            &mut self,
-            d: &Descriptors,
-            key: (usize, usize, usize, DType),
-        ) -> Result<sys::cublasLtMatmulAlgo_t> {
-            if let Some(a) = self.algos.get(&key) {
-                return Ok(*a);
-            }
-            let pref = lt::create_matmul_pref()?;
-            let bytes = WORKSPACE_BYTES as u64;
-            // SAFETY: live descriptors and preference; the attribute is a u64.
-            let found = unsafe {
-                let found = lt::set_matmul_pref_attribute(
-                    pref,
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    (&bytes) as *const u64 as *const _,
-                    std::mem::size_of::<u64>(),
-                )
-                .and_then(|_| {
-                    lt::get_matmul_algo_heuristic(self.handle, d.matmul, d.a, d.b, d.d, d.d, pref)
-                });
-                let _ = lt::destroy_matmul_pref(pref);
-                found
-            };
-            let (out, rows, k, dtype) = key;
-            let found = found.map_err(|e| {
-                anyhow::anyhow!(
-                    "cuBLASLt has no FP8 matmul for {rows}x{k} · ({out}x{k})ᵀ -> {dtype:?}: {e:?}"
-                )
-            })?;
-            self.algos.insert(key, found.algo);
-            Ok(found.algo)
-        }
-
-        fn matmul(
-            &mut self,
-            stream: &std::sync::Arc<candle_core::cuda::cudarc::driver::CudaStream>,
-            weight: u64,
-            activations: u64,
-            y: u64,
-            [out, rows, k]: [usize; 3],
-            dtype: DType,
-        ) -> Result<()> {
-            let d = Self::descriptors(out, rows, k, dtype)?;
-            let algo = self.algo(&d, (out, rows, k, dtype))?;
-            let (alpha, beta) = (1f32, 0f32);
-            let ws = self.workspace.device_ptr_mut(stream).0;
-            // SAFETY: weight holds out·k bytes, activations rows·k, y rows·out values of dtype,
-            // all on this stream's device; C = D with beta 0 (C is not read).
-            unsafe {
-                lt::matmul(
-                    self.handle,
-                    d.matmul,
-                    (&alpha) as *const f32 as *const _,
-                    (&beta) as *const f32 as *const _,
-                    weight as *const _,
-                    d.a,
-                    activations as *const _,
-                    d.b,
-                    y as *const _,
-                    d.d,
-                    y as *mut _,
-                    d.d,
-                    &algo,
-                    ws as *mut _,
-                    WORKSPACE_BYTES,
-                    stream.cu_stream() as sys::cudaStream_t,
-                )?;
-            }
-            Ok(())
-        }
     }
 }
