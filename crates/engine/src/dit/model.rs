@@ -592,9 +592,9 @@ impl Block {
     }
 }
 
-/// Timesteps `[B, lt]` with lt = L (one per token; lt = 1: `[B]`, returned as is) reduced to the fewest rows that carry the
-/// same values: `[B]` when all tokens of each sample share one, `[B, frames]` when each latent
-/// frame's tokens do (Wan2.2 TI2V: the conditioned first frame at 0, the others at t); otherwise
+/// Timesteps `[B, lt]` with lt = L, one per token (lt = 1: `[B]`, returned as is), reduced to
+/// the fewest rows that carry the same values: `[B]` when all tokens of each sample share one,
+/// `[B, frames]` when each latent frame's tokens do (Wan2.2 TI2V: the conditioned first frame at 0, the others at t); otherwise
 /// unchanged. The time embedding and the blocks' f32 modulation tables then hold one entry per
 /// sample or frame where the reference makes one per token (TI2V-5B at 1280x704x121: 27280 tokens,
 /// 3 GiB of tables), with the same values, since each token's entry is computed from its own

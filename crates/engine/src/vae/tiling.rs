@@ -132,10 +132,10 @@ pub fn plan_axis(len: usize, tile: usize, overlap: usize, scale: usize) -> Vec<S
         .collect()
 }
 
-/// Host-side weighted accumulation of tiles into a `[B, C, T, H, W]` result.
 /// Values each thread touches at a time when [`Blend::new`] faults its memory in (1 MiB).
 const PREFAULT_VALUES: usize = 1 << 18;
 
+/// Host-side weighted accumulation of tiles into a `[B, C, T, H, W]` result.
 pub struct Blend {
     dims: [usize; 5],
     data: Vec<f32>,
