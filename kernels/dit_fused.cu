@@ -10,10 +10,8 @@
 //   bias_add:     y = T(x + b)                      (the bias of a linear layer, b f32 [D])
 //   bias_gelu:    y = T(gelu_tanh(T(x + b)))        (the FFN's first layer: linear output rounded, as
 //                                                    the reference's bf16 Linear, then GELU in f32)
-// Modulation tensors (shift/scale/gate) are f32 views [B, Lt, D] given by their batch and token
-// strides (token stride 0 when one timestep serves every token); their last dim is contiguous. The
-// caller passes a table whose entries each serve a run of tokens (one per sample, latent frame or
-// token) as batches of `tokens` = the run, with token stride 0.
+// Modulation tensors (shift/scale/gate) are f32 rows of D contiguous values, one entry per run of
+// `tokens` rows (one per sample, latent frame or token), consecutive entries a stride apart.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,14 +30,15 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
   return v;
 }
 
+// One modulation chunk: an entry of D values per run of `tokens` rows (a batch, or a latent frame
+// of TI2V's per-frame timesteps), consecutive entries `entry_stride` floats apart.
 struct Modulation {
-  const float* ptr;   // nullptr: none
-  long long batch_stride;
-  long long token_stride;
+  const float* ptr;  // nullptr: none
+  long long entry_stride;
 };
 
 __device__ __forceinline__ const float* mod_row(const Modulation& m, long long row, long long tokens) {
-  return m.ptr + (row / tokens) * m.batch_stride + (row % tokens) * m.token_stride;
+  return m.ptr + (row / tokens) * m.entry_stride;
 }
 
 template <typename T>
@@ -140,18 +139,18 @@ __device__ void rms_rope(const T* __restrict__ x, T* __restrict__ y, const float
 
 #define INSTANTIATE(T, NAME)                                                                               \
   extern "C" __global__ void ln_modulate_##NAME(const T* x, T* y, const float* w, const float* b,          \
-                                                const float* shift, long long shift_bs, long long shift_ts,  \
-                                                const float* scale, long long scale_bs, long long scale_ts,  \
+                                                const float* shift, long long shift_stride,                   \
+                                                const float* scale, long long scale_stride,                   \
                                                 int d, long long tokens, float eps) {                        \
-    ln_modulate<T>(x, y, w, b, Modulation{shift, shift_bs, shift_ts}, Modulation{scale, scale_bs, scale_ts}, \
+    ln_modulate<T>(x, y, w, b, Modulation{shift, shift_stride}, Modulation{scale, scale_stride}, \
                    d, tokens, eps);                                                                          \
   }                                                                                                          \
   extern "C" __global__ void rms_norm_##NAME(const T* x, T* y, const float* w, int d, float eps) {          \
     rms_norm<T>(x, y, w, d, eps);                                                                            \
   }                                                                                                          \
   extern "C" __global__ void gated_add_##NAME(const T* x, const T* u, T* y, const float* gate,              \
-                                              long long gate_bs, long long gate_ts, int d, long long tokens) { \
-    gated_add<T>(x, u, y, Modulation{gate, gate_bs, gate_ts}, d, tokens);                                   \
+                                              long long gate_stride, int d, long long tokens) {           \
+    gated_add<T>(x, u, y, Modulation{gate, gate_stride}, d, tokens);                                        \
   }                                                                                                          \
   extern "C" __global__ void rms_rope_##NAME(const T* x, T* y, const float* w, const float* cos_t,            \
                                              const float* sin_t, int d, int head_dim, long long tokens, float eps) { \

@@ -1,8 +1,12 @@
 """GPU correctness on the committed fixtures, through `vidgen run-component` (the same door as the
 CPU tests). For each fixture: the GPU output in f32 and bf16 against the diffusers/transformers
 reference output stored with the fixture, and against the CPU output of the same binary.
-Limits (issue 7): f32 <= 1e-4, bf16 <= 2e-2 relative. Prints one JSON line per case and exits 1 if any
-case fails. Needs python3 with torch and safetensors (the GPU machine's PyTorch install).
+Limits (issue 7): f32 <= 1e-4, bf16 <= 2e-2 relative. The VAE fixtures' perturbed random weights make
+bf16 rounding itself exceed 2e-2 (diffusers' own bf16 decode of the Wan2.1 fixture is ~3.5e-2 off its
+f32 output), so where diffusers is importable the VAE cases run it in bf16 on the same GPU and inputs,
+and their bf16 limit is the larger of 2e-2 and 1.25x diffusers' own bf16 error (printed as
+`reference_bf16_rel_err`). Prints one JSON line per case and exits 1 if any case fails. Needs python3
+with torch and safetensors (the GPU machine's PyTorch install); diffusers optional.
 
     python3 tools/gpu/parity.py path/to/vidgen [NAME_PREFIX,...]   # e.g. dit,denoise
 """
@@ -42,6 +46,24 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def diffusers_bf16_error(comp, model, inputs, ref):
+    """diffusers' own bf16 error on a VAE case (same GPU, same inputs), or None without diffusers."""
+    if not comp.startswith("vae-"):
+        return None
+    try:
+        from diffusers import AutoencoderKLWan
+    except ImportError:
+        return None
+    vae = AutoencoderKLWan.from_pretrained(str(FX / model), torch_dtype=torch.bfloat16).to("cuda").eval()
+    io = load_file(str(FX / inputs))
+    with torch.no_grad():
+        if comp == "vae-decode":
+            out = vae.decode(io["latents"].to("cuda", torch.bfloat16)).sample
+        else:
+            out = vae.encode(io["sample"].to("cuda", torch.bfloat16)).latent_dist.mean
+    return rel_err(out.float().cpu(), ref)
+
+
 def run(vidgen, component, model, inputs, settings, device, dtype, out):
     cmd = [vidgen, "run-component", component, "--model", str(FX / model), "--inputs", str(FX / inputs),
            "--output", str(out), "--device", device, "--dtype", dtype]
@@ -68,7 +90,11 @@ def main():
                 print(json.dumps({"case": name, "device": "cpu", "error": str(e)}), flush=True)
                 failed += 1
                 continue
+            peer = diffusers_bf16_error(comp, model, inputs, ref)
             for dtype in ("f32", "bf16"):
+                limit = LIMITS[dtype]
+                if dtype == "bf16" and peer is not None:
+                    limit = max(limit, 1.25 * peer)
                 try:
                     gpu = run(vidgen, comp, model, inputs, settings, "cuda", dtype, Path(tmp) / "gpu.safetensors")[key]
                 except RuntimeError as e:
@@ -76,11 +102,14 @@ def main():
                     failed += 1
                     continue
                 e_ref, e_cpu = rel_err(gpu, ref), rel_err(gpu, cpu)
-                ok = bool(torch.isfinite(gpu).all()) and e_ref <= LIMITS[dtype] and e_cpu <= LIMITS[dtype]
+                ok = bool(torch.isfinite(gpu).all()) and e_ref <= limit and e_cpu <= limit
                 failed += not ok
-                print(json.dumps({"case": name, "dtype": dtype, "rel_err_vs_reference": e_ref,
-                                  "rel_err_vs_cpu": e_cpu, "cpu_vs_reference": rel_err(cpu, ref),
-                                  "limit": LIMITS[dtype], "pass": ok}), flush=True)
+                line = {"case": name, "dtype": dtype, "rel_err_vs_reference": e_ref,
+                        "rel_err_vs_cpu": e_cpu, "cpu_vs_reference": rel_err(cpu, ref), "limit": limit,
+                        "pass": ok}
+                if dtype == "bf16" and peer is not None:
+                    line["reference_bf16_rel_err"] = peer
+                print(json.dumps(line), flush=True)
     print(json.dumps({"parity_failures": failed}))
     sys.exit(1 if failed else 0)
 

@@ -196,7 +196,10 @@ fn emit_profile(what: &str, model: &str) {
     }
     let scopes: serde_json::Map<String, Value> = table
         .into_iter()
-        .map(|(name, s, n)| (name.to_string(), json!({"seconds": s, "calls": n})))
+        .map(|(name, s)| {
+            let scope = json!({"seconds": s.seconds, "calls": s.calls, "working_gib": gib(s.working_bytes)});
+            (name.to_string(), scope)
+        })
         .collect();
     emit(json!({"what": "profile", "of": what, "model": model, "scopes": scopes}));
 }
@@ -843,14 +846,12 @@ impl Bench {
                 vae.decode_tiled(z, tile)?;
                 Ok(())
             })?;
-            // The planner models any tile size with the VAE's pass setting.
-            let modelled = memory::tiled_decode(&case.config).pass_frames;
+            // The planner models any tile size with whole chunks and with 1- or 2-frame passes.
             let decode = memory::VaeDecode::Tiled(memory::TiledDecode {
                 tiles: *tile,
                 pass_frames,
             });
-            let predicted =
-                (pass_frames == modelled).then(|| self.vae_predicted(case, vae, decode));
+            let predicted = self.vae_predicted(case, vae, decode);
             emit(json!({
                 "what": "vae_decode_tiled", "model": case.name, "latent": latent, "dtype": dtype,
                 "pass_frames": pass_frames,

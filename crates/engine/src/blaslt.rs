@@ -6,8 +6,10 @@
 //!   rounds once, as PyTorch's `nn.Linear` (cuBLASLt's bias epilogue) does; with GELU it rounds
 //!   once after the GELU where the reference rounds the linear's output first (one rounding
 //!   fewer, within bf16's tolerance: `tools/gpu/parity.py`).
-//! - FP8 e4m3 weights and activations (`weights::fp8_matmul`) use [`matmul`] without epilogue:
-//!   their per-row and per-column scales come after the product.
+//! - FP8 e4m3 weights and activations (`weights::fp8_matmul`): cuBLASLt applies their
+//!   per-channel and per-token scales (outer-vector scaling) and the bias (and GELU) to the f32
+//!   accumulator as it writes the output; where a cuBLASLt has no such algorithm, the plain
+//!   product is scaled in a second pass.
 //!
 //! One handle and 32 MiB workspace per thread and stream; the heuristic's first algorithm is
 //! asked once per shape and cached.
@@ -59,7 +61,7 @@ pub fn dense_linear(
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use gpu::{matmul, Epilogue, MatmulShape};
+pub(crate) use gpu::{matmul, Epilogue, MatmulShape, Operands};
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -87,8 +89,20 @@ mod gpu {
         GeluBias,
     }
 
+    impl Epilogue {
+        /// The bias epilogue followed by `act`.
+        pub fn of(act: Activation) -> Self {
+            match act {
+                Activation::None => Epilogue::Bias,
+                Activation::GeluTanh => Epilogue::GeluBias,
+            }
+        }
+    }
+
     /// One matmul's shape and types: `y [rows, out]` (`output`) from `x [rows, k]` and
     /// `w [out, k]` (both `input`); a bias, when the epilogue has one, is `[out]` in `output`.
+    /// `scaled`: the product is multiplied by f32 scales per weight row (`[out]`) and per
+    /// activation row (`[rows]`) before the epilogue (FP8 inputs only).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub struct MatmulShape {
         pub out: usize,
@@ -97,6 +111,19 @@ mod gpu {
         pub input: DType,
         pub output: DType,
         pub epilogue: Epilogue,
+        pub scaled: bool,
+    }
+
+    /// Device addresses of one matmul's operands; `bias` and the scales are 0 where the shape
+    /// has none.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Operands {
+        pub weight: u64,
+        pub activations: u64,
+        pub y: u64,
+        pub bias: u64,
+        pub weight_scales: u64,
+        pub activation_scales: u64,
     }
 
     fn data_type(dtype: DType) -> Result<sys::cudaDataType> {
@@ -128,21 +155,25 @@ mod gpu {
             k,
             input: dtype,
             output: dtype,
-            epilogue: match act {
-                Activation::None => Epilogue::Bias,
-                Activation::GeluTanh => Epilogue::GeluBias,
-            },
+            epilogue: Epilogue::of(act),
+            scaled: false,
         };
-        let pointers = [address(&w)?, address(&x2)?, py, address(&bias)?];
-        Ok(matmul(&dev.cuda_stream(), shape, pointers)?.then_some(y))
+        let operands = Operands {
+            weight: address(&w)?,
+            activations: address(&x2)?,
+            y: py,
+            bias: address(&bias)?,
+            weight_scales: 0,
+            activation_scales: 0,
+        };
+        Ok(matmul(&dev.cuda_stream(), shape, operands)?.then_some(y))
     }
 
-    /// Runs `shape` on `stream` with `[weight, activations, y, bias]` device addresses (bias 0
-    /// without a bias epilogue). `Ok(false)`: cuBLASLt has no algorithm for it.
+    /// Runs `shape` on `stream` with `operands`. `Ok(false)`: cuBLASLt has no algorithm for it.
     pub fn matmul(
         stream: &Arc<CudaStream>,
         shape: MatmulShape,
-        pointers: [u64; 4],
+        pointers: Operands,
     ) -> Result<bool> {
         LT.with(|cell| {
             let mut handles = cell.borrow_mut();
@@ -235,7 +266,7 @@ mod gpu {
         /// = op(A) · B with A the weight (stored [out, k] row-major = k×out column-major,
         /// transposed: the "TN" layout Hopper's FP8 kernels require) and B the activations
         /// (k×rows column-major).
-        fn descriptors(s: &MatmulShape, bias: u64) -> Result<Descriptors> {
+        fn descriptors(s: &MatmulShape, ops: &Operands) -> Result<Descriptors> {
             let (input, output) = (data_type(s.input)?, data_type(s.output)?);
             let matmul = lt::create_matmul_desc(
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -278,7 +309,23 @@ mod gpu {
                 }
                 set(matmul, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
                 if s.epilogue != Epilogue::None {
-                    set(matmul, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+                    set(matmul, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ops.bias)?;
+                    set(matmul, Attr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &output)?;
+                }
+                if s.scaled {
+                    let outer = sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+                    set(matmul, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer)?;
+                    set(matmul, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer)?;
+                    set(
+                        matmul,
+                        Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                        &ops.weight_scales,
+                    )?;
+                    set(
+                        matmul,
+                        Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                        &ops.activation_scales,
+                    )?;
                 }
             }
             Ok(descriptors)
@@ -363,14 +410,20 @@ mod gpu {
             &mut self,
             stream: &Arc<CudaStream>,
             shape: MatmulShape,
-            [weight, activations, y, bias]: [u64; 4],
+            ops: Operands,
         ) -> Result<bool> {
+            let Operands {
+                weight,
+                activations,
+                y,
+                ..
+            } = ops;
             let align = [weight, activations, y]
                 .iter()
                 .map(|p| 1u64 << p.trailing_zeros().min(8))
                 .min()
                 .unwrap_or(256);
-            let d = Self::descriptors(&shape, bias)?;
+            let d = Self::descriptors(&shape, &ops)?;
             let Some(algo) = self.algo(&d, shape, align)? else {
                 return Ok(false);
             };

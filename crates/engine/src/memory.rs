@@ -165,16 +165,21 @@ pub mod coeff {
     /// Wan2.2, 12.19 GiB measured (31 predicted 15.24).
     pub const VAE21_CHUNK_FACTOR: f64 = 18.8;
     pub const VAE22_CHUNK_FACTOR: f64 = 23.9;
-    /// The same for one tile of the pipeline's tiled decode ([`super::tiled_decode`]; the area is
-    /// the largest tile `TileConfig::decoded_tile` lays). Fitted on the H100 (bf16, one call,
-    /// `vidgen bench --what vae --vae-tiles ... --vae-pass-frames 0,1,2`), where the peak is the
-    /// weights, a fixed part and a per-pixel part, linear in the tile's area to within 0.2%
-    /// (three tile sizes each): Wan2.1 at 832x480x81 with 2-frame passes 8.76 kB per output
-    /// pixel (0.98 / 1.26 / 2.02 GiB for 272x320 / 272x448 / 480x448 px tiles; whole chunks 15.7
-    /// kB, 1-frame passes 7.4 kB); Wan2.2 at 1280x704x121 with whole chunks 12.8 kB (3.60 / 7.05
-    /// GiB for 384x480 / 704x672 px tiles, 2.00 GiB for 224x240 in an earlier call).
-    pub const VAE21_TILE_FACTOR: f64 = 11.41;
-    pub const VAE22_TILE_FACTOR: f64 = 25.07;
+    /// The same for one tile of a tiled decode (the area is the largest tile
+    /// `TileConfig::decoded_tile` lays), with 2-frame passes (`_PASSES`) or whole chunks
+    /// (`_WHOLE`). Fitted on the H100 (bf16, `vidgen bench --what vae --vae-tiles ...
+    /// --vae-pass-frames 0,1,2`), where the peak is the weights, a fixed part and a per-pixel
+    /// part, linear in the tile's area to within 0.2% (three tile sizes each): Wan2.1 at
+    /// 832x480x81 with 2-frame passes 8.76 kB per output pixel (0.98 / 1.26 / 2.02 GiB for
+    /// 272x320 / 272x448 / 480x448 px tiles; whole chunks 15.7 kB, 1-frame passes 7.4 kB);
+    /// Wan2.2 at 1280x704x121 with whole chunks 12.8 kB (3.60 / 7.05 GiB for 384x480 / 704x672
+    /// px tiles, 2.00 GiB for 224x240 in an earlier call) and with 2-frame passes 7.34 kB (2.65 /
+    /// 4.62 GiB for 384x480 / 704x672). One-frame passes are counted as two-frame ones (a little
+    /// over).
+    pub const VAE21_TILE_FACTOR_PASSES: f64 = 11.41;
+    pub const VAE21_TILE_FACTOR_WHOLE: f64 = 20.44;
+    pub const VAE22_TILE_FACTOR_PASSES: f64 = 14.33;
+    pub const VAE22_TILE_FACTOR_WHOLE: f64 = 25.07;
     /// The fixed part of a tiled decode's peak besides the weights (cuDNN workspaces, the tile's
     /// latents, blend buffers), in 2-byte values: the same fits' intercepts less the bf16
     /// weights (Wan2.1 0.270 - 0.236 GiB, Wan2.2 1.398 - 1.313 GiB).
@@ -560,7 +565,7 @@ pub fn vae_decode_activations(
             let (th, tw) = t
                 .tiles
                 .decoded_tile(width, height, cfg.spatial_stride())
-                .expect("the planner's tile sizes are multiples of 64: they suit every Wan VAE stride (8, 16)");
+                .expect("the planner's tile sizes are multiples of 32: they suit every Wan VAE stride (8, 16)");
             (th * tw) as f64
         }
         VaeDecode::WholeFrames => (width * height) as f64,
@@ -574,11 +579,15 @@ pub fn vae_decode_activations(
     } else {
         3.0 * (frames * width * height) as f64
     };
-    let (factor, fixed) = match (cfg.is_residual, tiled) {
-        (true, false) => (coeff::VAE22_CHUNK_FACTOR, 0.0),
-        (false, false) => (coeff::VAE21_CHUNK_FACTOR, 0.0),
-        (true, true) => (coeff::VAE22_TILE_FACTOR, coeff::VAE22_TILE_FIXED),
-        (false, true) => (coeff::VAE21_TILE_FACTOR, coeff::VAE21_TILE_FIXED),
+    // Passes of one or two frames through the full-resolution levels (of a chunk's four).
+    let passes = matches!(decode, VaeDecode::Tiled(t) if (1..=2).contains(&t.pass_frames));
+    let (factor, fixed) = match (cfg.is_residual, tiled, passes) {
+        (true, false, _) => (coeff::VAE22_CHUNK_FACTOR, 0.0),
+        (false, false, _) => (coeff::VAE21_CHUNK_FACTOR, 0.0),
+        (true, true, true) => (coeff::VAE22_TILE_FACTOR_PASSES, coeff::VAE22_TILE_FIXED),
+        (true, true, false) => (coeff::VAE22_TILE_FACTOR_WHOLE, coeff::VAE22_TILE_FIXED),
+        (false, true, true) => (coeff::VAE21_TILE_FACTOR_PASSES, coeff::VAE21_TILE_FIXED),
+        (false, true, false) => (coeff::VAE21_TILE_FACTOR_WHOLE, coeff::VAE21_TILE_FIXED),
     };
     (factor * chunk + fixed + video) as u64 * elem
 }
@@ -628,15 +637,22 @@ impl VaeDecode {
 }
 
 /// Tile sizes (px, 64 px overlap) the planner tries for a tiled decode, largest first: larger
-/// tiles overlap less and decode faster (H100, bf16, this stop's call: Wan2.2 at 1280x704x121
-/// 10.60 / 6.50 / 5.45 s for 256 / 512 / 704 px tiles; Wan2.1 at 832x480x81 with 2-frame passes
-/// 1.88 / 1.70 s for 384 / 448 px) and need more memory, linearly in the tile's area.
-pub const TILE_LADDER: [usize; 8] = [704, 640, 576, 512, 448, 384, 320, 256];
+/// tiles overlap less and decode faster, and need more memory, linearly in the tile's area.
+/// Multiples of 32 px (every Wan VAE's stride divides them). 672 px is the 2x2 layout of
+/// 1280x704 (384x672 tiles), between 704's 1x2 and 640's 2x3.
+pub const TILE_LADDER: [usize; 9] = [704, 672, 640, 576, 512, 448, 384, 320, 256];
+
+/// Frames per pass through the full-resolution levels the planner tries for each tile size:
+/// whole chunks (0), then 2-frame passes. Measured on the H100 (bf16, Wan2.2 at 1280x704x121):
+/// 2-frame passes cut a 704x672 tile's peak from 7.04 to 4.62 GiB for 2% more time (5.58 ->
+/// 5.69 s), while a tile one ladder step smaller with whole chunks costs 10% (640: 6.32 s).
+pub const LADDER_PASS_FRAMES: [usize; 2] = [0, 2];
 
 /// The pipeline's tiled decode for a `width`x`height` video when `room` bytes are free for its
 /// working set (the VAE's weights and what else stays on the GPU already subtracted): the
-/// largest tile of [`TILE_LADDER`] predicted to fit, with the VAE's pass setting; the smallest
-/// when none does. Without a budget, [`tiled_decode`]'s default.
+/// largest tile of [`TILE_LADDER`] predicted to fit, with whole chunks when they fit, else
+/// 2-frame passes; the smallest tile with 2-frame passes when none does. Without a budget,
+/// [`tiled_decode`]'s default.
 pub fn tiled_decode_within(
     cfg: &VaeConfig,
     width: usize,
@@ -649,19 +665,22 @@ pub fn tiled_decode_within(
     let Some(room) = room else {
         return default;
     };
-    let ladder = TILE_LADDER.map(|tile_size| TiledDecode {
-        tiles: crate::vae::TileConfig {
-            tile_size,
-            ..default.tiles
-        },
-        ..default
+    let ladder = TILE_LADDER.iter().flat_map(|&tile_size| {
+        LADDER_PASS_FRAMES.map(|pass_frames| TiledDecode {
+            tiles: crate::vae::TileConfig {
+                tile_size,
+                ..default.tiles
+            },
+            pass_frames,
+        })
     });
+    let smallest = ladder.clone().last().expect("a non-empty ladder");
     ladder
         .into_iter()
         .find(|t| {
             vae_decode_activations(cfg, width, height, frames, VaeDecode::Tiled(*t), elem) <= room
         })
-        .unwrap_or(ladder[ladder.len() - 1])
+        .unwrap_or(smallest)
 }
 
 /// The pipeline's tiled decode for a VAE when no budget says more: the geometry for the least
@@ -1058,9 +1077,10 @@ mod tests {
     /// Whole-frame decode (the reference computation, and faster) wherever the budget is known
     /// to hold it; tiles when it is not, when no budget is known above 512x512, and always in the
     /// modes that promise bounded memory.
-    /// A tiled decode takes the largest ladder tile predicted to fit the room it has, keeps the
-    /// VAE's pass setting, and falls back to the default without a budget; the 5B streamed at a
-    /// 6 GiB budget decodes in tiles larger than the default 256 px, within the budget.
+    /// A tiled decode takes the largest ladder tile predicted to fit the room it has, with whole
+    /// chunks where they fit and 2-frame passes where only those do, and falls back to the
+    /// default without a budget; the 5B streamed at a 6 GiB budget decodes in tiles larger than
+    /// the default 256 px, within the budget.
     #[test]
     fn tiled_decode_takes_the_largest_tiles_the_budget_holds() {
         use crate::vae::TileConfig;
@@ -1069,27 +1089,43 @@ mod tests {
         let peak = |t: TiledDecode| vae_decode_activations(&cfg, w, h, f, VaeDecode::Tiled(t), 2);
         let default = tiled_decode(&cfg);
         assert_eq!(tiled_decode_within(&cfg, w, h, f, 2, None), default);
-        let mut sizes = Vec::new();
+        // The planner's order of preference.
+        let ladder: Vec<TiledDecode> = TILE_LADDER
+            .iter()
+            .flat_map(|&tile_size| {
+                LADDER_PASS_FRAMES.map(|pass_frames| TiledDecode {
+                    tiles: TileConfig {
+                        tile_size,
+                        ..default.tiles
+                    },
+                    pass_frames,
+                })
+            })
+            .collect();
+        let mut chosen = Vec::new();
         for room_gib in [0.5, 1.5, 2.5, 4.0, 8.0, 100.0] {
             let room = (room_gib * GIB) as u64;
             let t = tiled_decode_within(&cfg, w, h, f, 2, Some(room));
-            assert_eq!(t.pass_frames, default.pass_frames);
-            let smallest = t.tiles.tile_size == TILE_LADDER[TILE_LADDER.len() - 1];
-            assert!(peak(t) <= room || smallest, "{room_gib} GiB: {t:?}");
-            for &larger in TILE_LADDER.iter().filter(|&&s| s > t.tiles.tile_size) {
-                let tiles = TileConfig {
-                    tile_size: larger,
-                    ..t.tiles
-                };
-                assert!(
-                    peak(TiledDecode { tiles, ..t }) > room,
-                    "{larger} px fits {room_gib} GiB"
-                );
+            let rank = ladder.iter().position(|c| *c == t).expect("a ladder entry");
+            assert!(
+                peak(t) <= room || rank == ladder.len() - 1,
+                "{room_gib} GiB: {t:?}"
+            );
+            for better in &ladder[..rank] {
+                assert!(peak(*better) > room, "{better:?} fits {room_gib} GiB");
             }
-            sizes.push(t.tiles.tile_size);
+            chosen.push(rank);
         }
-        assert!(sizes.windows(2).all(|p| p[0] <= p[1]), "{sizes:?}");
-        assert_eq!((sizes[0], sizes[sizes.len() - 1]), (256, 704));
+        assert!(chosen.windows(2).all(|p| p[0] >= p[1]), "{chosen:?}");
+        assert_eq!(chosen[0], ladder.len() - 1);
+        assert_eq!(ladder[chosen[chosen.len() - 1]], ladder[0]);
+        // Some room holds a tile size only with 2-frame passes: the planner takes it so.
+        assert!(
+            chosen
+                .iter()
+                .any(|&r| ladder[r].pass_frames == 2 && r < ladder.len() - 1),
+            "{chosen:?}"
+        );
 
         let mut five_b = req("wan2.2-ti2v-5b", 1280, 704, 121, Some(6.0));
         five_b.offload = Some(Offload::Stream);

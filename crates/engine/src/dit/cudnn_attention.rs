@@ -90,6 +90,8 @@ mod gpu {
     /// `VERIFY_TOLERANCE` the plan is dropped for good.
     const VERIFY_ROWS: usize = 1024;
     const VERIFY_TOLERANCE: f64 = 2e-2;
+    /// Timed runs per engine configuration when a plan is tuned.
+    const TUNE_REPS: usize = 2;
     /// Versions before this one need the padding-mask workaround for key lengths % 128 != 0.
     const FIXED_UNPADDED_VERSION: usize = 91600;
     /// The first version with the single SDPA forward operation.
@@ -333,7 +335,13 @@ mod gpu {
     struct Plan {
         /// Set once an execution agreed with our own kernel (see [`VERIFY_ROWS`]).
         verified: std::cell::Cell<bool>,
-        plan: Desc,
+        /// Every engine configuration of the heuristics' list that finalised, in its order; the
+        /// first execution times each and keeps the fastest (see [`Plan::tune`]).
+        candidates: Vec<Desc>,
+        /// Index into `candidates` of the plan that runs.
+        chosen: std::cell::Cell<usize>,
+        tuned: std::cell::Cell<bool>,
+        /// The largest workspace of the candidates, in bytes.
         workspace: usize,
         /// Full lengths for the padding-mask workaround: [B] int32 each (q, kv).
         lengths: Option<(Tensor, Tensor)>,
@@ -527,7 +535,7 @@ mod gpu {
         // Heuristics mode A first (cuDNN's ranked list), then the fallback list.
         let mut refusals = Vec::new();
         for mode in [HEUR_MODE_A, HEUR_MODE_FALLBACK] {
-            let (plan, workspace, keep) = match plan_from_heuristics(handle, &graph, mode) {
+            let (candidates, workspace, keep) = match plan_from_heuristics(handle, &graph, mode) {
                 Ok(found) => found,
                 Err(e) => {
                     refusals.push(format!("heuristics mode {mode}: {e:#}"));
@@ -538,7 +546,9 @@ mod gpu {
             g.keep.extend(keep);
             return Ok(Plan {
                 verified: std::cell::Cell::new(false),
-                plan,
+                candidates,
+                chosen: std::cell::Cell::new(0),
+                tuned: std::cell::Cell::new(false),
                 workspace,
                 lengths,
                 _graph: g,
@@ -550,13 +560,14 @@ mod gpu {
         )
     }
 
-    /// The first engine configuration of heuristics `mode` that finalises into a plan: the plan,
-    /// its workspace bytes, and the descriptors it refers to.
+    /// Every engine configuration of heuristics `mode` that finalises into a plan, in the
+    /// heuristics' order: the plans, the largest workspace in bytes, and the descriptors they
+    /// refer to.
     fn plan_from_heuristics(
         handle: sys::cudnnHandle_t,
         graph: &Desc,
         mode: i32,
-    ) -> Result<(Desc, usize, Vec<Desc>)> {
+    ) -> Result<(Vec<Desc>, usize, Vec<Desc>)> {
         let heur = Desc::new(D::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?
             .set_descs(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[graph])?
             .set(
@@ -585,6 +596,8 @@ mod gpu {
             "engine heuristics",
         )?;
         let mut refusals = Vec::new();
+        let mut plans = Vec::new();
+        let mut max_workspace = 0usize;
         for config in configs.iter().take(found.max(0) as usize) {
             let plan = Desc::new(D::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?
                 .set(
@@ -617,14 +630,65 @@ mod gpu {
                 },
                 "workspace size",
             )?;
+            max_workspace = max_workspace.max(workspace.max(0) as usize);
+            plans.push(plan);
+        }
+        if !plans.is_empty() {
             let mut keep = vec![heur];
             keep.extend(configs);
-            return Ok((plan, workspace.max(0) as usize, keep));
+            return Ok((plans, max_workspace, keep));
         }
         bail!(
             "{found} configurations offered, none finalised: {}",
             refusals.join(" | ")
         )
+    }
+
+    impl Plan {
+        /// Times every candidate on this call's inputs (one warm-up, then [`TUNE_REPS`] timed
+        /// runs each) and keeps the fastest: the heuristics' first choice is not always the
+        /// fastest engine configuration for a shape. `VIDGEN_CUDNN_TUNE=off` keeps the first.
+        fn tune(
+            &self,
+            key: &Key,
+            stream: &std::sync::Arc<candle_core::cuda::cudarc::driver::CudaStream>,
+            execute: &dyn Fn(&Desc) -> Result<()>,
+        ) -> Result<()> {
+            self.tuned.set(true);
+            if self.candidates.len() < 2
+                || std::env::var("VIDGEN_CUDNN_TUNE").as_deref() == Ok("off")
+            {
+                return Ok(());
+            }
+            let event = || -> Result<_> {
+                Ok(stream
+                    .record_event(Some(
+                        candle_core::cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT,
+                    ))
+                    .map_err(candle_core::Error::wrap)?)
+            };
+            let mut times = Vec::with_capacity(self.candidates.len());
+            for candidate in &self.candidates {
+                execute(candidate)?;
+                let start = event()?;
+                for _ in 0..TUNE_REPS {
+                    execute(candidate)?;
+                }
+                let end = event()?;
+                let ms = start.elapsed_ms(&end).map_err(candle_core::Error::wrap)?;
+                times.push(ms / TUNE_REPS as f32);
+            }
+            let (best, _) = times
+                .iter()
+                .enumerate()
+                .min_by(|a, b| a.1.total_cmp(b.1))
+                .expect("two or more candidates");
+            self.chosen.set(best);
+            tracing::info!(
+                "cuDNN attention {key:?}: engine configurations timed {times:?} ms, using #{best}"
+            );
+            Ok(())
+        }
     }
 
     /// Per-thread cuDNN state for one device: plans by shape (`None`: cuDNN cannot run that
@@ -724,12 +788,19 @@ mod gpu {
                     &[ws as *mut c_void],
                 )?
                 .finalize()?;
+            let handle = state.cudnn.handle;
             // SAFETY: the pointers name live tensors of the shapes the plan was built for; the
             // by-value scalars live on this stack frame through the call (cuDNN copies them).
-            check(
-                unsafe { sys::cudnnBackendExecute(state.cudnn.handle, plan.plan.0, pack.0) },
-                "execute",
-            )?;
+            let execute = |candidate: &Desc| {
+                check(
+                    unsafe { sys::cudnnBackendExecute(handle, candidate.0, pack.0) },
+                    "execute",
+                )
+            };
+            if !plan.tuned.get() {
+                plan.tune(&key, &stream, &execute)?;
+            }
+            execute(&plan.candidates[plan.chosen.get()])?;
             if plan.verified.get() {
                 return Ok(Some(out));
             }

@@ -180,13 +180,12 @@ mod gpu {
     }
 
     /// Chunk `index` of a contiguous table [B, Lt, K, D] as the kernels address it: (address,
-    /// entry stride, token stride). Its B·Lt entries are consecutive rows of K·D, each serving a
-    /// run of L/Lt tokens, so the kernels take the run as their `tokens` and each run as a
-    /// "batch" (entry = row / run) with token stride 0.
-    fn table_chunk(table: &Tensor, index: usize) -> Result<(u64, i64, i64)> {
+    /// entry stride). Its B·Lt entries are consecutive rows of K·D, each serving a run of L/Lt
+    /// tokens, so the kernels take the run as their `tokens` (entry = row / run).
+    fn table_chunk(table: &Tensor, index: usize) -> Result<(u64, i64)> {
         let (_, _, k, d) = table.dims4()?;
         let base = address(table)? + (index * d * 4) as u64;
-        Ok((base, (k * d) as i64, 0))
+        Ok((base, (k * d) as i64))
     }
 
     /// Tokens served by one entry of the table for `x` [B, L, D].
@@ -218,9 +217,9 @@ mod gpu {
             None => (0, 0),
         };
         let table = modulation.map(|(t, _, _)| t.contiguous()).transpose()?;
-        let ((psh, sh_bs, sh_ts), (psc, sc_bs, sc_ts)) = match (&table, modulation) {
+        let ((psh, sh_stride), (psc, sc_stride)) = match (&table, modulation) {
             (Some(t), Some((_, shift, scale))) => (table_chunk(t, shift)?, table_chunk(t, scale)?),
-            _ => ((0, 0, 0), (0, 0, 0)),
+            _ => ((0, 0), (0, 0)),
         };
         let tokens = match &table {
             Some(t) => tokens_per_entry(&x, t)?,
@@ -235,11 +234,9 @@ mod gpu {
             .arg(&pw)
             .arg(&pb)
             .arg(&psh)
-            .arg(&sh_bs)
-            .arg(&sh_ts)
+            .arg(&sh_stride)
             .arg(&psc)
-            .arg(&sc_bs)
-            .arg(&sc_ts)
+            .arg(&sc_stride)
             .arg(&d)
             .arg(&tokens)
             .arg(&eps);
@@ -268,7 +265,7 @@ mod gpu {
         let y = y.to_dtype(x.dtype())?.contiguous()?;
         let d = x.dim(2)? as i32;
         let table = table.contiguous()?;
-        let (pg, g_bs, g_ts) = table_chunk(&table, index)?;
+        let (pg, g_stride) = table_chunk(&table, index)?;
         let tokens = tokens_per_entry(&x, &table)?;
         let (out, po) = output_like(&x)?;
         let (px, pu) = (address(&x)?, address(&y)?);
@@ -279,8 +276,7 @@ mod gpu {
             .arg(&pu)
             .arg(&po)
             .arg(&pg)
-            .arg(&g_bs)
-            .arg(&g_ts)
+            .arg(&g_stride)
             .arg(&d)
             .arg(&tokens);
         // SAFETY: as above.

@@ -21,7 +21,7 @@ use super::streaming::{self, HostBlock, StreamOptions, Uploader};
 use crate::invalid;
 use crate::profile::scope;
 use crate::weights::fp8::{Fp8Granularity, Fp8Weight};
-use crate::weights::fp8_matmul::{fp8_linear, Activation};
+use crate::weights::fp8_matmul::{fp8_linear, fp8_linear_quantized, quantize_input, Activation};
 use crate::weights::{GgufType, GgufWeight, MemorySource, WeightMap, WeightPath};
 
 /// A transformer block's linear layer (the bulk of the weights): dense in the model dtype; FP8
@@ -392,15 +392,34 @@ impl Attention {
     /// Takes the normalised input by value: it is freed once q, k and v exist, and those once the
     /// attention output exists (the peak is one of these sets, not all of them).
     fn self_attention(&self, x: Tensor, rope: &RopeTable) -> Result<Tensor> {
+        // q, k and v read the same input: FP8 matmuls quantise it once for all three.
+        let xq = if [&self.to_q, &self.to_k, &self.to_v]
+            .iter()
+            .all(|l| l.fp8_matmul)
+        {
+            scope("dit.fp8_quantize", x.device(), || quantize_input(&x))?
+        } else {
+            None
+        };
+        let project = |proj: &BlockLinear| -> Result<Tensor> {
+            // `xq` is Some only when all three are FP8 matmuls.
+            match (&xq, &proj.weight) {
+                (Some(xq), BlockWeight::Fp8(w)) => scope("dit.fp8_matmul", x.device(), || {
+                    fp8_linear_quantized(&x, xq, w, &proj.bias, Activation::None)
+                }),
+                _ => linear_forward(proj, &x),
+            }
+        };
         let norm_rope = |norm: &RmsNorm, proj: &BlockLinear| -> Result<Tensor> {
-            let y = linear_forward(proj, &x)?;
+            let y = project(proj)?;
             scope("dit.rms_rope", x.device(), || {
                 fused::rms_norm_rope(&y, &norm.weight, norm.eps, rope, self.heads)
             })
         };
         let q = norm_rope(&self.norm_q, &self.to_q)?;
         let k = norm_rope(&self.norm_k, &self.to_k)?;
-        let v = self.split_heads(&linear_forward(&self.to_v, &x)?)?;
+        let v = self.split_heads(&project(&self.to_v)?)?;
+        drop(xq);
         drop(x);
         let out = attention_blhd(&q, &k, &v)?;
         drop((q, k, v));

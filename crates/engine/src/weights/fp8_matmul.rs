@@ -2,8 +2,11 @@
 //! to e4m3 per row (one scale per token, `amax / 448`, the arithmetic of
 //! [`Fp8Weight::quantize`]), multiplied with the e4m3 weight on the tensor cores with f32
 //! accumulation (cuBLASLt; Hopper and Ada run e4m3 at twice their bf16 rate), and the scales,
-//! bias and activation are applied in one pass after:
-//! `y = act(T((q_x · q_wᵀ) · s_x[row] · s_w[col] + b))`.
+//! bias and activation are applied to the accumulator as cuBLASLt writes the output:
+//! `y = act(T((q_x · q_wᵀ) · s_x[row] · s_w[col] + T(b)))` (`VIDGEN_FP8_EPILOGUE=off`, or a
+//! cuBLASLt without outer-vector scaling: the product rounded to T first, then one pass with the
+//! f32 bias). Linears that share an input (q, k, v) can share its quantisation
+//! ([`quantize_input`], [`fp8_linear_quantized`]).
 //!
 //! This is not the reference's arithmetic (the reference multiplies in bf16): its cost is
 //! measured, in `tests/dit_quantized.rs` on the fixtures and by `vidgen bench --what fp8` at full
@@ -35,11 +38,50 @@ pub fn quantize_rows(x: &Tensor) -> Result<Fp8Weight> {
     Fp8Weight::quantize(x, Fp8Granularity::PerChannel)
 }
 
+/// `x`'s rows quantised for [`fp8_linear_quantized`] where the GPU path takes it (see
+/// [`fp8_linear`]); `None` elsewhere.
+pub fn quantize_input(x: &Tensor) -> Result<Option<Fp8Weight>> {
+    let k = x.dims().last().copied().unwrap_or(0);
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda()
+        && gpu::supported_dtype(x.dtype())
+        && k.is_multiple_of(16)
+        && x.elem_count() > 0
+    {
+        let rows = x.elem_count() / k;
+        return Ok(Some(quantize_rows(&x.contiguous()?.reshape((rows, k))?)?));
+    }
+    let _ = k;
+    Ok(None)
+}
+
+/// [`fp8_linear`] with x's rows already quantised by [`quantize_input`] (`xq`), so linears
+/// sharing an input quantise it once; `x` gives the shape and dtype.
+pub fn fp8_linear_quantized(
+    x: &Tensor,
+    xq: &Fp8Weight,
+    w: &Fp8Weight,
+    bias: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
+    fp8_linear_with(x, Some(xq), w, bias, act)
+}
+
 /// `act(x · Wᵀ + b)` through FP8 for `x [..., in]`, `w [out, in]`, `bias [out]`; the result in
 /// x's dtype. On a GPU, bf16/f16 activations with `in` and `out` multiples of 16 (every Wan
 /// linear) take cuBLASLt's e4m3 matmul; everything else computes the same quantised product in
 /// f32.
 pub fn fp8_linear(x: &Tensor, w: &Fp8Weight, bias: &Tensor, act: Activation) -> Result<Tensor> {
+    fp8_linear_with(x, None, w, bias, act)
+}
+
+fn fp8_linear_with(
+    x: &Tensor,
+    xq: Option<&Fp8Weight>,
+    w: &Fp8Weight,
+    bias: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
     let &[out, k] = w.dims() else {
         anyhow::bail!("FP8 matmul: weight must be [out, in], got {:?}", w.dims());
     };
@@ -62,9 +104,18 @@ pub fn fp8_linear(x: &Tensor, w: &Fp8Weight, bias: &Tensor, act: Activation) -> 
         && out.is_multiple_of(16)
         && rows > 0
     {
-        let y = gpu::linear(&x2, w, bias, act)?;
+        let quantized;
+        let xq = match xq {
+            Some(q) => q,
+            None => {
+                quantized = quantize_rows(&x2)?;
+                &quantized
+            }
+        };
+        let y = gpu::linear(xq, x2.dtype(), w, bias, act)?;
         return Ok(y.reshape(out_dims)?);
     }
+    let _ = xq;
     let y = reference(&x2, w, bias, act)?;
     Ok(y.reshape(out_dims)?)
 }
@@ -91,7 +142,7 @@ mod gpu {
     use candle_core::{DType, Tensor};
 
     use super::Activation;
-    use crate::blaslt::{matmul, Epilogue, MatmulShape};
+    use crate::blaslt::{matmul, Epilogue, MatmulShape, Operands};
     use crate::cuda_util::{address, alloc, cuda_device, launched, suffix};
     use crate::weights::fp8::Fp8Weight;
 
@@ -131,36 +182,89 @@ mod gpu {
         Fp8Weight::from_parts(q, scale)
     }
 
-    pub fn linear(x2: &Tensor, w: &Fp8Weight, bias: &Tensor, act: Activation) -> Result<Tensor> {
-        let (rows, k) = x2.dims2()?;
+    /// `VIDGEN_FP8_EPILOGUE=off`: the scales and bias in a second pass even where cuBLASLt
+    /// could apply them (A/B measurements).
+    fn fused_epilogue_off() -> bool {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OFF.get_or_init(|| std::env::var("VIDGEN_FP8_EPILOGUE").is_ok_and(|v| v == "off"))
+    }
+
+    /// `xq`: the activations' rows quantised by [`quantize_rows`]; the output in `dtype`.
+    pub fn linear(
+        xq: &Fp8Weight,
+        dtype: DType,
+        w: &Fp8Weight,
+        bias: &Tensor,
+        act: Activation,
+    ) -> Result<Tensor> {
+        let &[rows, k] = xq.dims() else {
+            bail!(
+                "FP8 matmul: quantised input must be [rows, in], got {:?}",
+                xq.dims()
+            );
+        };
         let out = w.dims()[0];
-        let dev = cuda_device(x2)?;
+        let dev = cuda_device(xq.weight())?;
         require_fp8_tensor_cores(&dev)?;
-        let xq = quantize_rows(x2)?;
         let wq = w.weight().contiguous()?;
-        let (y, py) = alloc(&dev, x2.dtype(), &[rows, out])?;
+        let (y, py) = alloc(&dev, dtype, &[rows, out])?;
+        let s_row = xq.scale().contiguous()?;
+        if !fused_epilogue_off() {
+            // Scales, bias and GELU in cuBLASLt's epilogue: per-channel weight scales as one
+            // value per output column (a per-tensor scale repeated).
+            let s_col = w
+                .scale()
+                .to_dtype(DType::F32)?
+                .broadcast_as(out)?
+                .contiguous()?;
+            let bias = bias.to_dtype(dtype)?.contiguous()?;
+            let shape = MatmulShape {
+                out,
+                rows,
+                k,
+                input: DType::F8E4M3,
+                output: dtype,
+                epilogue: Epilogue::of(act),
+                scaled: true,
+            };
+            let operands = Operands {
+                weight: address(&wq)?,
+                activations: address(xq.weight())?,
+                y: py,
+                bias: address(&bias)?,
+                weight_scales: address(&s_col)?,
+                activation_scales: address(&s_row)?,
+            };
+            if matmul(&dev.cuda_stream(), shape, operands)? {
+                return Ok(y);
+            }
+        }
         let shape = MatmulShape {
             out,
             rows,
             k,
             input: DType::F8E4M3,
-            output: x2.dtype(),
+            output: dtype,
             epilogue: Epilogue::None,
+            scaled: false,
         };
-        let pointers = [address(&wq)?, address(xq.weight())?, py, 0];
-        if !matmul(&dev.cuda_stream(), shape, pointers)? {
-            bail!(
-                "cuBLASLt has no FP8 matmul for {rows}x{k} · ({out}x{k})ᵀ -> {:?}",
-                x2.dtype()
-            );
+        let operands = Operands {
+            weight: address(&wq)?,
+            activations: address(xq.weight())?,
+            y: py,
+            bias: 0,
+            weight_scales: 0,
+            activation_scales: 0,
+        };
+        if !matmul(&dev.cuda_stream(), shape, operands)? {
+            bail!("cuBLASLt has no FP8 matmul for {rows}x{k} · ({out}x{k})ᵀ -> {dtype:?}");
         }
         let bias = bias.to_dtype(DType::F32)?.contiguous()?;
         let s_col = w.scale().contiguous()?;
         let per_col = i32::from(s_col.elem_count() > 1);
-        let s_row = xq.scale().contiguous()?;
         let (pb, pr, pc) = (address(&bias)?, address(&s_row)?, address(&s_col)?);
         let (cols, gelu) = (out as i32, i32::from(act == Activation::GeluTanh));
-        let name = format!("fp8_epilogue_{}", suffix(x2.dtype())?);
+        let name = format!("fp8_epilogue_{}", suffix(dtype)?);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let mut b = func.builder();
         b.arg(&py)
