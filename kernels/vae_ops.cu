@@ -7,6 +7,8 @@
 //   bias_add:      y = T(y + b[c]), then T(y + r) when a residual r is given      (conv bias, skip)
 //   upsample2x:    nearest-exact ×2 of each frame (pixel duplication)
 //   to_nhwc / from_nhwc: channels-last copies for cuDNN (from_nhwc adds bias and residual as bias_add)
+//   to_nhwc_up2:   to_nhwc of upsample2x's output, written straight from its input (the ×2 frame
+//                  is never materialised in NCHW)
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -105,6 +107,35 @@ __device__ void to_nhwc(const T* __restrict__ x, T* __restrict__ y, int c, int s
   }
 }
 
+// x [B, C, H, W] -> y [B, 2H·2W, C]: each input pixel's channel value written to its 2x2 block.
+template <typename T>
+__device__ void to_nhwc_up2(const T* __restrict__ x, T* __restrict__ y, int c, int h, int w) {
+  __shared__ T tile[32][33];
+  const long long b = blockIdx.z;
+  const int s = h * w;
+  const int s0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+  const T* xb = x + b * c * (long long)s;
+  T* yb = y + b * 4LL * c * s;
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int ci = c0 + i, si = s0 + threadIdx.x;
+    if (ci < c && si < s) tile[i][threadIdx.x] = xb[(long long)ci * s + si];
+  }
+  __syncthreads();
+  const long long row = 2LL * w * c;  // one output row of 2w pixels
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int si = s0 + i, ci = c0 + threadIdx.x;
+    if (ci < c && si < s) {
+      const T v = tile[threadIdx.x][i];
+      const int yy = si / w, xx = si % w;
+      const long long o = 2LL * yy * row + 2LL * xx * c + ci;
+      yb[o] = v;
+      yb[o + c] = v;
+      yb[o + row] = v;
+      yb[o + row + c] = v;
+    }
+  }
+}
+
 template <typename T>
 __device__ void from_nhwc(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ bias,
                           const T* __restrict__ r, int c, int s) {
@@ -147,6 +178,9 @@ __device__ void from_nhwc(const T* __restrict__ x, T* __restrict__ y, const floa
   }                                                                                                    \
   extern "C" __global__ void vae_to_nhwc_##SUF(const T* x, T* y, int c, int s) {                       \
     to_nhwc<T>(x, y, c, s);                                                                            \
+  }                                                                                                    \
+  extern "C" __global__ void vae_to_nhwc_up2_##SUF(const T* x, T* y, int c, int h, int w) {            \
+    to_nhwc_up2<T>(x, y, c, h, w);                                                                     \
   }                                                                                                    \
   extern "C" __global__ void vae_from_nhwc_##SUF(const T* x, T* y, const float* bias, const T* r,     \
                                                  int c, int s) {                                       \

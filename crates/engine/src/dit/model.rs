@@ -254,13 +254,17 @@ fn linear_act_with(
         MatmulWeight::Dense(w) => w,
     };
     // On the GPU the bias (and GELU) ride on cuBLASLt's epilogue; elsewhere a second pass.
-    let fused = scope("dit.matmul", x.device(), || {
-        crate::blaslt::dense_linear(x, w, &layer.bias, act)
-    })?;
-    if let Some(y) = fused {
+    let (y, fused) = scope(
+        "dit.matmul",
+        x.device(),
+        || match crate::blaslt::dense_linear(x, w, &layer.bias, act)? {
+            Some(y) => Ok((y, true)),
+            None => Ok((matmul_t(x, w)?, false)),
+        },
+    )?;
+    if fused {
         return Ok(y);
     }
-    let y = scope("dit.matmul", x.device(), || matmul_t(x, w))?;
     match act {
         Activation::None => scope("dit.bias", x.device(), || fused::bias_add(y, &layer.bias)),
         Activation::GeluTanh => scope("dit.bias_gelu", x.device(), || {

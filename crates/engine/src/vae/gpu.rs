@@ -574,6 +574,50 @@ fn nchw_strides(d: [usize; 4]) -> [usize; 4] {
     [d[1] * d[2] * d[3], d[2] * d[3], d[3], 1]
 }
 
+/// [`conv2d`] of [`upsample2x`]`(x)`: channels-last, the ×2 frames are written straight into
+/// the convolution's input copy (`to_nhwc_up2`), so the upsampled NCHW frames never exist (the
+/// same values: bit-identical to the two steps).
+pub fn upsample2x_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    dims: [usize; 4],
+    bias: &Tensor,
+    pad: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    if conv_layout(x.dtype()) != ConvLayout::ChannelsLast {
+        return conv2d(&upsample2x(x)?, w, dims, bias, pad, stride);
+    }
+    let x = x.contiguous()?;
+    let (n, c, h, wd) = x.dims4()?;
+    let dev = cuda_device(&x)?;
+    let (xt, pxt) = alloc(&dev, x.dtype(), &[n, 4 * h * wd, c])?;
+    if n > 0 {
+        let px = address(&x)?;
+        let func = dev.get_or_load_custom_func(
+            &format!("vae_to_nhwc_up2_{}", suffix(x.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        let (ci, hi, wi) = (c as i32, h as i32, wd as i32);
+        let mut bld = func.builder();
+        bld.arg(&px).arg(&pxt).arg(&ci).arg(&hi).arg(&wi);
+        // SAFETY: the arguments match the kernel; xt holds n·4·h·w·c elements.
+        launched(unsafe { bld.launch(transpose_config(n, c, h * wd)?) }.map(|_| ()))?;
+    }
+    conv2d_channels_last(
+        &dev,
+        x.dtype(),
+        (xt, pxt),
+        [n, c, 2 * h, 2 * wd],
+        w,
+        dims,
+        bias,
+        pad,
+        stride,
+    )
+}
+
 /// `nn.Conv2d` on `[N, C, H, W]` with the filter from [`prepare_weight`] (`dims`: its
 /// `[C_out, C_in, k, k]`), plus bias.
 pub fn conv2d(
@@ -619,26 +663,59 @@ pub fn conv2d(
         ConvLayout::ChannelsLast => {
             let (xt, pxt) = alloc(&dev, dtype, &[n, h * wd, c])?;
             to_nhwc(&x.reshape((n, c, h * wd))?, pxt)?;
-            let (yt, pyt) = alloc(&dev, dtype, &[n, ho * wo, co])?;
-            let key = ConvKey {
+            conv2d_channels_last(
+                &dev,
                 dtype,
-                rank: 4,
-                nhwc_filter: true,
-                x_dims: pad5_dims(i32s([n, c, h, wd])?),
-                x_strides: pad5_dims(i32s([h * wd * c, 1, wd * c, c])?),
-                w_dims: pad5_dims(i32s(dims)?),
-                pads: pad5,
-                strides: stride5,
-                y_dims: pad5_dims(i32s([n, co, ho, wo])?),
-                y_strides: pad5_dims(i32s([ho * wo * co, 1, wo * co, co])?),
-            };
-            conv_raw(&dev, &key, pxt, w, pyt)?;
-            drop(xt);
-            let y = from_nhwc(&dev, dtype, pyt, (n, co, ho * wo), bias, None)?;
-            drop(yt);
-            Ok(y.reshape((n, co, ho, wo))?)
+                (xt, pxt),
+                [n, c, h, wd],
+                w,
+                dims,
+                bias,
+                pad,
+                stride,
+            )
         }
     }
+}
+
+/// The channels-last half of [`conv2d`]: `xt` (and its address) holds the input `[N, H·W, C]`
+/// for `x_dims` `[N, C, H, W]`; freed once the convolution has read it.
+#[allow(clippy::too_many_arguments)]
+fn conv2d_channels_last(
+    dev: &CudaDevice,
+    dtype: DType,
+    (xt, pxt): (Tensor, u64),
+    [n, c, h, wd]: [usize; 4],
+    w: &Tensor,
+    dims: [usize; 4],
+    bias: &Tensor,
+    pad: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let [co, _, kh, kw] = dims;
+    let (ho, wo) = (
+        (h + 2 * pad - kh) / stride + 1,
+        (wd + 2 * pad - kw) / stride + 1,
+    );
+    let [p, st] = i32s([pad, stride])?;
+    let (yt, pyt) = alloc(dev, dtype, &[n, ho * wo, co])?;
+    let key = ConvKey {
+        dtype,
+        rank: 4,
+        nhwc_filter: true,
+        x_dims: pad5_dims(i32s([n, c, h, wd])?),
+        x_strides: pad5_dims(i32s([h * wd * c, 1, wd * c, c])?),
+        w_dims: pad5_dims(i32s(dims)?),
+        pads: [p, p, 0],
+        strides: [st, st, 0],
+        y_dims: pad5_dims(i32s([n, co, ho, wo])?),
+        y_strides: pad5_dims(i32s([ho * wo * co, 1, wo * co, co])?),
+    };
+    conv_raw(dev, &key, pxt, w, pyt)?;
+    drop(xt);
+    let y = from_nhwc(dev, dtype, pyt, (n, co, ho * wo), bias, None)?;
+    drop(yt);
+    Ok(y.reshape((n, co, ho, wo))?)
 }
 
 fn pad5_dims(v: [i32; 4]) -> [i32; 5] {

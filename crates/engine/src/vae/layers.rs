@@ -415,6 +415,18 @@ impl Conv2d {
         })
     }
 
+    /// [`forward`](Self::forward) of the nearest ×2 upsample of `x` (a CUDA tensor), without
+    /// materialising the upsampled frames where the GPU path can avoid it.
+    #[cfg(feature = "cuda")]
+    pub fn forward_upsampled2x(&self, x: &Tensor) -> Result<Tensor> {
+        let Some((w, dims)) = &self.gpu_weight else {
+            return self.forward(&super::gpu::upsample2x(x)?);
+        };
+        crate::profile::scope("vae.conv2d", x.device(), || {
+            super::gpu::upsample2x_conv2d(x, w, *dims, &self.bias, self.padding, self.stride)
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::profile::scope("vae.conv2d", x.device(), || {
             #[cfg(feature = "cuda")]
@@ -699,7 +711,7 @@ impl Resample {
                     // nearest-exact at an integer factor 2 is plain pixel duplication
                     #[cfg(feature = "cuda")]
                     if f.device().is_cuda() {
-                        return self.conv.forward(&super::gpu::upsample2x(f)?);
+                        return self.conv.forward_upsampled2x(f);
                     }
                     self.conv.forward(&f.upsample_nearest2d(2 * h, 2 * w)?)
                 }
