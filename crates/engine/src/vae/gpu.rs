@@ -183,6 +183,10 @@ struct Knobs {
     algo: AlgoChoice,
     workspace_limit: usize,
     log: bool,
+    /// `VIDGEN_VAE_UPSAMPLE=fused`: [`upsample2x_conv2d`] writes the ×2 frames straight into the
+    /// convolution's input copy. Off by default until a GPU run has checked it against the
+    /// two-step path (`tools/gpu/parity.py`); the arithmetic is the same.
+    fused_upsample: bool,
 }
 
 fn knobs() -> &'static Knobs {
@@ -205,6 +209,7 @@ fn knobs() -> &'static Knobs {
                 .unwrap_or(512)
                 << 20,
             log: var("VIDGEN_VAE_CONV_LOG") == "1",
+            fused_upsample: var("VIDGEN_VAE_UPSAMPLE") == "fused",
         }
     })
 }
@@ -574,9 +579,9 @@ fn nchw_strides(d: [usize; 4]) -> [usize; 4] {
     [d[1] * d[2] * d[3], d[2] * d[3], d[3], 1]
 }
 
-/// [`conv2d`] of [`upsample2x`]`(x)`: channels-last, the ×2 frames are written straight into
-/// the convolution's input copy (`to_nhwc_up2`), so the upsampled NCHW frames never exist (the
-/// same values: bit-identical to the two steps).
+/// [`conv2d`] of [`upsample2x`]`(x)`: with `VIDGEN_VAE_UPSAMPLE=fused` and channels-last, the
+/// ×2 frames are written straight into the convolution's input copy (`to_nhwc_up2`), so the
+/// upsampled NCHW frames never exist (the same values: bit-identical to the two steps).
 pub fn upsample2x_conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -585,7 +590,7 @@ pub fn upsample2x_conv2d(
     pad: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    if conv_layout(x.dtype()) != ConvLayout::ChannelsLast {
+    if !knobs().fused_upsample || conv_layout(x.dtype()) != ConvLayout::ChannelsLast {
         return conv2d(&upsample2x(x)?, w, dims, bias, pad, stride);
     }
     let x = x.contiguous()?;

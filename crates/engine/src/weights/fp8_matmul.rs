@@ -228,6 +228,7 @@ mod gpu {
             return two_pass(xq, dtype, w, bias, act);
         }
         let Some(y) = fused(xq, dtype, w, bias, act)? else {
+            FUSED_CHECKED.with(|c| c.borrow_mut().insert(key, false));
             return two_pass(xq, dtype, w, bias, act);
         };
         if checked == Some(true) {
@@ -290,7 +291,15 @@ mod gpu {
             weight_scales: address(&s_col)?,
             activation_scales: address(&s_row)?,
         };
-        Ok(matmul(&dev.cuda_stream(), shape, operands)?.then_some(y))
+        // A cuBLASLt without outer-vector scaling refuses the descriptor's scale modes: the
+        // caller falls back to two passes, as when there is no algorithm.
+        match matmul(&dev.cuda_stream(), shape, operands) {
+            Ok(ran) => Ok(ran.then_some(y)),
+            Err(e) => {
+                tracing::warn!("FP8 matmul: no scaled cuBLASLt epilogue ({e:#}); using two passes");
+                Ok(None)
+            }
+        }
     }
 
     /// The plain FP8 product rounded to `dtype`, then one pass for the scales, bias and GELU.
