@@ -54,13 +54,17 @@ def diffusers_bf16_error(comp, model, inputs, ref):
         from diffusers import AutoencoderKLWan
     except ImportError:
         return None
-    vae = AutoencoderKLWan.from_pretrained(str(FX / model), torch_dtype=torch.bfloat16).to("cuda").eval()
-    io = load_file(str(FX / inputs))
-    with torch.no_grad():
-        if comp == "vae-decode":
-            out = vae.decode(io["latents"].to("cuda", torch.bfloat16)).sample
-        else:
-            out = vae.encode(io["sample"].to("cuda", torch.bfloat16)).latent_dist.mean
+    try:
+        vae = AutoencoderKLWan.from_pretrained(str(FX / model), torch_dtype=torch.bfloat16).to("cuda").eval()
+        io = load_file(str(FX / inputs))
+        with torch.no_grad():
+            if comp == "vae-decode":
+                out = vae.decode(io["latents"].to("cuda", torch.bfloat16)).sample
+            else:
+                out = vae.encode(io["sample"].to("cuda", torch.bfloat16)).latent_dist.mean
+    except Exception as e:  # the plain 2e-2 limit then applies
+        print(json.dumps({"case": f"{comp} {model}", "diffusers_bf16_error": str(e)[-300:]}), flush=True)
+        return None
     return rel_err(out.float().cpu(), ref)
 
 

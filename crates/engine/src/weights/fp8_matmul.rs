@@ -1,12 +1,14 @@
 //! FP8 matmuls for [`Fp8Weight`] linears (`--weights fp8-matmul`): the activations are quantised
 //! to e4m3 per row (one scale per token, `amax / 448`, the arithmetic of
 //! [`Fp8Weight::quantize`]), multiplied with the e4m3 weight on the tensor cores with f32
-//! accumulation (cuBLASLt; Hopper and Ada run e4m3 at twice their bf16 rate), and the scales,
-//! bias and activation are applied to the accumulator as cuBLASLt writes the output:
-//! `y = act(T((q_x · q_wᵀ) · s_x[row] · s_w[col] + T(b)))` (`VIDGEN_FP8_EPILOGUE=off`, or a
-//! cuBLASLt without outer-vector scaling: the product rounded to T first, then one pass with the
-//! f32 bias). Linears that share an input (q, k, v) can share its quantisation
-//! ([`quantize_input`], [`fp8_linear_quantized`]).
+//! accumulation (cuBLASLt; Hopper and Ada run e4m3 at twice their bf16 rate), the product rounded
+//! to T, then one pass for the scales, bias and activation:
+//! `y = act(T(T(q_x · q_wᵀ) · s_x[row] · s_w[col] + b))`. With `VIDGEN_FP8_EPILOGUE=fused`
+//! cuBLASLt applies the scales, bias and activation to the accumulator as it writes the output
+//! (outer-vector scaling, `y = act(T((q_x · q_wᵀ) · s_x[row] · s_w[col] + T(b)))`); opt-in
+//! until a GPU run has measured it, and checked against the two-pass product on each shape's
+//! first call. Linears that share an input (q, k, v) share its quantisation ([`quantize_input`],
+//! [`fp8_linear_quantized`]).
 //!
 //! This is not the reference's arithmetic (the reference multiplies in bf16): its cost is
 //! measured, in `tests/dit_quantized.rs` on the fixtures and by `vidgen bench --what fp8` at full
@@ -182,11 +184,11 @@ mod gpu {
         Fp8Weight::from_parts(q, scale)
     }
 
-    /// `VIDGEN_FP8_EPILOGUE=off`: the scales and bias in a second pass even where cuBLASLt
-    /// could apply them (A/B measurements).
+    /// `VIDGEN_FP8_EPILOGUE=fused`: the scales, bias and GELU in cuBLASLt's epilogue. Opt-in:
+    /// no GPU run has measured it yet (the two-pass product is the measured default).
     fn fused_epilogue_off() -> bool {
         static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OFF.get_or_init(|| std::env::var("VIDGEN_FP8_EPILOGUE").is_ok_and(|v| v == "off"))
+        *OFF.get_or_init(|| std::env::var("VIDGEN_FP8_EPILOGUE").map_or(true, |v| v != "fused"))
     }
 
     /// Largest relative difference accepted between the epilogue-fused product and the two-pass
