@@ -645,7 +645,7 @@ pub const TILE_LADDER: [usize; 9] = [704, 672, 640, 576, 512, 448, 384, 320, 256
 /// Frames per pass through the full-resolution levels the planner tries for each tile size:
 /// whole chunks (0), then 2-frame passes. Measured on the H100 (bf16, Wan2.2 at 1280x704x121):
 /// 2-frame passes cut a 704x672 tile's peak from 7.04 to 4.62 GiB for 2% more time (5.58 ->
-/// 5.69 s), while a tile one ladder step smaller with whole chunks costs 10% (640: 6.32 s).
+/// 5.69 s), while 640 px tiles (384x480) with whole chunks take 13% more (6.32 s at 3.59 GiB).
 pub const LADDER_PASS_FRAMES: [usize; 2] = [0, 2];
 
 /// The pipeline's tiled decode for a `width`x`height` video when `room` bytes are free for its
