@@ -507,17 +507,45 @@ fn conv_raw(dev: &CudaDevice, key: &ConvKey, px: u64, w: &Tensor, py: u64) -> Re
 /// Copies `x` `[B, C, S]` (contiguous) channels-last into `y_ptr` (`[B, S, C]`).
 fn to_nhwc(x: &Tensor, y_ptr: u64) -> Result<()> {
     let (b, c, s) = x.dims3()?;
+    launch_to_nhwc(x, "vae_to_nhwc", y_ptr, (b, c, s), &i32s([c, s])?)
+}
+
+/// Copies the nearest ×2 upsample of `x` `[N, C, H, W]` (contiguous) channels-last into `y_ptr`
+/// (`[N, 2H·2W, C]`) without materialising the upsample.
+fn to_nhwc_up2(x: &Tensor, y_ptr: u64) -> Result<()> {
+    let (n, c, h, w) = x.dims4()?;
+    launch_to_nhwc(
+        x,
+        "vae_to_nhwc_up2",
+        y_ptr,
+        (n, c, h * w),
+        &i32s([c, h, w])?,
+    )
+}
+
+/// Launches the channels-last copy kernel `{kernel}_{dtype}` over x's `b` images of `c`
+/// channels by `s` pixels, with arguments `(x, y_ptr, sizes...)`.
+fn launch_to_nhwc(
+    x: &Tensor,
+    kernel: &str,
+    y_ptr: u64,
+    (b, c, s): (usize, usize, usize),
+    sizes: &[i32],
+) -> Result<()> {
     if b == 0 {
         return Ok(());
     }
     let dev = cuda_device(x)?;
     let px = address(x)?;
     let func =
-        dev.get_or_load_custom_func(&format!("vae_to_nhwc_{}", suffix(x.dtype())?), MODULE, PTX)?;
-    let (ci, si) = (c as i32, s as i32);
+        dev.get_or_load_custom_func(&format!("{kernel}_{}", suffix(x.dtype())?), MODULE, PTX)?;
     let mut bld = func.builder();
-    bld.arg(&px).arg(&y_ptr).arg(&ci).arg(&si);
-    // SAFETY: the arguments match the kernel; y_ptr holds b·c·s elements (the caller's buffer).
+    bld.arg(&px).arg(&y_ptr);
+    for size in sizes {
+        bld.arg(size);
+    }
+    // SAFETY: the callers pass `kernel`'s size arguments in its order; y_ptr holds the copy of
+    // x's b·c·s values (four times as many for the ×2 upsample), the caller's buffer.
     launched(unsafe { bld.launch(transpose_config(b, c, s)?) }.map(|_| ()))
 }
 
@@ -597,19 +625,7 @@ pub fn upsample2x_conv2d(
     let (n, c, h, wd) = x.dims4()?;
     let dev = cuda_device(&x)?;
     let (xt, pxt) = alloc(&dev, x.dtype(), &[n, 4 * h * wd, c])?;
-    if n > 0 {
-        let px = address(&x)?;
-        let func = dev.get_or_load_custom_func(
-            &format!("vae_to_nhwc_up2_{}", suffix(x.dtype())?),
-            MODULE,
-            PTX,
-        )?;
-        let (ci, hi, wi) = (c as i32, h as i32, wd as i32);
-        let mut bld = func.builder();
-        bld.arg(&px).arg(&pxt).arg(&ci).arg(&hi).arg(&wi);
-        // SAFETY: the arguments match the kernel; xt holds n·4·h·w·c elements.
-        launched(unsafe { bld.launch(transpose_config(n, c, h * wd)?) }.map(|_| ()))?;
-    }
+    to_nhwc_up2(&x, pxt)?;
     conv2d_channels_last(
         &dev,
         x.dtype(),
@@ -635,11 +651,8 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let (n, c, h, wd) = x.dims4()?;
-    let [co, _, kh, kw] = dims;
-    let (ho, wo) = (
-        (h + 2 * pad - kh) / stride + 1,
-        (wd + 2 * pad - kw) / stride + 1,
-    );
+    let co = dims[0];
+    let (ho, wo) = conv2d_out(h, wd, dims, pad, stride);
     let dev = cuda_device(&x)?;
     let dtype = x.dtype();
     let pad5 = [pad as i32, pad as i32, 0];
@@ -697,11 +710,8 @@ fn conv2d_channels_last(
     pad: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let [co, _, kh, kw] = dims;
-    let (ho, wo) = (
-        (h + 2 * pad - kh) / stride + 1,
-        (wd + 2 * pad - kw) / stride + 1,
-    );
+    let co = dims[0];
+    let (ho, wo) = conv2d_out(h, wd, dims, pad, stride);
     let [p, st] = i32s([pad, stride])?;
     let (yt, pyt) = alloc(dev, dtype, &[n, ho * wo, co])?;
     let key = ConvKey {
@@ -721,6 +731,15 @@ fn conv2d_channels_last(
     let y = from_nhwc(dev, dtype, pyt, (n, co, ho * wo), bias, None)?;
     drop(yt);
     Ok(y.reshape((n, co, ho, wo))?)
+}
+
+/// The output height and width of a 2-D convolution with filter `dims` `[C_out, C_in, kh, kw]`.
+fn conv2d_out(h: usize, w: usize, dims: [usize; 4], pad: usize, stride: usize) -> (usize, usize) {
+    let [_, _, kh, kw] = dims;
+    (
+        (h + 2 * pad - kh) / stride + 1,
+        (w + 2 * pad - kw) / stride + 1,
+    )
 }
 
 fn pad5_dims(v: [i32; 4]) -> [i32; 5] {

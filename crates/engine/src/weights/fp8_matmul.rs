@@ -253,6 +253,72 @@ mod gpu {
         Ok(reference)
     }
 
+    /// What both forms of the product share: the weight, a fresh `[rows, out]` output in the
+    /// activations' dtype and the activations' per-row scales.
+    struct Product {
+        dev: candle_core::CudaDevice,
+        wq: Tensor,
+        y: Tensor,
+        py: u64,
+        s_row: Tensor,
+        shape: MatmulShape,
+    }
+
+    impl Product {
+        fn new(xq: &Fp8Weight, dtype: DType, w: &Fp8Weight) -> Result<Self> {
+            let (rows, k) = (xq.dims()[0], xq.dims()[1]);
+            let out = w.dims()[0];
+            let dev = cuda_device(xq.weight())?;
+            require_fp8_tensor_cores(&dev)?;
+            let (y, py) = alloc(&dev, dtype, &[rows, out])?;
+            Ok(Self {
+                wq: w.weight().contiguous()?,
+                s_row: xq.scale().contiguous()?,
+                y,
+                py,
+                dev,
+                shape: MatmulShape {
+                    out,
+                    rows,
+                    k,
+                    input: DType::F8E4M3,
+                    output: dtype,
+                    epilogue: Epilogue::None,
+                    scaled: false,
+                },
+            })
+        }
+
+        /// Runs the matmul of `xq` into `y`, with `epilogue` and, given `(bias, weight scales)`
+        /// addresses, the scales applied by cuBLASLt. `Ok(false)`: cuBLASLt has no algorithm.
+        fn run(
+            &self,
+            xq: &Fp8Weight,
+            epilogue: Epilogue,
+            scaled: Option<(u64, u64)>,
+        ) -> Result<bool> {
+            let shape = MatmulShape {
+                epilogue,
+                scaled: scaled.is_some(),
+                ..self.shape
+            };
+            let (bias, weight_scales) = scaled.unwrap_or((0, 0));
+            let operands = Operands {
+                weight: address(&self.wq)?,
+                activations: address(xq.weight())?,
+                y: self.py,
+                bias,
+                weight_scales,
+                activation_scales: if scaled.is_some() {
+                    address(&self.s_row)?
+                } else {
+                    0
+                },
+            };
+            matmul(&self.dev.cuda_stream(), shape, operands)
+        }
+    }
+
     /// The product with the scales, bias and GELU in cuBLASLt's epilogue (per-channel weight
     /// scales as one value per output column, a per-tensor scale repeated); `None` where
     /// cuBLASLt has no algorithm for it.
@@ -263,40 +329,18 @@ mod gpu {
         bias: &Tensor,
         act: Activation,
     ) -> Result<Option<Tensor>> {
-        let (rows, k) = (xq.dims()[0], xq.dims()[1]);
-        let out = w.dims()[0];
-        let dev = cuda_device(xq.weight())?;
-        require_fp8_tensor_cores(&dev)?;
-        let wq = w.weight().contiguous()?;
-        let (y, py) = alloc(&dev, dtype, &[rows, out])?;
-        let s_row = xq.scale().contiguous()?;
+        let product = Product::new(xq, dtype, w)?;
         let s_col = w
             .scale()
             .to_dtype(DType::F32)?
-            .broadcast_as(out)?
+            .broadcast_as(product.shape.out)?
             .contiguous()?;
         let bias = bias.to_dtype(dtype)?.contiguous()?;
-        let shape = MatmulShape {
-            out,
-            rows,
-            k,
-            input: DType::F8E4M3,
-            output: dtype,
-            epilogue: Epilogue::of(act),
-            scaled: true,
-        };
-        let operands = Operands {
-            weight: address(&wq)?,
-            activations: address(xq.weight())?,
-            y: py,
-            bias: address(&bias)?,
-            weight_scales: address(&s_col)?,
-            activation_scales: address(&s_row)?,
-        };
+        let scaled = Some((address(&bias)?, address(&s_col)?));
         // A cuBLASLt without outer-vector scaling refuses the descriptor's scale modes: the
         // caller falls back to two passes, as when there is no algorithm.
-        match matmul(&dev.cuda_stream(), shape, operands) {
-            Ok(ran) => Ok(ran.then_some(y)),
+        match product.run(xq, Epilogue::of(act), scaled) {
+            Ok(ran) => Ok(ran.then_some(product.y)),
             Err(e) => {
                 tracing::warn!("FP8 matmul: no scaled cuBLASLt epilogue ({e:#}); using two passes");
                 Ok(None)
@@ -312,33 +356,14 @@ mod gpu {
         bias: &Tensor,
         act: Activation,
     ) -> Result<Tensor> {
-        let (rows, k) = (xq.dims()[0], xq.dims()[1]);
-        let out = w.dims()[0];
-        let dev = cuda_device(xq.weight())?;
-        require_fp8_tensor_cores(&dev)?;
-        let wq = w.weight().contiguous()?;
-        let (y, py) = alloc(&dev, dtype, &[rows, out])?;
-        let s_row = xq.scale().contiguous()?;
-        let shape = MatmulShape {
-            out,
-            rows,
-            k,
-            input: DType::F8E4M3,
-            output: dtype,
-            epilogue: Epilogue::None,
-            scaled: false,
-        };
-        let operands = Operands {
-            weight: address(&wq)?,
-            activations: address(xq.weight())?,
-            y: py,
-            bias: 0,
-            weight_scales: 0,
-            activation_scales: 0,
-        };
-        if !matmul(&dev.cuda_stream(), shape, operands)? {
+        let product = Product::new(xq, dtype, w)?;
+        let MatmulShape { rows, k, out, .. } = product.shape;
+        if !product.run(xq, Epilogue::None, None)? {
             bail!("cuBLASLt has no FP8 matmul for {rows}x{k} · ({out}x{k})ᵀ -> {dtype:?}");
         }
+        let Product {
+            dev, y, py, s_row, ..
+        } = product;
         let bias = bias.to_dtype(DType::F32)?.contiguous()?;
         let s_col = w.scale().contiguous()?;
         let per_col = i32::from(s_col.elem_count() > 1);
