@@ -131,3 +131,75 @@ __device__ void fp8_epilogue(const T* acc, T* y, const float* __restrict__ s_row
 
 INSTANTIATE_MATMUL(__nv_bfloat16, bf16)
 INSTANTIATE_MATMUL(__half, f16)
+
+// Per-tensor e4m3 inputs of cuDNN's FP8 attention (dit/cudnn_attention.rs). Each bf16 input is
+// `rows` rows of `width` contiguous values (one token's heads), row r at
+// x + (r / per_batch)·batch_stride + (r % per_batch)·row_stride, 16-byte aligned, width % 8 == 0;
+// its e4m3 copy is contiguous [rows, width]. `slots` is the scales buffer, one f32 per 16 bytes
+// (cuDNN's tensor alignment), in the order of `Slot` there.
+//   attention_amax_bf16:     slots[amax] = max(slots[amax], max |x|), as float bits (starts at 0)
+//   attention_scales:        from the three amaxes: each input's descale (amax / 448, 1 for an
+//                            all-zero input), the probabilities' scale and descale, and the
+//                            output's: o is a convex combination of v's rows, so |o| ≤ amax_v,
+//                            and half of e4m3's range is left as headroom for rounding
+//   attention_quantize_bf16: q = e4m3(x / descale), saturating
+#define SLOT(i) ((i) * 4)
+enum { AMAX_Q, AMAX_K, AMAX_V, DESCALE_Q, DESCALE_K, DESCALE_V, SCALE_S, DESCALE_S, SCALE_O, DESCALE_O };
+
+__device__ __forceinline__ const uint4* attention_row(const __nv_bfloat16* x, long long per_batch,
+                                                      long long batch_stride, long long row_stride) {
+  const long long r = blockIdx.x;
+  return reinterpret_cast<const uint4*>(x + (r / per_batch) * batch_stride + (r % per_batch) * row_stride);
+}
+
+extern "C" __global__ void attention_amax_bf16(const __nv_bfloat16* x, long long per_batch, long long batch_stride,
+                                               long long row_stride, int width, float* slots, int slot) {
+  __shared__ float shared[32];
+  const uint4* xr = attention_row(x, per_batch, batch_stride, row_stride);
+  float m = 0.f;
+  for (int i = threadIdx.x; i < width / 8; i += blockDim.x) {
+    const uint4 v = xr[i];
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(p[j]);
+      m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
+    }
+  }
+  m = block_max(m, shared);
+  // Non-negative floats order as their bit patterns.
+  if (threadIdx.x == 0) atomicMax(reinterpret_cast<unsigned int*>(slots + SLOT(slot)), __float_as_uint(m));
+}
+
+extern "C" __global__ void attention_scales(float* slots, float scale_s) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  for (int i = 0; i < 3; ++i) {
+    const float amax = slots[SLOT(AMAX_Q + i)];
+    slots[SLOT(DESCALE_Q + i)] = amax == 0.f ? 1.f : amax / 448.f;
+  }
+  slots[SLOT(SCALE_S)] = scale_s;
+  slots[SLOT(DESCALE_S)] = 1.f / scale_s;
+  const float amax_v = slots[SLOT(AMAX_V)];
+  const float scale_o = amax_v == 0.f ? 1.f : 224.f / amax_v;
+  slots[SLOT(SCALE_O)] = scale_o;
+  slots[SLOT(DESCALE_O)] = 1.f / scale_o;
+}
+
+extern "C" __global__ void attention_quantize_bf16(const __nv_bfloat16* x, long long per_batch,
+                                                   long long batch_stride, long long row_stride, int width,
+                                                   const float* slots, int slot, __nv_fp8_storage_t* q) {
+  const uint4* xr = attention_row(x, per_batch, batch_stride, row_stride);
+  uint2* qr = reinterpret_cast<uint2*>(q + (long long)blockIdx.x * width);
+  const float descale = slots[SLOT(slot)];
+  for (int i = threadIdx.x; i < width / 8; i += blockDim.x) {
+    const uint4 v = xr[i];
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+    unsigned short pairs[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(p[j]);
+      pairs[j] = __nv_cvt_float2_to_fp8x2(make_float2(f.x / descale, f.y / descale), __NV_SATFINITE, __NV_E4M3);
+    }
+    qr[i] = make_uint2(pairs[0] | (unsigned int)pairs[1] << 16, pairs[2] | (unsigned int)pairs[3] << 16);
+  }
+}

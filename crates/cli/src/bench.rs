@@ -237,7 +237,8 @@ impl Bench {
     /// choice (the chunked attention).
     fn attention_kernels(&self) -> Vec<Option<flash::Kernel>> {
         if self.device.is_cuda() && self.dtype == DType::BF16 {
-            std::iter::once(flash::Kernel::Cudnn)
+            [flash::Kernel::Cudnn, flash::Kernel::CudnnFp8]
+                .into_iter()
                 .chain(flash::Tile::ALL.map(flash::Kernel::Own))
                 .map(Some)
                 .collect()
@@ -568,11 +569,20 @@ impl Bench {
         let (x, text, t) = self.forward_inputs(case)?;
         let used = || self.used_gib();
         let mut outputs = Vec::new();
-        for (linears, fp8, fp8_matmul) in [
-            ("bf16", false, false),
-            ("fp8", true, false),
-            ("fp8-matmul", true, true),
-        ] {
+        let mut rows = vec![
+            ("bf16", false, false, None),
+            ("fp8", true, false, None),
+            ("fp8-matmul", true, true, None),
+        ];
+        if self.device.is_cuda() {
+            // FP8 attention (cuDNN), alone and with FP8 linears.
+            let fp8_attention = Some(flash::Kernel::CudnnFp8);
+            rows.extend([
+                ("bf16", false, false, fp8_attention),
+                ("fp8-matmul", true, true, fp8_attention),
+            ]);
+        }
+        for (linears, fp8, fp8_matmul, attention) in rows {
             let before = used()?;
             let weights = dit::random::random_weights_on_device(cfg, 7, &self.device, self.dtype)?;
             let source = MemorySource::new("random transformer", weights);
@@ -585,9 +595,12 @@ impl Bench {
             let context = model.prepare_context(&text)?;
             let rope = model.rope(x.dims())?;
             let mut out = None;
-            let (seconds, peak) = self.time(|| {
-                out = Some(model.forward(&x, &t, &context, &rope)?);
-                Ok(())
+            let preferred = attention.map_or_else(flash::preferred, Ok)?;
+            let (seconds, peak) = flash::with_preferred(preferred, || {
+                self.time(|| {
+                    out = Some(model.forward(&x, &t, &context, &rope)?);
+                    Ok(())
+                })
             })?;
             let out = out.expect("ran at least once").to_dtype(DType::F32)?;
             let err = match outputs.first() {
@@ -596,7 +609,7 @@ impl Bench {
             };
             emit(json!({
                 "what": "fp8_forward", "model": case.name, "size": format!("{w}x{h}"),
-                "frames": frames, "linears": linears,
+                "frames": frames, "linears": linears, "attention": preferred.name(),
                 "model_gib": model_gib, "seconds": seconds, "peak_gib": peak,
                 "rel_err_vs_bf16": err,
             }));

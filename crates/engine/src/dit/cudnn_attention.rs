@@ -37,6 +37,21 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
     Ok(None)
 }
 
+/// [`attention`] in e4m3 with per-tensor scales (`VIDGEN_ATTENTION=cudnn_fp8`): q, k and v are
+/// quantised, cuDNN runs its FP8 flash-attention graph and the e4m3 output is dequantised to bf16.
+/// `Ok(None)` where cuDNN has no FP8 plan (before 9.1, before Hopper), so the caller can use the
+/// bf16 attention. Its first result per shape is checked against our bf16 kernel within 1e-1.
+pub fn attention_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        if q.device().is_cuda() {
+            return gpu::attention_fp8(q, k, v);
+        }
+    }
+    let _ = (q, k, v);
+    Ok(None)
+}
+
 /// The cuDNN version loaded at run time (e.g. 91500), or `None` without CUDA.
 pub fn cudnn_version() -> Option<usize> {
     #[cfg(feature = "cuda")]
@@ -69,6 +84,7 @@ mod gpu {
     const DT_INT32: i32 = 4;
     const DT_BF16: i32 = 9;
     const DT_BOOL: i32 = 11;
+    const DT_FP8_E4M3: i32 = 12;
     const PW_ADD: i32 = 0;
     const PW_MUL: i32 = 1;
     const PW_DIV: i32 = 6;
@@ -81,6 +97,7 @@ mod gpu {
     const PW_BINARY_SELECT: i32 = 601;
     const REDUCE_ADD: i32 = 0;
     const REDUCE_MAX: i32 = 3;
+    const REDUCE_AMAX: i32 = 4;
     const HEUR_MODE_FALLBACK: i32 = 2;
     const HEUR_MODE_A: i32 = 3;
     /// Engine configurations asked from the heuristics (the first that builds a plan wins).
@@ -90,6 +107,12 @@ mod gpu {
     /// `VERIFY_TOLERANCE` the plan is dropped for good.
     const VERIFY_ROWS: usize = 1024;
     const VERIFY_TOLERANCE: f64 = 2e-2;
+    /// The same check for FP8 attention, against bf16: e4m3 keeps 3 mantissa bits (a relative
+    /// step of 6-12%), so its error is several times bf16's.
+    const FP8_VERIFY_TOLERANCE: f64 = 1e-1;
+    /// FP8 attention graphs: cuDNN from 9.1, except 9.10.0 (cudnn-frontend refuses both).
+    const FP8_MIN_VERSION: usize = 90100;
+    const FP8_BROKEN_VERSION: usize = 91000;
     /// Timed runs per engine configuration when a plan is tuned.
     const TUNE_REPS: usize = 2;
     /// Versions before this one need the padding-mask workaround for key lengths % 128 != 0.
@@ -106,6 +129,16 @@ mod gpu {
     const UID_SEQ_Q: i64 = 6;
     const UID_SEQ_KV: i64 = 7;
     const UID_NEG_INF: i64 = 8;
+    // FP8 graphs only: per-tensor scales (device scalars in the scales buffer, see `Slot`) and the
+    // amax outputs cuDNN's FP8 graph pattern requires.
+    const UID_DESCALE_Q: i64 = 9;
+    const UID_DESCALE_K: i64 = 10;
+    const UID_DESCALE_V: i64 = 11;
+    const UID_SCALE_S: i64 = 12;
+    const UID_DESCALE_S: i64 = 13;
+    const UID_SCALE_O: i64 = 14;
+    const UID_AMAX_S: i64 = 15;
+    const UID_AMAX_O: i64 = 16;
 
     fn check(status: sys::cudnnStatus_t, what: &str) -> Result<()> {
         if status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
@@ -329,6 +362,8 @@ mod gpu {
         lk: usize,
         /// (batch, token) strides of q, k, v.
         strides: [(usize, usize); 3],
+        /// e4m3 inputs and output with per-tensor scales (see [`attention_fp8`]).
+        fp8: bool,
     }
 
     /// A finished plan and what its executions need.
@@ -353,7 +388,8 @@ mod gpu {
     /// (as cudnn-frontend's inference graph has them), then without; the error names every refusal.
     fn build(handle: sys::cudnnHandle_t, key: &Key, dev: &candle_core::CudaDevice) -> Result<Plan> {
         let mut refusals = Vec::new();
-        if cudnn::get_version() >= UNIFIED_SDPA_VERSION {
+        // The single SDPA operation takes fp16/bf16 only; FP8 is always the composite graph.
+        if cudnn::get_version() >= UNIFIED_SDPA_VERSION && !key.fp8 {
             match build_unified(handle, key) {
                 Ok(plan) => return Ok(plan),
                 Err(e) => refusals.push(format!("SDPA operation: {e:#}")),
@@ -378,8 +414,9 @@ mod gpu {
         let (b, h, lq, lk) = (key.b as i64, key.h as i64, key.lq as i64, key.lk as i64);
         let d = HEAD_DIM as i64;
         let [(qb, qt), (kb, kt), (vb, vt)] = key.strides.map(|(b, t)| (b as i64, t as i64));
+        let dtype = if key.fp8 { DT_FP8_E4M3 } else { DT_BF16 };
         let io = |g: &mut Graph, dims, strides, uid| {
-            g.tensor(dims, strides, DT_BF16, Some(uid), false, false)
+            g.tensor(dims, strides, dtype, Some(uid), false, false)
         };
         let q = io(g, [b, h, lq, d], [qb, d, qt, 1], UID_Q)?;
         let k = if k_transposed {
@@ -428,10 +465,21 @@ mod gpu {
         let full = ([b, h, lq, lk], [h * lq * lk, lq * lk, lk, 1]);
         let row = ([b, h, lq, 1], [h * lq, lq, 1, 1]);
 
+        let scalar = |g: &mut Graph, uid| g.tensor(one, one, DT_FLOAT, Some(uid), false, false);
+
         let scores = g.virtual_tensor(full.0, full.1, DT_FLOAT)?;
         g.matmul(q, k_t, scores)?;
         let mut scaled = g.virtual_tensor(full.0, full.1, DT_FLOAT)?;
         g.pointwise(PW_MUL, DT_FLOAT, None, (scores, Some(scale), None), scaled)?;
+        if key.fp8 {
+            // The e4m3 product times q's and k's per-tensor descales, in cudnn-frontend's order.
+            for uid in [UID_DESCALE_Q, UID_DESCALE_K] {
+                let descale = scalar(&mut g, uid)?;
+                let y = g.virtual_tensor(full.0, full.1, DT_FLOAT)?;
+                g.pointwise(PW_MUL, DT_FLOAT, None, (scaled, Some(descale), None), y)?;
+                scaled = y;
+            }
+        }
         let padding = lk % 128 != 0 && cudnn::get_version() < FIXED_UNPADDED_VERSION;
         if padding {
             let len = [b, 1, 1, 1];
@@ -496,10 +544,38 @@ mod gpu {
             let lse = g.virtual_tensor(row.0, row.1, DT_FLOAT)?;
             g.pointwise(PW_ADD, DT_FLOAT, None, (max, Some(log_sum), None), lse)?;
         }
-        // The probabilities enter the second matmul in the inputs' dtype.
-        let probs = g.virtual_tensor(full.0, full.1, DT_BF16)?;
-        g.pointwise(PW_DIV, DT_FLOAT, None, (exp, Some(sum), None), probs)?;
-        g.matmul(probs, v, o)?;
+        if !key.fp8 {
+            // The probabilities enter the second matmul in the inputs' dtype.
+            let probs = g.virtual_tensor(full.0, full.1, DT_BF16)?;
+            g.pointwise(PW_DIV, DT_FLOAT, None, (exp, Some(sum), None), probs)?;
+            g.matmul(probs, v, o)?;
+        } else {
+            // cudnn-frontend's FP8 pattern: the probabilities' amax (an output nobody needs,
+            // but the engines match only graphs that have it), the probabilities scaled into
+            // e4m3, their product with v descaled twice, scaled into the e4m3 output, whose
+            // unscaled amax is the second required output.
+            let probs = g.virtual_tensor(full.0, full.1, DT_FLOAT)?;
+            g.pointwise(PW_DIV, DT_FLOAT, None, (exp, Some(sum), None), probs)?;
+            let amax_s = scalar(&mut g, UID_AMAX_S)?;
+            g.reduction(REDUCE_AMAX, probs, amax_s)?;
+            let scale_s = scalar(&mut g, UID_SCALE_S)?;
+            let probs8 = g.virtual_tensor(full.0, full.1, DT_FP8_E4M3)?;
+            g.pointwise(PW_MUL, DT_FLOAT, None, (probs, Some(scale_s), None), probs8)?;
+            let d = HEAD_DIM as i64;
+            let packed = ([b, h, lq, d], [h * lq * d, lq * d, d, 1]);
+            let mut acc = g.virtual_tensor(packed.0, packed.1, DT_FLOAT)?;
+            g.matmul(probs8, v, acc)?;
+            for uid in [UID_DESCALE_S, UID_DESCALE_V] {
+                let descale = scalar(&mut g, uid)?;
+                let y = g.virtual_tensor(packed.0, packed.1, DT_FLOAT)?;
+                g.pointwise(PW_MUL, DT_FLOAT, None, (acc, Some(descale), None), y)?;
+                acc = y;
+            }
+            let scale_o = scalar(&mut g, UID_SCALE_O)?;
+            g.pointwise(PW_MUL, DT_FLOAT, None, (acc, Some(scale_o), None), o)?;
+            let amax_o = scalar(&mut g, UID_AMAX_O)?;
+            g.reduction(REDUCE_AMAX, acc, amax_o)?;
+        }
         let lengths = if padding {
             let lengths = |n: usize| -> Result<Tensor> {
                 Ok(Tensor::from_vec(
@@ -702,7 +778,7 @@ mod gpu {
         static STATE: RefCell<HashMap<usize, State>> = RefCell::new(HashMap::new());
     }
 
-    /// Element strides of a [B, L, H, 128] input whose heads are adjacent 128-value rows.
+    /// Element strides of a [B, L, H, 128] bf16 input whose heads are adjacent 128-value rows.
     fn strides(t: &Tensor) -> Option<(usize, usize)> {
         let s = t.stride();
         (t.rank() == 4 && t.dtype() == DType::BF16 && t.dim(3).ok() == Some(HEAD_DIM))
@@ -713,23 +789,198 @@ mod gpu {
             .map(|_| (s[0], s[1]))
     }
 
-    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+    /// The shape of one call on bf16 inputs, `None` where cuDNN cannot read them in place.
+    fn key_of(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Key>> {
         let (Some(sq), Some(sk), Some(sv)) = (strides(q), strides(k), strides(v)) else {
             return Ok(None);
         };
         let (b, lq, h, _) = q.dims4()?;
-        let lk = k.dim(1)?;
         if k.dims() != v.dims() || k.dim(0)? != b || k.dim(2)? != h {
             return Ok(None);
         }
-        let key = Key {
+        Ok(Some(Key {
             b,
             h,
             lq,
-            lk,
+            lk: k.dim(1)?,
             strides: [sq, sk, sv],
+            fp8: false,
+        }))
+    }
+
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+        let Some(key) = key_of(q, k, v)? else {
+            return Ok(None);
         };
+        run(&key, [q, k, v], None, [q, k, v])
+    }
+
+    /// The FP8 scales buffer: one f32 per 16 bytes (cuDNN's tensor alignment), slots in the
+    /// order of kernels/fp8.cu's enum; the amax slots are written as float bits by atomics.
+    #[derive(Clone, Copy)]
+    enum Slot {
+        AmaxQ,
+        DescaleQ = 3,
+        DescaleK,
+        DescaleV,
+        ScaleS,
+        DescaleS,
+        ScaleO,
+        DescaleO,
+        /// The amax outputs the graph requires (nobody reads them).
+        AmaxS,
+        AmaxO,
+    }
+    const SLOTS: usize = 12;
+    const SLOT_FLOATS: usize = 4;
+
+    fn slot(scales: &Tensor, slot: Slot) -> Result<u64> {
+        Ok(address(scales)? + (slot as usize * SLOT_FLOATS * 4) as u64)
+    }
+
+    /// The probabilities' e4m3 scale, `VIDGEN_FP8_ATTENTION_SCALE_S` in (0, 448] (default 256,
+    /// the largest power of two under e4m3's 448, for probabilities ≤ 1).
+    fn probability_scale() -> f32 {
+        static SCALE: std::sync::OnceLock<f32> = std::sync::OnceLock::new();
+        *SCALE.get_or_init(|| {
+            let Ok(text) = std::env::var("VIDGEN_FP8_ATTENTION_SCALE_S") else {
+                return 256.0;
+            };
+            match text.parse::<f32>() {
+                Ok(s) if s.is_finite() && s > 0.0 && s <= 448.0 => s,
+                _ => {
+                    tracing::warn!(
+                        "VIDGEN_FP8_ATTENTION_SCALE_S: `{text}` is not a number in (0, 448]; \
+                         using 256"
+                    );
+                    256.0
+                }
+            }
+        })
+    }
+
+    /// q, k and v quantised to e4m3 per tensor (contiguous copies) and the scales buffer.
+    fn quantize(
+        dev: &candle_core::CudaDevice,
+        inputs: [&Tensor; 3],
+    ) -> Result<([Tensor; 3], Tensor)> {
+        use crate::cuda_util::launched;
+        use crate::weights::fp8::gpu::{MODULE, PTX};
+        use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+        let device = candle_core::Device::Cuda(dev.clone());
+        let scales = Tensor::zeros(SLOTS * SLOT_FLOATS, DType::F32, &device)?;
+        let ps = address(&scales)?;
+        let rows_of = |t: &Tensor| -> Result<(LaunchConfig, [i64; 3], i32)> {
+            let (b, l, h, d) = t.dims4()?;
+            let s = t.stride();
+            let config = LaunchConfig {
+                grid_dim: ((b * l) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            Ok((config, [l as i64, s[0] as i64, s[1] as i64], (h * d) as i32))
+        };
+        let amax = dev.get_or_load_custom_func("attention_amax_bf16", MODULE, PTX)?;
+        for (i, t) in inputs.iter().enumerate() {
+            let (config, [per_batch, batch_stride, row_stride], width) = rows_of(t)?;
+            let (px, slot) = (address(t)?, Slot::AmaxQ as i32 + i as i32);
+            let mut b = amax.builder();
+            b.arg(&px)
+                .arg(&per_batch)
+                .arg(&batch_stride)
+                .arg(&row_stride)
+                .arg(&width)
+                .arg(&ps)
+                .arg(&slot);
+            // SAFETY: matches `attention_amax_bf16` in kernels/fp8.cu; one CTA per row of
+            // `width` values at the strides of `t` (checked 16-byte aligned by the caller).
+            launched(unsafe { b.launch(config) }.map(|_| ()))?;
+        }
+        let derive = dev.get_or_load_custom_func("attention_scales", MODULE, PTX)?;
+        let scale_s = probability_scale();
+        let mut b = derive.builder();
+        b.arg(&ps).arg(&scale_s);
+        // SAFETY: matches `attention_scales`; one thread writes the buffer's derived slots.
+        launched(unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map(|_| ()))?;
+        let quant = dev.get_or_load_custom_func("attention_quantize_bf16", MODULE, PTX)?;
+        let mut out = Vec::with_capacity(3);
+        for (i, t) in inputs.iter().enumerate() {
+            let (config, [per_batch, batch_stride, row_stride], width) = rows_of(t)?;
+            let (q8, pq) = alloc(dev, DType::F8E4M3, t.dims())?;
+            let (px, slot) = (address(t)?, Slot::DescaleQ as i32 + i as i32);
+            let mut b = quant.builder();
+            b.arg(&px)
+                .arg(&per_batch)
+                .arg(&batch_stride)
+                .arg(&row_stride)
+                .arg(&width)
+                .arg(&ps)
+                .arg(&slot)
+                .arg(&pq);
+            // SAFETY: matches `attention_quantize_bf16`; `q8` holds the rows·width bytes the
+            // CTAs write, the reads as in the amax launch.
+            launched(unsafe { b.launch(config) }.map(|_| ()))?;
+            out.push(q8);
+        }
+        let [q, k, v]: [Tensor; 3] = out.try_into().expect("three inputs");
+        Ok(([q, k, v], scales))
+    }
+
+    /// e4m3 attention with per-tensor scales: q, k and v quantised, cuDNN's FP8 graph, the e4m3
+    /// output dequantised to bf16. `None` where cuDNN (≥ 9.1, not 9.10.0; Hopper or later) has
+    /// no plan, or the inputs are not bf16 rows cuDNN reads in place.
+    pub fn attention_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+        let version = cudnn::get_version();
+        if !(FP8_MIN_VERSION..).contains(&version) || version == FP8_BROKEN_VERSION {
+            return Ok(None);
+        }
+        let Some(bf16_key) = key_of(q, k, v)? else {
+            return Ok(None);
+        };
+        if [q, k, v]
+            .iter()
+            .map(|t| address(t))
+            .collect::<Result<Vec<_>>>()?
+            .iter()
+            .any(|p| !p.is_multiple_of(16))
+        {
+            return Ok(None);
+        }
         let dev = q.device().as_cuda_device()?.clone();
+        if compute_capability(&dev)? < (9, 0) {
+            return Ok(None);
+        }
+        let (quantized, scales) = quantize(&dev, [q, k, v])?;
+        let [q8, k8, v8] = &quantized;
+        let rows = |t: &Tensor| (t.stride()[0], t.stride()[1]);
+        let key = Key {
+            strides: [rows(q8), rows(k8), rows(v8)],
+            fp8: true,
+            ..bf16_key
+        };
+        run(&key, [q8, k8, v8], Some(&scales), [q, k, v])
+    }
+
+    fn compute_capability(dev: &candle_core::CudaDevice) -> Result<(i32, i32)> {
+        use candle_core::cuda::cudarc::driver::sys::CUdevice_attribute as A;
+        let ctx = dev.cuda_stream().context().clone();
+        Ok((
+            ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        ))
+    }
+
+    /// Runs `key`'s plan on `inputs` (bf16, or e4m3 with `scales`), building it on first use;
+    /// `original` are the bf16 q, k, v the first result is checked against (our own kernel).
+    fn run(
+        key: &Key,
+        inputs: [&Tensor; 3],
+        scales: Option<&Tensor>,
+        original: [&Tensor; 3],
+    ) -> Result<Option<Tensor>> {
+        let Key { b, h, lq, .. } = *key;
+        let key = *key;
+        let dev = inputs[0].device().as_cuda_device()?.clone();
         let stream = dev.cuda_stream();
         let ordinal = stream.context().ordinal();
         STATE.with(|cell| -> Result<Option<Tensor>> {
@@ -744,7 +995,14 @@ mod gpu {
             let plan = state.plans.entry(key).or_insert_with(|| {
                 build(state.cudnn.handle, &key, &dev)
                     .inspect_err(|e| {
-                        tracing::warn!("{e:#}; using vidgen's own attention kernel for this shape")
+                        tracing::warn!(
+                            "{e:#}; using {} for this shape",
+                            if key.fp8 {
+                                "bf16 attention"
+                            } else {
+                                "vidgen's own attention kernel"
+                            }
+                        )
                     })
                     .ok()
             });
@@ -752,14 +1010,15 @@ mod gpu {
                 return Ok(None);
             };
             let ws = state.cudnn.workspace(&stream, plan.workspace)?;
-            let (out, po) = alloc(&dev, DType::BF16, &[b, lq, h, HEAD_DIM])?;
+            let out_dtype = if key.fp8 { DType::F8E4M3 } else { DType::BF16 };
+            let (out, po) = alloc(&dev, out_dtype, &[b, lq, h, HEAD_DIM])?;
             let scale = (HEAD_DIM as f32).sqrt().recip();
             let neg_inf = f32::NEG_INFINITY;
             let mut uids = vec![UID_Q, UID_K, UID_V, UID_O, UID_SCALE];
             let mut ptrs: Vec<*mut c_void> = vec![
-                address(q)? as *mut c_void,
-                address(k)? as *mut c_void,
-                address(v)? as *mut c_void,
+                address(inputs[0])? as *mut c_void,
+                address(inputs[1])? as *mut c_void,
+                address(inputs[2])? as *mut c_void,
                 po as *mut c_void,
                 &scale as *const f32 as *mut c_void,
             ];
@@ -770,6 +1029,21 @@ mod gpu {
                     int_address(seq_kv)? as *mut c_void,
                     &neg_inf as *const f32 as *mut c_void,
                 ]);
+            }
+            if let Some(scales) = scales {
+                for (uid, s) in [
+                    (UID_DESCALE_Q, Slot::DescaleQ),
+                    (UID_DESCALE_K, Slot::DescaleK),
+                    (UID_DESCALE_V, Slot::DescaleV),
+                    (UID_SCALE_S, Slot::ScaleS),
+                    (UID_DESCALE_S, Slot::DescaleS),
+                    (UID_SCALE_O, Slot::ScaleO),
+                    (UID_AMAX_S, Slot::AmaxS),
+                    (UID_AMAX_O, Slot::AmaxO),
+                ] {
+                    uids.push(uid);
+                    ptrs.push(slot(scales, s)? as *mut c_void);
+                }
             }
             let pack = Desc::new(D::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?
                 .set(
@@ -801,48 +1075,74 @@ mod gpu {
                 plan.tune(&key, &stream, &execute)?;
             }
             execute(&plan.candidates[plan.chosen.get()])?;
+            let out = match scales {
+                Some(scales) => crate::weights::fp8::gpu::dequantize(
+                    &out,
+                    &scales.narrow(0, Slot::DescaleO as usize * SLOT_FLOATS, 1)?,
+                    DType::BF16,
+                )?,
+                None => out,
+            };
             if plan.verified.get() {
                 return Ok(Some(out));
             }
             // A graph cuDNN accepts but computes differently (a version's bug, a stride it
             // misreads) must not corrupt videos silently: compare once with our own kernel.
-            // The first and the last query rows: a version's bug in the last, partial tile of
-            // queries or keys shows in the last rows.
-            let half = VERIFY_ROWS / 2;
-            let last = lq.saturating_sub(half);
-            let mut err = 0f64;
-            // A short query (≤ half) is checked whole, once.
-            for start in std::iter::once(0).chain((last > 0).then_some(last)) {
-                let rows = (lq - start).min(half);
-                let own = crate::dit::flash::attention_with(
-                    crate::dit::flash::Kernel::Own(crate::dit::flash::Tile::DEFAULT),
-                    &q.narrow(1, start, rows)?,
-                    k,
-                    v,
-                )?
-                .ok_or_else(|| anyhow::anyhow!("own attention kernel unavailable"))?;
-                let e = crate::tensor_util::rel_err(
-                    &out.narrow(1, start, rows)?.to_dtype(DType::F32)?,
-                    &own.to_dtype(DType::F32)?,
-                )?;
-                if !e.is_finite() {
-                    // f64::max would drop a NaN: a non-finite error must drop the plan.
-                    err = f64::NAN;
-                    break;
+            let tolerance = if key.fp8 {
+                FP8_VERIFY_TOLERANCE
+            } else {
+                VERIFY_TOLERANCE
+            };
+            let err = error_against_own(&out, original)?;
+            if err.is_finite() && err <= tolerance {
+                if key.fp8 {
+                    tracing::info!(
+                        "cuDNN FP8 attention for {key:?}: rel err {err:.2e} against bf16 on the \
+                         checked rows"
+                    );
                 }
-                err = err.max(e);
-            }
-            if err.is_finite() && err <= VERIFY_TOLERANCE {
                 plan.verified.set(true);
                 return Ok(Some(out));
             }
             tracing::warn!(
-                "cuDNN attention for {key:?} differs from vidgen's own kernel (rel err {err:.2e} > \
-                 {VERIFY_TOLERANCE:.0e}); using the own kernel for this shape"
+                "cuDNN {}attention for {key:?} differs from vidgen's own kernel (rel err {err:.2e} \
+                 > {tolerance:.0e}); not using it for this shape",
+                if key.fp8 { "FP8 " } else { "" }
             );
             state.plans.insert(key, None);
             Ok(None)
         })
+    }
+
+    /// The largest relative error of `out` against our own bf16 kernel over the first and the
+    /// last query rows (a version's bug in the last, partial tile of queries or keys shows
+    /// there); NaN if any compared value is not finite.
+    fn error_against_own(out: &Tensor, [q, k, v]: [&Tensor; 3]) -> Result<f64> {
+        let lq = q.dim(1)?;
+        let half = VERIFY_ROWS / 2;
+        let last = lq.saturating_sub(half);
+        let mut err = 0f64;
+        // A short query (≤ half) is checked whole, once.
+        for start in std::iter::once(0).chain((last > 0).then_some(last)) {
+            let rows = (lq - start).min(half);
+            let own = crate::dit::flash::attention_with(
+                crate::dit::flash::Kernel::Own(crate::dit::flash::Tile::DEFAULT),
+                &q.narrow(1, start, rows)?,
+                k,
+                v,
+            )?
+            .ok_or_else(|| anyhow::anyhow!("own attention kernel unavailable"))?;
+            let e = crate::tensor_util::rel_err(
+                &out.narrow(1, start, rows)?.to_dtype(DType::F32)?,
+                &own.to_dtype(DType::F32)?,
+            )?;
+            if !e.is_finite() {
+                // f64::max would drop a NaN: a non-finite error must drop the plan.
+                return Ok(f64::NAN);
+            }
+            err = err.max(e);
+        }
+        Ok(err)
     }
 
     /// Device address of an i32 tensor's first element.

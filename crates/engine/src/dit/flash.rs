@@ -30,6 +30,9 @@ pub fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     Cudnn,
+    /// cuDNN's flash attention on e4m3 copies of q, k and v (per-tensor scales): faster than
+    /// bf16, with e4m3's error; opt-in.
+    CudnnFp8,
     Own(Tile),
 }
 
@@ -63,18 +66,23 @@ impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Cudnn => "cudnn",
+            Kernel::CudnnFp8 => "cudnn_fp8",
             Kernel::Own(tile) => tile.name(),
         }
     }
 }
 
-/// The kernel tried first: `VIDGEN_ATTENTION=own|cudnn|flash|flash_m128|flash_m128_n32`, read
-/// once (`own` is our kernel's default tile). Default: cuDNN, which falls back to our kernel's
-/// default tile for shapes it cannot plan.
+/// The kernel tried first: `VIDGEN_ATTENTION=own|cudnn|cudnn_fp8|flash|flash_m128|flash_m128_n32`,
+/// read once (`own` is our kernel's default tile). Default: cuDNN, which falls back to our kernel's
+/// default tile for shapes it cannot plan; `cudnn_fp8` falls back to bf16 cuDNN, then ours.
 pub fn preferred() -> Result<Kernel> {
+    if let Some(kernel) = OVERRIDE.with(|o| o.get()) {
+        return Ok(kernel);
+    }
     static CHOICE: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     let choice = CHOICE.get_or_init(|| match std::env::var("VIDGEN_ATTENTION").as_deref() {
         Err(_) | Ok("") | Ok("cudnn") => Some(Kernel::Cudnn),
+        Ok("cudnn_fp8") => Some(Kernel::CudnnFp8),
         Ok("own") => Some(Kernel::Own(Tile::DEFAULT)),
         Ok(name) => Tile::ALL
             .into_iter()
@@ -83,23 +91,44 @@ pub fn preferred() -> Result<Kernel> {
     });
     choice.ok_or_else(|| {
         crate::invalid!(
-            "VIDGEN_ATTENTION: `{}` is not one of cudnn, own, flash, flash_m128, flash_m128_n32",
+            "VIDGEN_ATTENTION: `{}` is not one of cudnn, cudnn_fp8, own, flash, flash_m128, \
+             flash_m128_n32",
             std::env::var("VIDGEN_ATTENTION").unwrap_or_default()
         )
     })
 }
 
+thread_local! {
+    /// Set by [`with_preferred`] for the duration of one closure.
+    static OVERRIDE: std::cell::Cell<Option<Kernel>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `kernel` preferred on this thread, whatever `VIDGEN_ATTENTION` says (benchmarks
+/// compare attention kernels inside one full forward).
+pub fn with_preferred<R>(kernel: Kernel, f: impl FnOnce() -> R) -> R {
+    let previous = OVERRIDE.with(|o| o.replace(Some(kernel)));
+    let result = f();
+    OVERRIDE.with(|o| o.set(previous));
+    result
+}
+
 /// softmax(q·kᵀ/√128)·v with the preferred kernel (cuDNN falls back to ours for shapes it cannot
 /// plan); see the module docs for layouts.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    if preferred()? == Kernel::Cudnn {
-        if let Some(out) = attention_with(Kernel::Cudnn, q, k, v)? {
+    let preferred = preferred()?;
+    let cudnn: &[Kernel] = match preferred {
+        Kernel::CudnnFp8 => &[Kernel::CudnnFp8, Kernel::Cudnn],
+        Kernel::Cudnn => &[Kernel::Cudnn],
+        Kernel::Own(_) => &[],
+    };
+    for &kernel in cudnn {
+        if let Some(out) = attention_with(kernel, q, k, v)? {
             return Ok(out);
         }
     }
-    let tile = match preferred()? {
+    let tile = match preferred {
         Kernel::Own(tile) => tile,
-        Kernel::Cudnn => Tile::DEFAULT,
+        Kernel::Cudnn | Kernel::CudnnFp8 => Tile::DEFAULT,
     };
     own_attention(q, k, v, tile)
 }
@@ -113,7 +142,8 @@ pub fn attention_with(
 ) -> Result<Option<Tensor>> {
     match kernel {
         Kernel::Cudnn if supported(q, k, v) => super::cudnn_attention::attention(q, k, v),
-        Kernel::Cudnn => Ok(None),
+        Kernel::CudnnFp8 if supported(q, k, v) => super::cudnn_attention::attention_fp8(q, k, v),
+        Kernel::Cudnn | Kernel::CudnnFp8 => Ok(None),
         Kernel::Own(tile) => own_attention(q, k, v, tile).map(Some),
     }
 }

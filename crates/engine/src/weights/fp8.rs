@@ -162,15 +162,16 @@ fn to_e4m3(x: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(feature = "cuda")]
-mod gpu {
+pub(crate) mod gpu {
     use anyhow::{ensure, Result};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{DType, Tensor};
 
     use crate::cuda_util::{address, alloc, cuda_device, launched, suffix};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8.ptx"));
-    const MODULE: &str = "vidgen_fp8";
+    /// kernels/fp8.cu, shared by the FP8 matmul and FP8 attention.
+    pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8.ptx"));
+    pub(crate) const MODULE: &str = "vidgen_fp8";
 
     /// Enough CTAs to fill an H100 several times over; the kernels loop over the rest.
     fn config(items: usize) -> LaunchConfig {

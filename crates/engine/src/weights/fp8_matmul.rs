@@ -148,8 +148,7 @@ mod gpu {
     use crate::cuda_util::{address, alloc, cuda_device, launched, suffix};
     use crate::weights::fp8::Fp8Weight;
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8.ptx"));
-    const MODULE: &str = "vidgen_fp8";
+    use crate::weights::fp8::gpu::{MODULE, PTX};
     const THREADS: u32 = 256;
 
     pub fn supported_dtype(dtype: DType) -> bool {
