@@ -10,6 +10,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
+use crate::dit::flash::Kernel;
 use crate::dit::DitConfig;
 use crate::invalid;
 use crate::presets::{self, ModelPreset, VaeKind};
@@ -152,6 +153,10 @@ pub mod coeff {
     /// Live [tokens, dim] buffers at the DiT's peak (self-attention: the residual stream, q, k, v
     /// and the attention output) besides one hidden state per CFG pass.
     pub const DIT_TOKEN_BUFFERS: f64 = 4.0;
+    /// FP8 attention (`VIDGEN_ATTENTION=cudnn_fp8`): bytes per [tokens, dim] value alive beside
+    /// the bf16 buffers while it runs: e4m3 copies of q, k and v and the e4m3 output, one byte
+    /// each, until the output is dequantised.
+    pub const DIT_FP8_ATTENTION_BYTES: f64 = 4.0;
     /// Fixed workspace (cuBLAS, RoPE tables, latents, scheduler state), bytes.
     pub const DIT_FIXED: f64 = 64.0 * 1024.0 * 1024.0;
     /// UMT5 self-attention buffers of [heads, tokens, tokens] f32 alive at once: the position
@@ -538,9 +543,14 @@ pub fn dit_activations(p: &ModelPreset, tokens: usize, passes: usize, elem: u64)
     let b = elem as f64;
     let hidden = passes as f64 * l * d * b;
     let temporaries = coeff::DIT_TOKEN_BUFFERS * l * d * b;
+    let fp8_attention = if crate::dit::flash::preferred().ok() == Some(Kernel::CudnnFp8) {
+        coeff::DIT_FP8_ATTENTION_BYTES * l * d
+    } else {
+        0.0
+    };
     // cross-attention K/V of every block, per pass (text length 512)
     let context = p.dit.num_layers as f64 * context_kv_per_block(p, passes, elem) as f64;
-    (hidden + temporaries + context + coeff::DIT_FIXED) as u64
+    (hidden + temporaries + fp8_attention + context + coeff::DIT_FIXED) as u64
 }
 
 /// Cross-attention keys and values of one block for `passes` CFG passes (512 text tokens).
@@ -1026,6 +1036,22 @@ pub fn known_model(name: &str) -> Result<&'static ModelPreset> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fp8_attention_adds_its_e4m3_copies_to_the_dit_peak() {
+        let p = known_model("wan2.2-t2v-a14b").unwrap();
+        let tokens = dit_tokens(p, 832, 480, 81);
+        let before = crate::dit::flash::preferred().ok();
+        let bf16 =
+            crate::dit::flash::with_preferred(Kernel::Cudnn, || dit_activations(p, tokens, 2, 2));
+        let fp8 = crate::dit::flash::with_preferred(Kernel::CudnnFp8, || {
+            dit_activations(p, tokens, 2, 2)
+        });
+        // q, k, v and the output in e4m3: 4 bytes per [tokens, dim] value, 0.62 GiB here.
+        assert_eq!(fp8 - bf16, (4 * tokens * p.dit.dim) as u64);
+        // The override ends with its closure.
+        assert_eq!(crate::dit::flash::preferred().ok(), before);
+    }
 
     fn req(name: &str, w: usize, h: usize, frames: usize, budget_gib: Option<f64>) -> PlanRequest {
         PlanRequest {

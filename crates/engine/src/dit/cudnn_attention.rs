@@ -27,14 +27,7 @@ use candle_core::Tensor;
 /// Runs softmax(q·kᵀ/√128)·v with cuDNN: `Ok(None)` when cuDNN has no plan for these inputs (not
 /// CUDA, an old cuDNN, a shape its engines refuse), so the caller can use another kernel.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
-    {
-        if q.device().is_cuda() {
-            return gpu::attention(q, k, v);
-        }
-    }
-    let _ = (q, k, v);
-    Ok(None)
+    on_gpu(q, k, v, false)
 }
 
 /// [`attention`] in e4m3 with per-tensor scales (`VIDGEN_ATTENTION=cudnn_fp8`): q, k and v are
@@ -42,13 +35,21 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
 /// `Ok(None)` where cuDNN has no FP8 plan (before 9.1, before Hopper), so the caller can use the
 /// bf16 attention. Its first result per shape is checked against our bf16 kernel within 1e-1.
 pub fn attention_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+    on_gpu(q, k, v, true)
+}
+
+/// [`attention`] or [`attention_fp8`] where the inputs are on a CUDA device; `None` elsewhere.
+fn on_gpu(q: &Tensor, k: &Tensor, v: &Tensor, fp8: bool) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     {
         if q.device().is_cuda() {
-            return gpu::attention_fp8(q, k, v);
+            return match fp8 {
+                true => gpu::attention_fp8(q, k, v),
+                false => gpu::attention(q, k, v),
+            };
         }
     }
-    let _ = (q, k, v);
+    let _ = (q, k, v, fp8);
     Ok(None)
 }
 
@@ -870,31 +871,39 @@ mod gpu {
         let device = candle_core::Device::Cuda(dev.clone());
         let scales = Tensor::zeros(SLOTS * SLOT_FLOATS, DType::F32, &device)?;
         let ps = address(&scales)?;
-        let rows_of = |t: &Tensor| -> Result<(LaunchConfig, [i64; 3], i32)> {
+        // One CTA per token row of `t`: (x, per_batch, batch_stride, row_stride, width, slots,
+        // slot), then the e4m3 output for the quantising kernel.
+        let per_row = |name: &str, t: &Tensor, slot: Slot, i: usize, q8: Option<u64>| {
+            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let (b, l, h, d) = t.dims4()?;
             let s = t.stride();
-            let config = LaunchConfig {
-                grid_dim: ((b * l) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            Ok((config, [l as i64, s[0] as i64, s[1] as i64], (h * d) as i32))
-        };
-        let amax = dev.get_or_load_custom_func("attention_amax_bf16", MODULE, PTX)?;
-        for (i, t) in inputs.iter().enumerate() {
-            let (config, [per_batch, batch_stride, row_stride], width) = rows_of(t)?;
-            let (px, slot) = (address(t)?, Slot::AmaxQ as i32 + i as i32);
-            let mut b = amax.builder();
-            b.arg(&px)
+            let (px, per_batch, batch_stride, row_stride) =
+                (address(t)?, l as i64, s[0] as i64, s[1] as i64);
+            let (width, slot) = ((h * d) as i32, slot as i32 + i as i32);
+            let mut builder = func.builder();
+            builder
+                .arg(&px)
                 .arg(&per_batch)
                 .arg(&batch_stride)
                 .arg(&row_stride)
                 .arg(&width)
                 .arg(&ps)
                 .arg(&slot);
-            // SAFETY: matches `attention_amax_bf16` in kernels/fp8.cu; one CTA per row of
-            // `width` values at the strides of `t` (checked 16-byte aligned by the caller).
-            launched(unsafe { b.launch(config) }.map(|_| ()))?;
+            if let Some(pq) = q8.as_ref() {
+                builder.arg(pq);
+            }
+            let config = LaunchConfig {
+                grid_dim: ((b * l) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `attention_amax_bf16` / `attention_quantize_bf16` in
+            // kernels/fp8.cu: rows of `width` values at the strides of `t` (16-byte aligned, as
+            // the caller checked); the e4m3 output holds rows·width bytes.
+            launched(unsafe { builder.launch(config) }.map(|_| ()))
+        };
+        for (i, t) in inputs.iter().enumerate() {
+            per_row("attention_amax_bf16", t, Slot::AmaxQ, i, None)?;
         }
         let derive = dev.get_or_load_custom_func("attention_scales", MODULE, PTX)?;
         let scale_s = probability_scale();
@@ -902,24 +911,10 @@ mod gpu {
         b.arg(&ps).arg(&scale_s);
         // SAFETY: matches `attention_scales`; one thread writes the buffer's derived slots.
         launched(unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map(|_| ()))?;
-        let quant = dev.get_or_load_custom_func("attention_quantize_bf16", MODULE, PTX)?;
         let mut out = Vec::with_capacity(3);
         for (i, t) in inputs.iter().enumerate() {
-            let (config, [per_batch, batch_stride, row_stride], width) = rows_of(t)?;
             let (q8, pq) = alloc(dev, DType::F8E4M3, t.dims())?;
-            let (px, slot) = (address(t)?, Slot::DescaleQ as i32 + i as i32);
-            let mut b = quant.builder();
-            b.arg(&px)
-                .arg(&per_batch)
-                .arg(&batch_stride)
-                .arg(&row_stride)
-                .arg(&width)
-                .arg(&ps)
-                .arg(&slot)
-                .arg(&pq);
-            // SAFETY: matches `attention_quantize_bf16`; `q8` holds the rows·width bytes the
-            // CTAs write, the reads as in the amax launch.
-            launched(unsafe { b.launch(config) }.map(|_| ()))?;
+            per_row("attention_quantize_bf16", t, Slot::DescaleQ, i, Some(pq))?;
             out.push(q8);
         }
         let [q, k, v]: [Tensor; 3] = out.try_into().expect("three inputs");

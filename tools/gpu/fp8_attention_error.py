@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Expected error of FP8 attention (VIDGEN_ATTENTION=cudnn_fp8) against exact attention, in f64.
+
+Emulates the numerics of cuDNN's per-tensor FP8 flash-attention graph as vidgen drives it: q, k and
+v rounded to e4m3 with scale 448/amax each, the unnormalised probabilities exp(s - rowmax) times
+scale_s rounded to e4m3, the product divided by the f32 row sum, and the output rounded to e4m3
+with scale 224/amax(v). Prints the total error per logit spread and what each rounding adds alone.
+Needs only numpy:  python3 tools/gpu/fp8_attention_error.py
+"""
+import numpy as np
+
+
+def e4m3(x):
+    """Round to the nearest e4m3fn value (ties to even), saturating at 448; subnormals below 2^-6."""
+    a = np.minimum(np.abs(x), 448.0)
+    exponent = np.maximum(np.floor(np.log2(np.maximum(a, 2.0**-9))), -6)
+    step = 2.0 ** (exponent - 3)
+    return np.sign(x) * np.minimum(np.round(a / step) * step, 448.0)
+
+
+def bf16(x):
+    """Round f64 values to bf16 (through f32, ties to even), returned as f64."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def attention(q, k, v, rounded=(), scale_s=256.0):
+    """softmax(q·kᵀ/√128)·v with the named stages rounded to e4m3 (`qk`, `v`, `p`, `o`)."""
+    if "qk" in rounded:
+        sq, sk = np.abs(q).max() / 448, np.abs(k).max() / 448
+        q, k = e4m3(q / sq) * sq, e4m3(k / sk) * sk
+    v_amax = np.abs(v).max()
+    if "v" in rounded:
+        sv = v_amax / 448
+        v = e4m3(v / sv) * sv
+    s = q @ k.T / np.sqrt(128)
+    p = np.exp(s - s.max(1, keepdims=True))
+    pq = e4m3(p * scale_s) / scale_s if "p" in rounded else p
+    o = (pq @ v) / p.sum(1, keepdims=True)
+    if "o" in rounded:
+        so = 224.0 / v_amax
+        o = e4m3(o * so) / so
+    return o
+
+
+def rel(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def main():
+    rng = np.random.default_rng(0)
+    queries, keys = 256, 2048
+    for label, spread in [("logits std 1", 1.0), ("logits std 4", 2.0), ("logits std 9", 3.0)]:
+        q = bf16(rng.standard_normal((queries, 128)) * spread)
+        k = bf16(rng.standard_normal((keys, 128)) * spread)
+        v = bf16(rng.standard_normal((keys, 128)))
+        exact = attention(q, k, v)
+        parts = {stage: rel(attention(q, k, v, (stage,)), exact) for stage in ["qk", "v", "p", "o"]}
+        total = rel(attention(q, k, v, ("qk", "v", "p", "o")), exact)
+        print(
+            f"{label}: fp8 {total:.2e} (bf16 output rounding {rel(bf16(exact), exact):.2e}); alone: "
+            + ", ".join(f"{s} {e:.2e}" for s, e in parts.items())
+        )
+
+
+if __name__ == "__main__":
+    main()
