@@ -945,14 +945,26 @@ mod gpu {
         if compute_capability(&dev)? < (9, 0) {
             return Ok(None);
         }
-        let (quantized, scales) = quantize(&dev, [q, k, v])?;
-        let [q8, k8, v8] = &quantized;
-        let rows = |t: &Tensor| (t.stride()[0], t.stride()[1]);
+        // The e4m3 copies are contiguous [B, L, H, 128].
+        let row = bf16_key.h * HEAD_DIM;
         let key = Key {
-            strides: [rows(q8), rows(k8), rows(v8)],
+            strides: [bf16_key.lq, bf16_key.lk, bf16_key.lk].map(|l| (l * row, row)),
             fp8: true,
             ..bf16_key
         };
+        // A shape cuDNN refused (or computed wrongly) once is not quantised again.
+        let ordinal = dev.cuda_stream().context().ordinal();
+        let refused = STATE.with(|cell| {
+            cell.borrow()
+                .get(&ordinal)
+                .is_some_and(|state| matches!(state.plans.get(&key), Some(None)))
+        });
+        if refused {
+            return Ok(None);
+        }
+        let (quantized, scales) = quantize(&dev, [q, k, v])?;
+        let [q8, k8, v8] = &quantized;
+        debug_assert!(key.strides[0] == (q8.stride()[0], q8.stride()[1]));
         run(&key, [q8, k8, v8], Some(&scales), [q, k, v])
     }
 
