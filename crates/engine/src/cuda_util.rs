@@ -61,6 +61,18 @@ pub fn alloc(dev: &CudaDevice, dtype: DType, dims: &[usize]) -> Result<(Tensor, 
     Ok((t, p))
 }
 
+/// The device's compute capability, (major, minor): e.g. (9, 0) for Hopper.
+pub fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
+    use candle_core::cuda::cudarc::driver::sys::CUdevice_attribute as A;
+    let ctx = dev.cuda_stream().context().clone();
+    Ok((
+        ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(candle_core::Error::wrap)?,
+        ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+            .map_err(candle_core::Error::wrap)?,
+    ))
+}
+
 /// A launch result as an error that names the driver's code.
 pub fn launched(r: std::result::Result<(), DriverError>) -> Result<()> {
     r.map_err(candle_core::Error::wrap)?;

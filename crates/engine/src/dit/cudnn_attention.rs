@@ -77,7 +77,7 @@ mod gpu {
     use sys::cudnnBackendAttributeType_t as T;
     use sys::cudnnBackendDescriptorType_t as D;
 
-    use crate::cuda_util::{address, alloc, CudnnHandle};
+    use crate::cuda_util::{address, alloc, compute_capability, CudnnHandle};
     use crate::dit::flash::HEAD_DIM;
 
     // Values of the C enums passed as attribute payloads (cudnn_graph.h, stable across cuDNN 9).
@@ -968,15 +968,6 @@ mod gpu {
         run(&key, [q8, k8, v8], Some(&scales), [q, k, v])
     }
 
-    fn compute_capability(dev: &candle_core::CudaDevice) -> Result<(i32, i32)> {
-        use candle_core::cuda::cudarc::driver::sys::CUdevice_attribute as A;
-        let ctx = dev.cuda_stream().context().clone();
-        Ok((
-            ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
-            ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
-        ))
-    }
-
     /// Runs `key`'s plan on `inputs` (bf16, or e4m3 with `scales`), building it on first use;
     /// `original` are the bf16 q, k, v the first result is checked against (our own kernel).
     fn run(
@@ -985,8 +976,8 @@ mod gpu {
         scales: Option<&Tensor>,
         original: [&Tensor; 3],
     ) -> Result<Option<Tensor>> {
-        let Key { b, h, lq, .. } = *key;
         let key = *key;
+        let Key { b, h, lq, .. } = key;
         let dev = inputs[0].device().as_cuda_device()?.clone();
         let stream = dev.cuda_stream();
         let ordinal = stream.context().ordinal();

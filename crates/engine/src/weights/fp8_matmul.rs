@@ -388,10 +388,7 @@ mod gpu {
 
     /// e4m3 tensor cores arrived with compute capability 8.9 (Ada); Hopper is 9.0.
     fn require_fp8_tensor_cores(dev: &candle_core::CudaDevice) -> Result<()> {
-        use candle_core::cuda::cudarc::driver::sys::CUdevice_attribute as A;
-        let ctx = dev.cuda_stream().context().clone();
-        let major = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-        let minor = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let (major, minor) = crate::cuda_util::compute_capability(dev)?;
         if (major, minor) < (8, 9) {
             bail!(
                 "--weights fp8-matmul needs FP8 tensor cores (compute capability 8.9 or later: \
