@@ -143,8 +143,31 @@ INSTANTIATE_MATMUL(__half, f16)
 //                            output's: o is a convex combination of v's rows, so |o| ≤ amax_v,
 //                            and half of e4m3's range is left as headroom for rounding
 //   attention_quantize_bf16: q = e4m3(x / descale), saturating
+// `mean` (null for none): per batch, `width` values subtracted from every row first. For k this is
+// its mean over the keys (attention_column_partials_bf16, then attention_column_mean): softmax
+// ignores a constant added to a query's logits, so softmax(q·(k - m)ᵀ) equals softmax(q·kᵀ) for
+// any m, and the e4m3 rounding of k is then relative to what varies between keys, not to a
+// component every key shares. Both passes add in a fixed order: the result is deterministic.
 #define SLOT(i) ((i) * 4)
 enum { AMAX_Q, AMAX_K, AMAX_V, DESCALE_Q, DESCALE_K, DESCALE_V, SCALE_S, DESCALE_S, SCALE_O, DESCALE_O };
+
+// The value of row r's element at [i, i + 8) minus the mean (if any), as floats.
+__device__ __forceinline__ void attention_load8(const uint4* xr, const float* mean, long long r, long long per_batch,
+                                                int width, int i, float f[8]) {
+  const uint4 v = xr[i];
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 g = __bfloat1622float2(p[j]);
+    f[2 * j] = g.x;
+    f[2 * j + 1] = g.y;
+  }
+  if (mean != nullptr) {
+    const float* m = mean + (r / per_batch) * width + 8 * i;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) f[j] -= m[j];
+  }
+}
 
 __device__ __forceinline__ const uint4* attention_row(const __nv_bfloat16* x, long long per_batch,
                                                       long long batch_stride, long long row_stride) {
@@ -153,22 +176,52 @@ __device__ __forceinline__ const uint4* attention_row(const __nv_bfloat16* x, lo
 }
 
 extern "C" __global__ void attention_amax_bf16(const __nv_bfloat16* x, long long per_batch, long long batch_stride,
-                                               long long row_stride, int width, float* slots, int slot) {
+                                               long long row_stride, int width, const float* mean, float* slots,
+                                               int slot) {
   __shared__ float shared[32];
   const uint4* xr = attention_row(x, per_batch, batch_stride, row_stride);
   float m = 0.f;
   for (int i = threadIdx.x; i < width / 8; i += blockDim.x) {
-    const uint4 v = xr[i];
-    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+    float f[8];
+    attention_load8(xr, mean, blockIdx.x, per_batch, width, i, f);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(p[j]);
-      m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
-    }
+    for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(f[j]));
   }
   m = block_max(m, shared);
   // Non-negative floats order as their bit patterns.
   if (threadIdx.x == 0) atomicMax(reinterpret_cast<unsigned int*>(slots + SLOT(slot)), __float_as_uint(m));
+}
+
+// partials[(b · chunks + blockIdx.x) · width + c] = Σ of x[row][c] over the `rows_per_chunk` rows of
+// chunk blockIdx.x of batch b = blockIdx.y (grid: chunks × batches); threads stride the channels.
+extern "C" __global__ void attention_column_partials_bf16(const __nv_bfloat16* x, long long per_batch,
+                                                          long long batch_stride, long long row_stride, int width,
+                                                          int rows_per_chunk, float* partials) {
+  const long long r0 = (long long)blockIdx.x * rows_per_chunk;
+  const long long r1 = min(per_batch, r0 + rows_per_chunk);
+  const __nv_bfloat16* base = x + blockIdx.y * batch_stride;
+  float* out = partials + ((long long)blockIdx.y * gridDim.x + blockIdx.x) * width;
+  for (int c = 2 * threadIdx.x; c < width; c += 2 * blockDim.x) {
+    float sx = 0.f, sy = 0.f;
+    for (long long r = r0; r < r1; ++r) {
+      const float2 g = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(base + r * row_stride + c));
+      sx += g.x;
+      sy += g.y;
+    }
+    out[c] = sx;
+    out[c + 1] = sy;
+  }
+}
+
+// mean[b · width + c] = Σ over the chunks of partials / per_batch; one thread per (batch, channel).
+extern "C" __global__ void attention_column_mean(const float* partials, int chunks, int width, int batches,
+                                                 long long per_batch, float* mean) {
+  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  if (i >= (long long)batches * width) return;
+  const long long b = i / width, c = i % width;
+  float s = 0.f;
+  for (int k = 0; k < chunks; ++k) s += partials[(b * chunks + k) * width + c];
+  mean[i] = s / (float)per_batch;
 }
 
 extern "C" __global__ void attention_scales(float* slots, float scale_s) {
@@ -187,18 +240,19 @@ extern "C" __global__ void attention_scales(float* slots, float scale_s) {
 
 extern "C" __global__ void attention_quantize_bf16(const __nv_bfloat16* x, long long per_batch,
                                                    long long batch_stride, long long row_stride, int width,
-                                                   const float* slots, int slot, __nv_fp8_storage_t* q) {
+                                                   const float* mean, const float* slots, int slot,
+                                                   __nv_fp8_storage_t* q) {
   const uint4* xr = attention_row(x, per_batch, batch_stride, row_stride);
   uint2* qr = reinterpret_cast<uint2*>(q + (long long)blockIdx.x * width);
   const float descale = slots[SLOT(slot)];
   for (int i = threadIdx.x; i < width / 8; i += blockDim.x) {
-    const uint4 v = xr[i];
-    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+    float f[8];
+    attention_load8(xr, mean, blockIdx.x, per_batch, width, i, f);
     unsigned short pairs[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(p[j]);
-      pairs[j] = __nv_cvt_float2_to_fp8x2(make_float2(f.x / descale, f.y / descale), __NV_SATFINITE, __NV_E4M3);
+      pairs[j] = __nv_cvt_float2_to_fp8x2(make_float2(f[2 * j] / descale, f[2 * j + 1] / descale), __NV_SATFINITE,
+                                          __NV_E4M3);
     }
     qr[i] = make_uint2(pairs[0] | (unsigned int)pairs[1] << 16, pairs[2] | (unsigned int)pairs[3] << 16);
   }

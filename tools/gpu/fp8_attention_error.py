@@ -25,8 +25,12 @@ def bf16(x):
     return bits.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
-def attention(q, k, v, rounded=(), scale_s=256.0):
-    """softmax(q·kᵀ/√128)·v with the named stages rounded to e4m3 (`qk`, `v`, `p`, `o`)."""
+def attention(q, k, v, rounded=(), scale_s=256.0, smooth_k=False):
+    """softmax(q·kᵀ/√128)·v with the named stages rounded to e4m3 (`qk`, `v`, `p`, `o`);
+    `smooth_k`: k's mean over the keys subtracted first (exact: softmax ignores a per-query
+    constant), as vidgen does before quantising k."""
+    if smooth_k:
+        k = k - k.mean(0)
     if "qk" in rounded:
         sq, sk = np.abs(q).max() / 448, np.abs(k).max() / 448
         q, k = e4m3(q / sq) * sq, e4m3(k / sk) * sk
@@ -62,6 +66,18 @@ def main():
             f"{label}: fp8 {total:.2e} (bf16 output rounding {rel(bf16(exact), exact):.2e}); alone: "
             + ", ".join(f"{s} {e:.2e}" for s, e in parts.items())
         )
+    # Keys sharing one component (a bias every key carries): per-tensor e4m3 spends its steps on
+    # the shared part unless k's mean is subtracted first.
+    q = bf16(rng.standard_normal((queries, 128)))
+    shared = rng.standard_normal(128) * 0.9
+    k = bf16(rng.standard_normal((keys, 128)) * 0.45 + shared)
+    v = bf16(rng.standard_normal((keys, 128)))
+    exact = attention(q, k, v)
+    stages = ("qk", "v", "p", "o")
+    print(
+        f"keys with a shared component: fp8 {rel(attention(q, k, v, stages), exact):.2e}, "
+        f"k's mean subtracted {rel(attention(q, k, v, stages, smooth_k=True), exact):.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ mod gpu {
     /// The same check for FP8 attention, against bf16: e4m3 keeps 3 mantissa bits (a relative
     /// step of 6-12%), so its error is several times bf16's.
     const FP8_VERIFY_TOLERANCE: f64 = 1e-1;
+    /// Shapes with at most this many keys (the cross-attention's 512 text tokens) are not dumped
+    /// by [`dump_inputs`].
+    const DUMP_MIN_KEYS: usize = 1024;
     /// FP8 attention graphs: cuDNN from 9.1, except 9.10.0 (cudnn-frontend refuses both).
     const FP8_MIN_VERSION: usize = 90100;
     const FP8_BROKEN_VERSION: usize = 91000;
@@ -860,7 +863,71 @@ mod gpu {
         })
     }
 
-    /// q, k and v quantised to e4m3 per tensor (contiguous copies) and the scales buffer.
+    /// Whether k's mean over the keys is subtracted before it is quantised (see
+    /// [`attention_fp8`]); `VIDGEN_FP8_ATTENTION_SMOOTH_K=0` turns it off (to measure what it
+    /// brings).
+    fn smooth_k() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var("VIDGEN_FP8_ATTENTION_SMOOTH_K").as_deref() != Ok("0"))
+    }
+
+    /// Rows summed per CTA by `attention_column_partials_bf16`.
+    const MEAN_ROWS_PER_CHUNK: usize = 128;
+
+    /// The mean over the tokens of `t` [B, L, H, 128] per batch and channel: f32 [B, H·128], in
+    /// a fixed order of additions (deterministic).
+    fn token_mean(dev: &candle_core::CudaDevice, t: &Tensor) -> Result<Tensor> {
+        use crate::cuda_util::launched;
+        use crate::weights::fp8::gpu::{MODULE, PTX};
+        use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+        let (b, l, h, d) = t.dims4()?;
+        let width = h * d;
+        let chunks = l.div_ceil(MEAN_ROWS_PER_CHUNK).max(1);
+        let (_partials, pp) = alloc(dev, DType::F32, &[b, chunks, width])?;
+        let (mean, pm) = alloc(dev, DType::F32, &[b, width])?;
+        let s = t.stride();
+        let (px, per_batch, batch_stride, row_stride) =
+            (address(t)?, l as i64, s[0] as i64, s[1] as i64);
+        let (width_arg, rows_arg) = (width as i32, MEAN_ROWS_PER_CHUNK as i32);
+        let partials =
+            dev.get_or_load_custom_func("attention_column_partials_bf16", MODULE, PTX)?;
+        let mut builder = partials.builder();
+        builder
+            .arg(&px)
+            .arg(&per_batch)
+            .arg(&batch_stride)
+            .arg(&row_stride)
+            .arg(&width_arg)
+            .arg(&rows_arg)
+            .arg(&pp);
+        let config = LaunchConfig {
+            grid_dim: (chunks as u32, b as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `attention_column_partials_bf16` in kernels/fp8.cu: rows of `width`
+        // values at t's strides (the caller checked they are 16-byte aligned bf16 rows);
+        // partials holds b·chunks·width values, every one written.
+        launched(unsafe { builder.launch(config) }.map(|_| ()))?;
+        let reduce = dev.get_or_load_custom_func("attention_column_mean", MODULE, PTX)?;
+        let (chunks_arg, batches) = (chunks as i32, b as i32);
+        let mut builder = reduce.builder();
+        builder
+            .arg(&pp)
+            .arg(&chunks_arg)
+            .arg(&width_arg)
+            .arg(&batches)
+            .arg(&per_batch)
+            .arg(&pm);
+        // SAFETY: matches `attention_column_mean`: one thread per (batch, channel) of mean.
+        launched(
+            unsafe { builder.launch(LaunchConfig::for_num_elems((b * width) as u32)) }.map(|_| ()),
+        )?;
+        Ok(mean)
+    }
+
+    /// q, k and v quantised to e4m3 per tensor (contiguous copies; k less its mean over the keys
+    /// unless [`smooth_k`] is off) and the scales buffer.
     fn quantize(
         dev: &candle_core::CudaDevice,
         inputs: [&Tensor; 3],
@@ -871,8 +938,14 @@ mod gpu {
         let device = candle_core::Device::Cuda(dev.clone());
         let scales = Tensor::zeros(SLOTS * SLOT_FLOATS, DType::F32, &device)?;
         let ps = address(&scales)?;
-        // One CTA per token row of `t`: (x, per_batch, batch_stride, row_stride, width, slots,
-        // slot), then the e4m3 output for the quantising kernel.
+        let k_mean = smooth_k().then(|| token_mean(dev, inputs[1])).transpose()?;
+        let means = [
+            0u64,
+            k_mean.as_ref().map(address).transpose()?.unwrap_or(0),
+            0,
+        ];
+        // One CTA per token row of `t`: (x, per_batch, batch_stride, row_stride, width, mean,
+        // slots, slot), then the e4m3 output for the quantising kernel.
         let per_row = |name: &str, t: &Tensor, slot: Slot, i: usize, q8: Option<u64>| {
             let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let (b, l, h, d) = t.dims4()?;
@@ -887,6 +960,7 @@ mod gpu {
                 .arg(&batch_stride)
                 .arg(&row_stride)
                 .arg(&width)
+                .arg(&means[i])
                 .arg(&ps)
                 .arg(&slot);
             if let Some(pq) = q8.as_ref() {
@@ -899,7 +973,8 @@ mod gpu {
             };
             // SAFETY: matches `attention_amax_bf16` / `attention_quantize_bf16` in
             // kernels/fp8.cu: rows of `width` values at the strides of `t` (16-byte aligned, as
-            // the caller checked); the e4m3 output holds rows·width bytes.
+            // the caller checked), the mean null or [B, width] f32; the e4m3 output holds
+            // rows·width bytes.
             launched(unsafe { builder.launch(config) }.map(|_| ()))
         };
         for (i, t) in inputs.iter().enumerate() {
@@ -1092,6 +1167,9 @@ mod gpu {
                 VERIFY_TOLERANCE
             };
             let err = error_against_own(&out, original)?;
+            if key.fp8 {
+                dump_inputs(&key, original, err)?;
+            }
             if err.is_finite() && err <= tolerance {
                 if key.fp8 {
                     tracing::info!(
@@ -1110,6 +1188,48 @@ mod gpu {
             state.plans.insert(key, None);
             Ok(None)
         })
+    }
+
+    /// `VIDGEN_FP8_ATTENTION_DUMP=DIR`: the bf16 inputs of each FP8 attention shape with more
+    /// than [`DUMP_MIN_KEYS`] keys, as its first call checks them, for studying the FP8 error
+    /// offline: heads 0 and H/2, the first [`VERIFY_ROWS`] queries and every key, one
+    /// safetensors file per tensor and head (`fp8attn_{Lq}x{Lk}_h{head}_{q,k,v}.safetensors`,
+    /// [L, 128] each), and the error in the log.
+    fn dump_inputs(key: &Key, [q, k, v]: [&Tensor; 3], err: f64) -> Result<()> {
+        let Some(dir) = std::env::var_os("VIDGEN_FP8_ATTENTION_DUMP") else {
+            return Ok(());
+        };
+        if key.lk <= DUMP_MIN_KEYS {
+            return Ok(());
+        }
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir)?;
+        for head in [0, key.h / 2] {
+            for (name, t, rows) in [
+                ("q", q, VERIFY_ROWS.min(key.lq)),
+                ("k", k, key.lk),
+                ("v", v, key.lk),
+            ] {
+                let slice = t
+                    .narrow(0, 0, 1)?
+                    .narrow(1, 0, rows)?
+                    .narrow(2, head, 1)?
+                    .squeeze(0)?
+                    .squeeze(1)?
+                    .contiguous()?
+                    .to_device(&candle_core::Device::Cpu)?;
+                let path = dir.join(format!(
+                    "fp8attn_{}x{}_h{head}_{name}.safetensors",
+                    key.lq, key.lk
+                ));
+                candle_core::safetensors::save(&HashMap::from([(name.to_string(), slice)]), &path)?;
+            }
+        }
+        tracing::info!(
+            "FP8 attention inputs for {key:?} (rel err {err:.3e}) written to {}",
+            dir.display()
+        );
+        Ok(())
     }
 
     /// The largest relative error of `out` against our own bf16 kernel over the first and the
