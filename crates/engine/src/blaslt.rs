@@ -6,10 +6,10 @@
 //!   rounds once, as PyTorch's `nn.Linear` (cuBLASLt's bias epilogue) does; with GELU it rounds
 //!   once after the GELU where the reference rounds the linear's output first (one rounding
 //!   fewer, within bf16's tolerance: `tools/gpu/parity.py`).
-//! - FP8 e4m3 weights and activations (`weights::fp8_matmul`): the plain product, scaled in a
-//!   second pass; with `VIDGEN_FP8_EPILOGUE=fused`, cuBLASLt applies their per-channel and
-//!   per-token scales (outer-vector scaling) and the bias (and GELU) to the f32 accumulator as it
-//!   writes the output.
+//! - FP8 e4m3 weights and activations (`weights::fp8_matmul`): cuBLASLt applies their
+//!   per-channel and per-token scales (outer-vector scaling) and the bias (and GELU) to the f32
+//!   accumulator as it writes the output; with `VIDGEN_FP8_EPILOGUE=two-pass`, the plain product
+//!   is scaled in a second pass.
 //!
 //! One handle and 32 MiB workspace per thread and stream; the heuristic's first algorithm is
 //! asked once per shape and cached.
