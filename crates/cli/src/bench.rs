@@ -25,8 +25,9 @@ pub struct Args {
     /// VAE decode modes, comma-separated: plain, tiled.
     #[arg(long, default_value = "plain,tiled")]
     vae_modes: String,
-    /// Tile geometries of the tiled decode, comma-separated SIZE:OVERLAP in pixels (the default:
-    /// diffusers' and the pipeline's; `memory::tiled_decode` names the pipeline's per VAE).
+    /// Tile geometries of the tiled decode, comma-separated SIZE:OVERLAP or WIDTHxHEIGHT:OVERLAP
+    /// in pixels (the default: diffusers' and the pipeline's; `memory::tiled_decode` names the
+    /// pipeline's per VAE).
     #[arg(long, default_value = "256:64,384:64")]
     vae_tiles: String,
     /// Frames per pass through the VAE decoder's full-resolution levels, comma-separated (0: a
@@ -868,7 +869,8 @@ impl Bench {
             emit(json!({
                 "what": "vae_decode_tiled", "model": case.name, "latent": latent, "dtype": dtype,
                 "pass_frames": pass_frames,
-                "tile_px": tile.tile_size, "overlap_px": tile.tile_overlap,
+                "tile_px": tile.tile_size, "tile_width_px": tile.width(),
+                "overlap_px": tile.tile_overlap,
                 "largest_tile_hw": tile.decoded_tile(w, h, s)?,
                 "seconds": seconds, "peak_gib": peak, "predicted_peak_gib": predicted,
             }));
@@ -1079,18 +1081,27 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `--vae-tiles`: comma-separated SIZE:OVERLAP pixel pairs.
+/// `--vae-tiles`: comma-separated SIZE:OVERLAP pixel pairs, SIZE one number (square tiles) or
+/// WIDTHxHEIGHT.
 fn parse_tiles(list: &str) -> Result<Vec<TileConfig>> {
     list.split(',')
         .map(|item| {
             let parsed = item.split_once(':').and_then(|(size, overlap)| {
-                Some(TileConfig {
-                    tile_size: size.trim().parse().ok()?,
-                    tile_overlap: overlap.trim().parse().ok()?,
+                let overlap = overlap.trim().parse().ok()?;
+                Some(match size.trim().split_once('x') {
+                    Some((w, h)) => TileConfig {
+                        tile_size: h.trim().parse().ok()?,
+                        tile_overlap: overlap,
+                        tile_width: Some(w.trim().parse().ok()?),
+                    },
+                    None => TileConfig::square(size.trim().parse().ok()?, overlap),
                 })
             });
             parsed.ok_or_else(|| {
-                invalid!("--vae-tiles: `{item}` is not SIZE:OVERLAP in pixels (e.g. 256:64)")
+                invalid!(
+                    "--vae-tiles: `{item}` is not SIZE:OVERLAP or WIDTHxHEIGHT:OVERLAP in pixels \
+                     (e.g. 256:64, 480x704:64)"
+                )
             })
         })
         .collect()

@@ -619,7 +619,8 @@ impl TiledDecode {
         };
         format!(
             "tiled {} px ({} px overlap){passes}",
-            self.tiles.tile_size, self.tiles.tile_overlap
+            self.tiles.describe_size(),
+            self.tiles.tile_overlap
         )
     }
 }
@@ -679,6 +680,7 @@ pub fn tiled_decode_within(
         LADDER_PASS_FRAMES.map(|pass_frames| TiledDecode {
             tiles: crate::vae::TileConfig {
                 tile_size,
+                tile_width: None,
                 ..default.tiles
             },
             pass_frames,
@@ -702,10 +704,7 @@ pub fn tiled_decode_within(
 pub fn tiled_decode(cfg: &VaeConfig) -> TiledDecode {
     let (tile_size, pass_frames) = if cfg.is_residual { (256, 0) } else { (384, 2) };
     TiledDecode {
-        tiles: crate::vae::TileConfig {
-            tile_size,
-            tile_overlap: 64,
-        },
+        tiles: crate::vae::TileConfig::square(tile_size, 64),
         pass_frames,
     }
 }

@@ -72,10 +72,7 @@ fn decode_working_memory() {
         ..VaeConfig::wan21()
     };
     let vae = WanVae::random(cfg, 3, &Device::Cpu, DType::F32).unwrap();
-    let tiles = |size: usize| TileConfig {
-        tile_size: size,
-        tile_overlap: 16,
-    };
+    let tiles = |size: usize| TileConfig::square(size, 16);
     let latents = |t: usize| Tensor::randn(0f32, 1.0, (1, 16, t, 6, 6), &Device::Cpu).unwrap();
     let out_bytes = |t: usize| 3 * (1 + 4 * (t - 1)) * 48 * 48 * 4;
     // Warm-up: thread pools and other one-time allocations.

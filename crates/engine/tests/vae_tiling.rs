@@ -42,10 +42,7 @@ fn single_tile_equals_untiled() {
     for kind in ["wan21", "wan22"] {
         let vae = load(kind);
         let io = load_io(kind);
-        let big = TileConfig {
-            tile_size: 1024,
-            tile_overlap: 256,
-        };
+        let big = TileConfig::square(1024, 256);
         let e = rel_err(
             &vae.decode_tiled(&io["latents"], &big).unwrap(),
             &vae.decode(&io["latents"]).unwrap(),
@@ -72,10 +69,7 @@ fn multi_tile_decode_no_worse_than_diffusers_tiling() {
         let size = m["diffusers_tile_sample_size"].as_u64().unwrap() as usize;
         let stride = m["diffusers_tile_sample_stride"].as_u64().unwrap() as usize;
         let yardstick = m["diffusers_tiled_vs_untiled_rel_err"].as_f64().unwrap();
-        let tiles = TileConfig {
-            tile_size: size,
-            tile_overlap: size - stride,
-        };
+        let tiles = TileConfig::square(size, size - stride);
         let z = &io["tile_latents"];
         let untiled = vae.decode(z).unwrap();
         let tiled = vae.decode_tiled(z, &tiles).unwrap();
@@ -96,14 +90,40 @@ fn multi_tile_decode_no_worse_than_diffusers_tiling() {
 fn multi_tile_encode_shape_and_error() {
     let vae = load("wan21");
     let video = Tensor::rand(-1f32, 1.0, (1, 3, 5, 48, 64), &Device::Cpu).unwrap();
-    let tiles = TileConfig {
-        tile_size: 32,
-        tile_overlap: 16,
-    };
+    let tiles = TileConfig::square(32, 16);
     let untiled = vae.encode_mean(&video).unwrap();
     let tiled = vae.encode_mean_tiled(&video, &tiles).unwrap();
     assert_eq!(tiled.dims(), &[1, 16, 2, 6, 8]);
     let e = rel_err(&tiled, &untiled).unwrap();
     println!("wan21 tiled (32px, overlap 16px) vs untiled encode: rel err {e:.3e}");
     assert!(e < 1.0, "{e}");
+}
+
+/// Tiles as tall as the frame, split only across its width, have fewer seams than square tiles of
+/// that width: their decode is no further from the untiled one (the geometry a wide video can use
+/// to trade rows of tiles for memory, see `TileConfig::tile_width`).
+#[test]
+fn full_height_tiles_no_worse_than_square_tiles_of_their_width() {
+    for kind in ["wan21", "wan22"] {
+        let vae = load(kind);
+        let io = load_io(kind);
+        let m = meta(kind);
+        let size = m["diffusers_tile_sample_size"].as_u64().unwrap() as usize;
+        let overlap = size - m["diffusers_tile_sample_stride"].as_u64().unwrap() as usize;
+        let z = &io["tile_latents"];
+        let untiled = vae.decode(z).unwrap();
+        let height = untiled.dim(3).unwrap();
+        let square = TileConfig::square(size, overlap);
+        let columns = TileConfig {
+            tile_size: height.next_multiple_of(size),
+            tile_overlap: overlap,
+            tile_width: Some(size),
+        };
+        let e_square = rel_err(&vae.decode_tiled(z, &square).unwrap(), &untiled).unwrap();
+        let tiled = vae.decode_tiled(z, &columns).unwrap();
+        assert_eq!(tiled.dims(), untiled.dims());
+        let e_columns = rel_err(&tiled, &untiled).unwrap();
+        println!("{kind}: full-height {size}px-wide tiles {e_columns:.3e}, square {size}px tiles {e_square:.3e}");
+        assert!(e_columns <= e_square, "{kind}: {e_columns} > {e_square}");
+    }
 }

@@ -365,12 +365,12 @@ impl WanVae {
     ) -> Result<Tensor> {
         self.check_latents(latents)?;
         let s = self.config.spatial_stride();
-        let (tile, overlap) = tiles.latent(s)?;
+        let ((tile_h, tile_w), overlap) = tiles.latent(s)?;
         let (b, _, t, h, w) = latents.dims5()?;
         let out_c = self.config.out_channels / (self.config.patch() * self.config.patch());
         let out_dims = [b, out_c, self.config.decoded_frames(t), h * s, w * s];
-        let rows = plan_axis(h, tile, overlap, s);
-        let cols = plan_axis(w, tile, overlap, s);
+        let rows = plan_axis(h, tile_h, overlap, s);
+        let cols = plan_axis(w, tile_w, overlap, s);
         std::thread::scope(|scope| {
             // One batch of decoded frames in flight: the device decodes on while the host blends
             // (and, before the first batch, lays out the output).
@@ -436,12 +436,12 @@ impl WanVae {
     pub fn encode_mean_tiled(&self, video: &Tensor, tiles: &TileConfig) -> Result<Tensor> {
         self.check_video(video, true)?;
         let s = self.config.spatial_stride();
-        let (tile, overlap) = tiles.latent(s)?;
+        let ((tile_h, tile_w), overlap) = tiles.latent(s)?;
         let (b, _, t, h, w) = video.dims5()?;
         let (lh, lw) = (h / s, w / s);
         let mut blend = Blend::new([b, self.config.z_dim, self.config.latent_frames(t), lh, lw]);
-        for ys in plan_axis(lh, tile, overlap, 1) {
-            for xs in plan_axis(lw, tile, overlap, 1) {
+        for ys in plan_axis(lh, tile_h, overlap, 1) {
+            for xs in plan_axis(lw, tile_w, overlap, 1) {
                 let region = video.narrow(3, ys.start * s, ys.len * s)?.narrow(
                     4,
                     xs.start * s,
@@ -517,24 +517,27 @@ fn open_checkpoint(path: &Path) -> Result<(Box<dyn TensorSource>, Option<VaeConf
     }
 }
 
-/// `--set tiled=true|false`, `tile_size=<px>`, `tile_overlap=<px>`; giving a size or overlap
-/// implies tiling. Untiled (the diffusers default) otherwise.
+/// `--set tiled=true|false`, `tile_size=<px>`, `tile_width=<px>`, `tile_overlap=<px>`; giving a
+/// size or overlap implies tiling. Untiled (the diffusers default) otherwise.
 fn tile_settings(settings: &Settings) -> Result<Option<TileConfig>> {
     let tiled = settings.get::<bool>("tiled")?;
     let size = settings.get::<usize>("tile_size")?;
+    let width = settings.get::<usize>("tile_width")?;
     let overlap = settings.get::<usize>("tile_overlap")?;
-    if tiled == Some(false) && (size.is_some() || overlap.is_some()) {
+    let geometry = size.is_some() || width.is_some() || overlap.is_some();
+    if tiled == Some(false) && geometry {
         return Err(invalid!(
-            "--set tile_size/tile_overlap: given with tiled=false"
+            "--set tile_size/tile_width/tile_overlap: given with tiled=false"
         ));
     }
-    if tiled != Some(true) && size.is_none() && overlap.is_none() {
+    if tiled != Some(true) && !geometry {
         return Ok(None);
     }
     let default = TileConfig::default();
     Ok(Some(TileConfig {
         tile_size: size.unwrap_or(default.tile_size),
         tile_overlap: overlap.unwrap_or(default.tile_overlap),
+        tile_width: width,
     }))
 }
 

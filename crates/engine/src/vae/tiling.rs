@@ -14,11 +14,17 @@ use candle_core::{CpuStorage, Device, Storage, Tensor};
 
 use crate::invalid;
 
-/// Tile size and overlap in sample (pixel) units, the same along height and width.
+/// Tile size and overlap in sample (pixel) units: square tiles, or rectangular ones with
+/// `tile_width`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TileConfig {
+    /// The largest tile height, and width unless `tile_width` is given.
     pub tile_size: usize,
     pub tile_overlap: usize,
+    /// The largest tile width where it differs from `tile_size`: a 1280x704 video decodes in
+    /// three 480x704 tiles with `tile_size` 704 and `tile_width` 480, in four 672x384 ones with
+    /// square 672 px tiles.
+    pub tile_width: Option<usize>,
 }
 
 impl Default for TileConfig {
@@ -27,31 +33,59 @@ impl Default for TileConfig {
     /// The pipeline's geometry per VAE is `memory::tiled_decode`'s (for Wan2.1 384 px tiles with
     /// 2-frame passes: faster in the same memory).
     fn default() -> Self {
-        Self {
-            tile_size: 256,
-            tile_overlap: 64,
-        }
+        Self::square(256, 64)
     }
 }
 
 impl TileConfig {
-    /// Tile and overlap in latent pixels for a VAE of spatial stride `stride`.
-    pub fn latent(&self, stride: usize) -> Result<(usize, usize)> {
-        if self.tile_size == 0 || !self.tile_size.is_multiple_of(stride) {
+    /// Tiles of at most `size` px along both axes, `overlap` px shared with each neighbour.
+    pub fn square(size: usize, overlap: usize) -> Self {
+        Self {
+            tile_size: size,
+            tile_overlap: overlap,
+            tile_width: None,
+        }
+    }
+
+    /// The largest tile width in pixels.
+    pub fn width(&self) -> usize {
+        self.tile_width.unwrap_or(self.tile_size)
+    }
+
+    /// "672" for square tiles, "480x704" (width x height) for rectangular ones.
+    pub fn describe_size(&self) -> String {
+        match self.tile_width {
+            Some(w) if w != self.tile_size => format!("{w}x{}", self.tile_size),
+            _ => self.tile_size.to_string(),
+        }
+    }
+
+    /// (tile height, tile width) and overlap in latent pixels for a VAE of spatial stride
+    /// `stride`.
+    pub fn latent(&self, stride: usize) -> Result<((usize, usize), usize)> {
+        for (field, size) in [("tile_size", self.tile_size), ("tile_width", self.width())] {
+            if size == 0 || !size.is_multiple_of(stride) {
+                return Err(invalid!(
+                    "{field}: {size} must be a positive multiple of the VAE's spatial stride {stride}"
+                ));
+            }
+            if self.tile_overlap >= size {
+                return Err(invalid!(
+                    "tile_overlap: {} must be smaller than {field} {size}",
+                    self.tile_overlap
+                ));
+            }
+        }
+        if !self.tile_overlap.is_multiple_of(stride) {
             return Err(invalid!(
-                "tile_size: {} must be a positive multiple of the VAE's spatial stride {stride}",
-                self.tile_size
+                "tile_overlap: {} must be a multiple of the spatial stride {stride}",
+                self.tile_overlap
             ));
         }
-        if !self.tile_overlap.is_multiple_of(stride) || self.tile_overlap >= self.tile_size {
-            return Err(invalid!(
-                "tile_overlap: {} must be a multiple of the spatial stride {stride} and smaller than \
-                 tile_size {}",
-                self.tile_overlap,
-                self.tile_size
-            ));
-        }
-        Ok((self.tile_size / stride, self.tile_overlap / stride))
+        Ok((
+            (self.tile_size / stride, self.width() / stride),
+            self.tile_overlap / stride,
+        ))
     }
 }
 
@@ -84,9 +118,9 @@ impl TileConfig {
         height: usize,
         stride: usize,
     ) -> Result<(usize, usize)> {
-        let (tile, overlap) = self.latent(stride)?;
-        let side = |len: usize| axis_tiles(len / stride, tile, overlap).1 * stride;
-        Ok((side(height), side(width)))
+        let ((tile_h, tile_w), overlap) = self.latent(stride)?;
+        let side = |len: usize, tile: usize| axis_tiles(len / stride, tile, overlap).1 * stride;
+        Ok((side(height, tile_h), side(width, tile_w)))
     }
 }
 
@@ -293,6 +327,41 @@ impl Widen for half::f16 {
 mod tests {
     use super::*;
 
+    /// Rectangular tiles split each axis by its own size: Wan2.2 (stride 16) at 1280x704 in
+    /// 480x704 tiles is one row of three, in square 672 px tiles two rows of two; sizes the
+    /// VAE's stride does not divide are refused, naming the field.
+    #[test]
+    fn rectangular_tiles_split_each_axis_by_its_own_size() {
+        let rect = TileConfig {
+            tile_size: 704,
+            tile_overlap: 64,
+            tile_width: Some(480),
+        };
+        assert_eq!(rect.latent(16).unwrap(), ((44, 30), 4));
+        assert_eq!(rect.decoded_tile(1280, 704, 16).unwrap(), (704, 480));
+        assert_eq!(plan_axis(44, 44, 4, 16).len(), 1);
+        assert_eq!(plan_axis(80, 30, 4, 16).len(), 3);
+        assert_eq!(rect.describe_size(), "480x704");
+        let square = TileConfig::square(672, 64);
+        assert_eq!(square.decoded_tile(1280, 704, 16).unwrap(), (384, 672));
+        assert_eq!(square.describe_size(), "672");
+        let bad = TileConfig {
+            tile_width: Some(488),
+            ..rect
+        };
+        let err = bad.latent(16).unwrap_err().to_string();
+        assert!(err.contains("tile_width") && err.contains("488"), "{err}");
+        let narrow = TileConfig {
+            tile_width: Some(64),
+            ..rect
+        };
+        let err = narrow.latent(16).unwrap_err().to_string();
+        assert!(
+            err.contains("tile_overlap") && err.contains("tile_width"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn plan_covers_with_even_tiles_and_partition_of_unity() {
         for (len, tile, overlap) in [
@@ -348,29 +417,20 @@ mod tests {
         // 320/64 px: 2 x 3 tiles of 272 x 320 px (1.31x the frame's pixels).
         assert_eq!(plan_axis(60, 40, 8, 8).len(), 2);
         assert_eq!(plan_axis(104, 40, 8, 8).len(), 3);
-        let larger = TileConfig {
-            tile_size: 320,
-            tile_overlap: 64,
-        };
+        let larger = TileConfig::square(320, 64);
         assert_eq!(larger.decoded_tile(832, 480, 8).unwrap(), (272, 320));
     }
 
     #[test]
     fn tile_config_is_validated() {
-        let t = TileConfig {
-            tile_size: 250,
-            tile_overlap: 64,
-        };
+        let t = TileConfig::square(250, 64);
         assert!(t.latent(8).unwrap_err().to_string().contains("tile_size"));
-        let t = TileConfig {
-            tile_size: 256,
-            tile_overlap: 256,
-        };
+        let t = TileConfig::square(256, 256);
         assert!(t
             .latent(16)
             .unwrap_err()
             .to_string()
             .contains("tile_overlap"));
-        assert_eq!(TileConfig::default().latent(16).unwrap(), (16, 4));
+        assert_eq!(TileConfig::default().latent(16).unwrap(), ((16, 16), 4));
     }
 }
