@@ -6,7 +6,20 @@ v rounded to e4m3 with scale 448/amax each, the unnormalised probabilities exp(s
 scale_s rounded to e4m3, the product divided by the f32 row sum, and the output rounded to e4m3
 with scale 224/amax(v). Prints the total error per logit spread and what each rounding adds alone.
 Needs only numpy:  python3 tools/gpu/fp8_attention_error.py
+
+With `--dump DIR` it studies real inputs instead: the files `VIDGEN_FP8_ATTENTION_DUMP=DIR` writes
+(bf16 q, k, v of two heads of each large FP8 attention shape): their statistics (amax, RMS, the share
+of k and v every key carries, the logits' spread, the probability mass below e4m3's normal range) and
+the emulated error, whole and per stage, with and without k's mean subtracted. The per-tensor scales
+are taken over the dumped head (the GPU takes them over all heads; e4m3's relative step is the same).
 """
+import argparse
+import glob
+import json
+import os
+import re
+import struct
+
 import numpy as np
 
 
@@ -80,5 +93,57 @@ def main():
     )
 
 
+def load_bf16(path):
+    """The one bf16 tensor of a safetensors file, as f64."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    ((_, meta),) = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    if meta["dtype"] != "BF16":
+        raise SystemExit(f"{path}: {meta['dtype']} is not BF16")
+    start, end = meta["data_offsets"]
+    bits = np.frombuffer(raw[8 + n + start : 8 + n + end], dtype=np.uint16).astype(np.uint32)
+    return (bits << 16).view(np.float32).astype(np.float64).reshape(meta["shape"])
+
+
+def study_dump(directory, queries):
+    """Statistics and emulated FP8 error of every dumped (shape, head)."""
+    found = sorted(glob.glob(os.path.join(directory, "fp8attn_*_q.safetensors")))
+    if not found:
+        raise SystemExit(f"{directory}: no fp8attn_*_q.safetensors (VIDGEN_FP8_ATTENTION_DUMP's files)")
+    stages = ("qk", "v", "p", "o")
+    for q_path in found:
+        name = re.sub(r"_q\.safetensors$", "", os.path.basename(q_path))
+        q, k, v = (load_bf16(os.path.join(directory, f"{name}_{t}.safetensors")) for t in "qkv")
+        q = q[:queries]
+        s = q @ k.T / np.sqrt(128)
+        p = np.exp(s - s.max(1, keepdims=True))
+        exact = attention(q, k, v)
+        shared = lambda t: np.linalg.norm(t.mean(0)) / np.sqrt((t**2).sum(1).mean())
+        small = (p * (p * 256 < 2.0**-6)).sum(1) / p.sum(1)
+        print(
+            f"{name}: amax q {np.abs(q).max():.2f} k {np.abs(k).max():.2f} v {np.abs(v).max():.2f}; "
+            f"rms q {q.std():.2f} k {k.std():.2f} v {v.std():.2f}; shared part of k {shared(k):.3f}, "
+            f"of v {shared(v):.3f}; logits std {s.std(1).mean():.2f}, max - mean "
+            f"{(s.max(1) - s.mean(1)).mean():.2f}; effective keys "
+            f"{np.mean(p.sum(1) ** 2 / (p**2).sum(1)):.0f}; probability mass below e4m3's normal "
+            f"range {small.mean():.2e}"
+        )
+        parts = {stage: rel(attention(q, k, v, (stage,)), exact) for stage in stages}
+        print(
+            f"  fp8 {rel(attention(q, k, v, stages), exact):.2e}, k's mean subtracted "
+            f"{rel(attention(q, k, v, stages, smooth_k=True), exact):.2e}; alone: "
+            + ", ".join(f"{st} {e:.2e}" for st, e in parts.items())
+        )
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dump", help="a VIDGEN_FP8_ATTENTION_DUMP directory to study")
+    parser.add_argument("--queries", type=int, default=256, help="dumped queries used (default 256)")
+    args = parser.parse_args()
+    if args.dump:
+        study_dump(args.dump, args.queries)
+    else:
+        main()

@@ -1215,7 +1215,8 @@ mod gpu {
     /// than [`DUMP_MIN_KEYS`] keys, as its first call checks them, for studying the FP8 error
     /// offline: heads 0 and H/2, the first [`VERIFY_ROWS`] queries and every key, one
     /// safetensors file per tensor and head (`fp8attn_{Lq}x{Lk}_h{head}_{q,k,v}.safetensors`,
-    /// [L, 128] each), and the error in the log.
+    /// [L, 128] each), and the error in the log; `tools/gpu/fp8_attention_error.py --dump DIR`
+    /// reads them.
     fn dump_inputs(key: &Key, [q, k, v]: [&Tensor; 3], err: f64) -> Result<()> {
         let Some(dir) = std::env::var_os("VIDGEN_FP8_ATTENTION_DUMP") else {
             return Ok(());
