@@ -60,22 +60,47 @@ fn single_tile_equals_untiled() {
     }
 }
 
+/// A fixture's multi-tile decode case: the VAE, its `tile_latents` and their untiled decode,
+/// diffusers' tile geometry (square tiles) and the error of diffusers' own tiled decode.
+struct TileCase {
+    vae: WanVae,
+    z: Tensor,
+    untiled: Tensor,
+    tiles: TileConfig,
+    yardstick: f64,
+}
+
+fn tile_case(kind: &str) -> TileCase {
+    let vae = load(kind);
+    let z = load_io(kind).remove("tile_latents").unwrap();
+    let m = meta(kind);
+    let size = m["diffusers_tile_sample_size"].as_u64().unwrap() as usize;
+    let stride = m["diffusers_tile_sample_stride"].as_u64().unwrap() as usize;
+    let untiled = vae.decode(&z).unwrap();
+    TileCase {
+        vae,
+        z,
+        untiled,
+        tiles: TileConfig::square(size, size - stride),
+        yardstick: m["diffusers_tiled_vs_untiled_rel_err"].as_f64().unwrap(),
+    }
+}
+
 #[test]
 fn multi_tile_decode_no_worse_than_diffusers_tiling() {
     for kind in ["wan21", "wan22"] {
-        let vae = load(kind);
-        let io = load_io(kind);
-        let m = meta(kind);
-        let size = m["diffusers_tile_sample_size"].as_u64().unwrap() as usize;
-        let stride = m["diffusers_tile_sample_stride"].as_u64().unwrap() as usize;
-        let yardstick = m["diffusers_tiled_vs_untiled_rel_err"].as_f64().unwrap();
-        let tiles = TileConfig::square(size, size - stride);
-        let z = &io["tile_latents"];
-        let untiled = vae.decode(z).unwrap();
-        let tiled = vae.decode_tiled(z, &tiles).unwrap();
+        let TileCase {
+            vae,
+            z,
+            untiled,
+            tiles,
+            yardstick,
+        } = tile_case(kind);
+        let tiled = vae.decode_tiled(&z, &tiles).unwrap();
         assert_eq!(tiled.dims(), untiled.dims());
         let e = rel_err(&tiled, &untiled).unwrap();
-        println!("{kind} tiled ({size}px, overlap {}px) vs untiled decode: rel err {e:.3e} (diffusers' tiling: {yardstick:.3e})", size - stride);
+        let (size, overlap) = (tiles.tile_size, tiles.tile_overlap);
+        println!("{kind} tiled ({size}px, overlap {overlap}px) vs untiled decode: rel err {e:.3e} (diffusers' tiling: {yardstick:.3e})");
         assert!(
             e <= yardstick,
             "{kind}: tiled rel err {e} worse than diffusers' {yardstick}"
@@ -105,22 +130,21 @@ fn multi_tile_encode_shape_and_error() {
 #[test]
 fn full_height_tiles_no_worse_than_square_tiles_of_their_width() {
     for kind in ["wan21", "wan22"] {
-        let vae = load(kind);
-        let io = load_io(kind);
-        let m = meta(kind);
-        let size = m["diffusers_tile_sample_size"].as_u64().unwrap() as usize;
-        let overlap = size - m["diffusers_tile_sample_stride"].as_u64().unwrap() as usize;
-        let z = &io["tile_latents"];
-        let untiled = vae.decode(z).unwrap();
-        let height = untiled.dim(3).unwrap();
-        let square = TileConfig::square(size, overlap);
+        let TileCase {
+            vae,
+            z,
+            untiled,
+            tiles: square,
+            ..
+        } = tile_case(kind);
+        let size = square.tile_size;
         let columns = TileConfig {
-            tile_size: height.next_multiple_of(size),
-            tile_overlap: overlap,
+            tile_size: untiled.dim(3).unwrap().next_multiple_of(size),
             tile_width: Some(size),
+            ..square
         };
-        let e_square = rel_err(&vae.decode_tiled(z, &square).unwrap(), &untiled).unwrap();
-        let tiled = vae.decode_tiled(z, &columns).unwrap();
+        let e_square = rel_err(&vae.decode_tiled(&z, &square).unwrap(), &untiled).unwrap();
+        let tiled = vae.decode_tiled(&z, &columns).unwrap();
         assert_eq!(tiled.dims(), untiled.dims());
         let e_columns = rel_err(&tiled, &untiled).unwrap();
         println!("{kind}: full-height {size}px-wide tiles {e_columns:.3e}, square {size}px tiles {e_square:.3e}");

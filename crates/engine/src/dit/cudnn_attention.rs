@@ -78,8 +78,11 @@ mod gpu {
     use sys::cudnnBackendAttributeType_t as T;
     use sys::cudnnBackendDescriptorType_t as D;
 
-    use crate::cuda_util::{address, alloc, compute_capability, CudnnHandle};
+    use candle_core::cuda::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+
+    use crate::cuda_util::{address, alloc, compute_capability, launched, CudnnHandle};
     use crate::dit::flash::HEAD_DIM;
+    use crate::weights::fp8::gpu::{MODULE, PTX};
 
     // Values of the C enums passed as attribute payloads (cudnn_graph.h, stable across cuDNN 9).
     const DT_FLOAT: i32 = 0;
@@ -875,32 +878,56 @@ mod gpu {
     /// Rows summed per CTA by `attention_column_partials_bf16`.
     const MEAN_ROWS_PER_CHUNK: usize = 128;
 
+    /// A [B, L, H, 128] bf16 input as kernels/fp8.cu's `attention_*` row kernels read it: its
+    /// address, rows per batch, batch and row strides (elements) and row width.
+    struct Rows {
+        x: u64,
+        per_batch: i64,
+        batch_stride: i64,
+        row_stride: i64,
+        width: i32,
+    }
+
+    impl Rows {
+        fn of(t: &Tensor) -> Result<Self> {
+            let (_, l, h, d) = t.dims4()?;
+            let s = t.stride();
+            Ok(Self {
+                x: address(t)?,
+                per_batch: l as i64,
+                batch_stride: s[0] as i64,
+                row_stride: s[1] as i64,
+                width: (h * d) as i32,
+            })
+        }
+
+        /// The five arguments every row kernel starts with: (x, per_batch, batch_stride,
+        /// row_stride, width).
+        fn push<'a>(&'a self, builder: &mut LaunchArgs<'a>) {
+            builder
+                .arg(&self.x)
+                .arg(&self.per_batch)
+                .arg(&self.batch_stride)
+                .arg(&self.row_stride)
+                .arg(&self.width);
+        }
+    }
+
     /// The mean over the tokens of `t` [B, L, H, 128] per batch and channel: f32 [B, H·128], in
     /// a fixed order of additions (deterministic).
     fn token_mean(dev: &candle_core::CudaDevice, t: &Tensor) -> Result<Tensor> {
-        use crate::cuda_util::launched;
-        use crate::weights::fp8::gpu::{MODULE, PTX};
-        use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
         let (b, l, h, d) = t.dims4()?;
         let width = h * d;
         let chunks = l.div_ceil(MEAN_ROWS_PER_CHUNK).max(1);
         let (_partials, pp) = alloc(dev, DType::F32, &[b, chunks, width])?;
         let (mean, pm) = alloc(dev, DType::F32, &[b, width])?;
-        let s = t.stride();
-        let (px, per_batch, batch_stride, row_stride) =
-            (address(t)?, l as i64, s[0] as i64, s[1] as i64);
-        let (width_arg, rows_arg) = (width as i32, MEAN_ROWS_PER_CHUNK as i32);
+        let rows = Rows::of(t)?;
+        let rows_arg = MEAN_ROWS_PER_CHUNK as i32;
         let partials =
             dev.get_or_load_custom_func("attention_column_partials_bf16", MODULE, PTX)?;
         let mut builder = partials.builder();
-        builder
-            .arg(&px)
-            .arg(&per_batch)
-            .arg(&batch_stride)
-            .arg(&row_stride)
-            .arg(&width_arg)
-            .arg(&rows_arg)
-            .arg(&pp);
+        rows.push(&mut builder);
+        builder.arg(&rows_arg).arg(&pp);
         let config = LaunchConfig {
             grid_dim: (chunks as u32, b as u32, 1),
             block_dim: (256, 1, 1),
@@ -916,9 +943,9 @@ mod gpu {
         builder
             .arg(&pp)
             .arg(&chunks_arg)
-            .arg(&width_arg)
+            .arg(&rows.width)
             .arg(&batches)
-            .arg(&per_batch)
+            .arg(&rows.per_batch)
             .arg(&pm);
         // SAFETY: matches `attention_column_mean`: one thread per (batch, channel) of mean.
         launched(
@@ -933,9 +960,6 @@ mod gpu {
         dev: &candle_core::CudaDevice,
         inputs: [&Tensor; 3],
     ) -> Result<([Tensor; 3], Tensor)> {
-        use crate::cuda_util::launched;
-        use crate::weights::fp8::gpu::{MODULE, PTX};
-        use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
         let device = candle_core::Device::Cuda(dev.clone());
         let scales = Tensor::zeros(SLOTS * SLOT_FLOATS, DType::F32, &device)?;
         let ps = address(&scales)?;
@@ -949,21 +973,12 @@ mod gpu {
         // slots, slot), then the e4m3 output for the quantising kernel.
         let per_row = |name: &str, t: &Tensor, slot: Slot, i: usize, q8: Option<u64>| {
             let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-            let (b, l, h, d) = t.dims4()?;
-            let s = t.stride();
-            let (px, per_batch, batch_stride, row_stride) =
-                (address(t)?, l as i64, s[0] as i64, s[1] as i64);
-            let (width, slot) = ((h * d) as i32, slot as i32 + i as i32);
+            let (b, l, _, _) = t.dims4()?;
+            let rows = Rows::of(t)?;
+            let slot = slot as i32 + i as i32;
             let mut builder = func.builder();
-            builder
-                .arg(&px)
-                .arg(&per_batch)
-                .arg(&batch_stride)
-                .arg(&row_stride)
-                .arg(&width)
-                .arg(&means[i])
-                .arg(&ps)
-                .arg(&slot);
+            rows.push(&mut builder);
+            builder.arg(&means[i]).arg(&ps).arg(&slot);
             if let Some(pq) = q8.as_ref() {
                 builder.arg(pq);
             }
