@@ -834,9 +834,9 @@ mod gpu {
         ScaleS,
         DescaleS,
         ScaleO,
-        DescaleO,
-        /// The amax outputs the graph requires (nobody reads them).
-        AmaxS,
+        /// The amax outputs the graph requires (nobody reads them); after the output's descale,
+        /// which only `attention_output_bf16` reads.
+        AmaxS = 10,
         AmaxO,
     }
     const SLOTS: usize = 12;
@@ -867,12 +867,56 @@ mod gpu {
         })
     }
 
-    /// Whether k's mean over the keys is subtracted before it is quantised (see
-    /// [`attention_fp8`]); `VIDGEN_FP8_ATTENTION_SMOOTH_K=0` turns it off (to measure what it
-    /// brings).
-    fn smooth_k() -> bool {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| std::env::var("VIDGEN_FP8_ATTENTION_SMOOTH_K").as_deref() != Ok("0"))
+    /// Whether k's and v's means over the keys are subtracted before they are quantised (see
+    /// kernels/fp8.cu: exact for softmax attention, and v's mean is added back to the output);
+    /// `VIDGEN_FP8_ATTENTION_SMOOTH_K=0` / `VIDGEN_FP8_ATTENTION_SMOOTH_V=0` turn them off (to
+    /// measure what each brings).
+    fn smoothed() -> [bool; 2] {
+        static ON: std::sync::OnceLock<[bool; 2]> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            ["K", "V"].map(|x| {
+                std::env::var(format!("VIDGEN_FP8_ATTENTION_SMOOTH_{x}")).as_deref() != Ok("0")
+            })
+        })
+    }
+
+    /// What the FP8 graph's e4m3 output needs to become the attention's bf16 output: the scales
+    /// buffer (its output descale) and v's mean over the keys where it was subtracted.
+    struct Fp8Output {
+        scales: Tensor,
+        v_mean: Option<Tensor>,
+    }
+
+    impl Fp8Output {
+        /// `o8` [B, Lq, H, 128] e4m3 (contiguous) → bf16 `o8 · descale_o + v_mean`.
+        fn dequantize(&self, o8: &Tensor) -> Result<Tensor> {
+            let (_, lq, h, d) = o8.dims4()?;
+            let dev = o8.device().as_cuda_device()?.clone();
+            let (out, po) = alloc(&dev, DType::BF16, o8.dims())?;
+            let n4 = (o8.elem_count() / 4) as i64;
+            let (p8, ps) = (address(o8)?, address(&self.scales)?);
+            let pm = self.v_mean.as_ref().map(address).transpose()?.unwrap_or(0);
+            let (per_batch, width) = (lq as i64, (h * d) as i32);
+            let func = dev.get_or_load_custom_func("attention_output_bf16", MODULE, PTX)?;
+            let mut b = func.builder();
+            b.arg(&p8)
+                .arg(&ps)
+                .arg(&pm)
+                .arg(&per_batch)
+                .arg(&width)
+                .arg(&po)
+                .arg(&n4);
+            let config = LaunchConfig {
+                grid_dim: ((n4 as usize).div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `attention_output_bf16` in kernels/fp8.cu: o8 and out hold
+            // B·Lq·H·128 values (a multiple of 4, 4-byte aligned), the mean null or [B, H·128]
+            // f32, the scales buffer holds every slot.
+            launched(unsafe { b.launch(config) }.map(|_| ()))?;
+            Ok(out)
+        }
     }
 
     /// Rows summed per CTA by `attention_column_partials_bf16`.
@@ -954,21 +998,22 @@ mod gpu {
         Ok(mean)
     }
 
-    /// q, k and v quantised to e4m3 per tensor (contiguous copies; k less its mean over the keys
-    /// unless [`smooth_k`] is off) and the scales buffer.
+    /// q, k and v quantised to e4m3 per tensor (contiguous copies; k and v less their means over
+    /// the keys unless [`smoothed`] says otherwise), and what the output needs.
     fn quantize(
         dev: &candle_core::CudaDevice,
         inputs: [&Tensor; 3],
-    ) -> Result<([Tensor; 3], Tensor)> {
+    ) -> Result<([Tensor; 3], Fp8Output)> {
         let device = candle_core::Device::Cuda(dev.clone());
         let scales = Tensor::zeros(SLOTS * SLOT_FLOATS, DType::F32, &device)?;
         let ps = address(&scales)?;
-        let k_mean = smooth_k().then(|| token_mean(dev, inputs[1])).transpose()?;
-        let means = [
-            0u64,
-            k_mean.as_ref().map(address).transpose()?.unwrap_or(0),
-            0,
-        ];
+        let [smooth_k, smooth_v] = smoothed();
+        let k_mean = smooth_k.then(|| token_mean(dev, inputs[1])).transpose()?;
+        let v_mean = smooth_v.then(|| token_mean(dev, inputs[2])).transpose()?;
+        let mean_address = |m: &Option<Tensor>| -> Result<u64> {
+            Ok(m.as_ref().map(address).transpose()?.unwrap_or(0))
+        };
+        let means = [0u64, mean_address(&k_mean)?, mean_address(&v_mean)?];
         // One CTA per token row of `t`: (x, per_batch, batch_stride, row_stride, width, mean,
         // slots, slot), then the e4m3 output for the quantising kernel.
         let per_row = |name: &str, t: &Tensor, slot: Slot, i: usize, q8: Option<u64>| {
@@ -1009,7 +1054,7 @@ mod gpu {
             out.push(q8);
         }
         let [q, k, v]: [Tensor; 3] = out.try_into().expect("three inputs");
-        Ok(([q, k, v], scales))
+        Ok(([q, k, v], Fp8Output { scales, v_mean }))
     }
 
     /// e4m3 attention with per-tensor scales: q, k and v quantised, cuDNN's FP8 graph, the e4m3
@@ -1053,18 +1098,18 @@ mod gpu {
         if refused {
             return Ok(None);
         }
-        let (quantized, scales) = quantize(&dev, [q, k, v])?;
+        let (quantized, output) = quantize(&dev, [q, k, v])?;
         let [q8, k8, v8] = &quantized;
         debug_assert!(key.strides[0] == (q8.stride()[0], q8.stride()[1]));
-        run(&key, [q8, k8, v8], Some(&scales), [q, k, v])
+        run(&key, [q8, k8, v8], Some(&output), [q, k, v])
     }
 
-    /// Runs `key`'s plan on `inputs` (bf16, or e4m3 with `scales`), building it on first use;
-    /// `original` are the bf16 q, k, v the first result is checked against (our own kernel).
+    /// Runs `key`'s plan on `inputs` (bf16, or e4m3 with `fp8`'s scales), building it on first
+    /// use; `original` are the bf16 q, k, v the first result is checked against (our own kernel).
     fn run(
         key: &Key,
         inputs: [&Tensor; 3],
-        scales: Option<&Tensor>,
+        fp8: Option<&Fp8Output>,
         original: [&Tensor; 3],
     ) -> Result<Option<Tensor>> {
         let key = *key;
@@ -1119,7 +1164,7 @@ mod gpu {
                     &neg_inf as *const f32 as *mut c_void,
                 ]);
             }
-            if let Some(scales) = scales {
+            if let Some(Fp8Output { scales, .. }) = fp8 {
                 for (uid, s) in [
                     (UID_DESCALE_Q, Slot::DescaleQ),
                     (UID_DESCALE_K, Slot::DescaleK),
@@ -1165,14 +1210,10 @@ mod gpu {
             }
             // The e4m3 output dequantised to bf16; the bf16 output as it is.
             let result = |raw: &Tensor| -> Result<Tensor> {
-                Ok(match scales {
-                    Some(scales) => crate::weights::fp8::gpu::dequantize(
-                        raw,
-                        &scales.narrow(0, Slot::DescaleO as usize * SLOT_FLOATS, 1)?,
-                        DType::BF16,
-                    )?,
-                    None => raw.clone(),
-                })
+                match fp8 {
+                    Some(output) => output.dequantize(raw),
+                    None => Ok(raw.clone()),
+                }
             };
             let chosen = plan.chosen.get();
             execute(&plan.candidates[chosen])?;
