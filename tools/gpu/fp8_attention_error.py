@@ -3,14 +3,18 @@
 
 Emulates the numerics of cuDNN's per-tensor FP8 flash-attention graph as vidgen drives it: q, k and
 v rounded to e4m3 with scale 448/amax each, the unnormalised probabilities exp(s - rowmax) times
-scale_s rounded to e4m3, the product divided by the f32 row sum, and the output rounded to e4m3
-with scale 224/amax(v). Prints the total error per logit spread and what each rounding adds alone.
+scale_s rounded to e4m3, their product with v accumulated as Hopper's FP8 tensor cores do (stage
+`acc`: groups of 32 keys added into an accumulator that keeps ~14 significant bits, truncating, as
+the DeepSeek-V3 report measured), the product divided by the f32 row sum, and the output rounded to
+e4m3 with scale 224/amax(v). Prints the total error per logit spread and what each rounding adds
+alone.
 Needs only numpy:  python3 tools/gpu/fp8_attention_error.py
 
 With `--dump DIR` it studies real inputs instead: the files `VIDGEN_FP8_ATTENTION_DUMP=DIR` writes
 (bf16 q, k, v of two heads of each large FP8 attention shape): their statistics (amax, RMS, the share
 of k and v every key carries, the logits' spread, the probability mass below e4m3's normal range) and
-the emulated error, whole and per stage, with and without k's mean subtracted. The per-tensor scales
+the emulated error, whole and per stage, with and without k's and v's means subtracted (v's is added
+back to the output, as vidgen does). The per-tensor scales
 are taken over the dumped head (the GPU takes them over all heads; e4m3's relative step is the same).
 """
 import argparse
@@ -38,12 +42,28 @@ def bf16(x):
     return bits.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
-def attention(q, k, v, rounded=(), scale_s=256.0, smooth_k=False):
-    """softmax(q·kᵀ/√128)·v with the named stages rounded to e4m3 (`qk`, `v`, `p`, `o`);
-    `smooth_k`: k's mean over the keys subtracted first (exact: softmax ignores a per-query
-    constant), as vidgen does before quantising k."""
+def truncating_product(p, v, bits=13, group=32):
+    """p·v with every group of `group` keys added into an accumulator kept to `bits` fractional
+    bits below the leading bit of the larger of it and the group's sum, truncated toward zero: a
+    model of Hopper's FP8 MMA accumulation (exact within a group)."""
+    acc = np.zeros((p.shape[0], v.shape[1]))
+    for start in range(0, p.shape[1], group):
+        part = p[:, start : start + group] @ v[start : start + group]
+        top = np.floor(np.log2(np.maximum(np.maximum(np.abs(acc), np.abs(part)), 1e-300)))
+        step = 2.0 ** (top - bits)
+        acc = np.trunc(acc / step) * step + np.trunc(part / step) * step
+    return acc
+
+
+def attention(q, k, v, rounded=(), scale_s=256.0, smooth_k=False, smooth_v=False):
+    """softmax(q·kᵀ/√128)·v with the named stages rounded to e4m3 (`qk`, `v`, `p`, `o`) and the
+    P·V accumulation truncated (`acc`); `smooth_k`: k's mean over the keys subtracted first
+    (exact: softmax ignores a per-query constant); `smooth_v`: v's mean subtracted and added back
+    to the output (exact: probabilities sum to 1), as vidgen does."""
     if smooth_k:
         k = k - k.mean(0)
+    v_mean = v.mean(0) if smooth_v else np.zeros(v.shape[1])
+    v = v - v_mean
     if "qk" in rounded:
         sq, sk = np.abs(q).max() / 448, np.abs(k).max() / 448
         q, k = e4m3(q / sq) * sq, e4m3(k / sk) * sk
@@ -53,12 +73,21 @@ def attention(q, k, v, rounded=(), scale_s=256.0, smooth_k=False):
         v = e4m3(v / sv) * sv
     s = q @ k.T / np.sqrt(128)
     p = np.exp(s - s.max(1, keepdims=True))
-    pq = e4m3(p * scale_s) / scale_s if "p" in rounded else p
-    o = (pq @ v) / p.sum(1, keepdims=True)
+    pq = e4m3(p * scale_s) if "p" in rounded else p * scale_s
+    if "acc" in rounded:
+        # The accumulator holds e4m3 values times their scales, as the tensor cores see them.
+        sv = v_amax / 448
+        product = truncating_product(pq, v / sv) * sv
+    else:
+        product = pq @ v
+    o = product / scale_s / p.sum(1, keepdims=True)
     if "o" in rounded:
         so = 224.0 / v_amax
         o = e4m3(o * so) / so
-    return o
+    return o + v_mean
+
+
+STAGES = ("qk", "v", "p", "acc", "o")
 
 
 def rel(a, b):
@@ -73,8 +102,8 @@ def main():
         k = bf16(rng.standard_normal((keys, 128)) * spread)
         v = bf16(rng.standard_normal((keys, 128)))
         exact = attention(q, k, v)
-        parts = {stage: rel(attention(q, k, v, (stage,)), exact) for stage in ["qk", "v", "p", "o"]}
-        total = rel(attention(q, k, v, ("qk", "v", "p", "o")), exact)
+        parts = {stage: rel(attention(q, k, v, (stage,)), exact) for stage in STAGES}
+        total = rel(attention(q, k, v, STAGES), exact)
         print(
             f"{label}: fp8 {total:.2e} (bf16 output rounding {rel(bf16(exact), exact):.2e}); alone: "
             + ", ".join(f"{s} {e:.2e}" for s, e in parts.items())
@@ -86,10 +115,9 @@ def main():
     k = bf16(rng.standard_normal((keys, 128)) * 0.45 + shared)
     v = bf16(rng.standard_normal((keys, 128)))
     exact = attention(q, k, v)
-    stages = ("qk", "v", "p", "o")
     print(
-        f"keys with a shared component: fp8 {rel(attention(q, k, v, stages), exact):.2e}, "
-        f"k's mean subtracted {rel(attention(q, k, v, stages, smooth_k=True), exact):.2e}"
+        f"keys with a shared component: fp8 {rel(attention(q, k, v, STAGES), exact):.2e}, "
+        f"k's mean subtracted {rel(attention(q, k, v, STAGES, smooth_k=True), exact):.2e}"
     )
 
 
@@ -112,7 +140,6 @@ def study_dump(directory, queries):
     found = sorted(glob.glob(os.path.join(directory, "fp8attn_*_q.safetensors")))
     if not found:
         raise SystemExit(f"{directory}: no fp8attn_*_q.safetensors (VIDGEN_FP8_ATTENTION_DUMP's files)")
-    stages = ("qk", "v", "p", "o")
     for q_path in found:
         name = re.sub(r"_q\.safetensors$", "", os.path.basename(q_path))
         q, k, v = (load_bf16(os.path.join(directory, f"{name}_{t}.safetensors")) for t in "qkv")
@@ -130,10 +157,11 @@ def study_dump(directory, queries):
             f"{np.mean(p.sum(1) ** 2 / (p**2).sum(1)):.0f}; probability mass below e4m3's normal "
             f"range {small.mean():.2e}"
         )
-        parts = {stage: rel(attention(q, k, v, (stage,)), exact) for stage in stages}
+        parts = {stage: rel(attention(q, k, v, (stage,)), exact) for stage in STAGES}
+        fp8 = lambda **smooth: f"{rel(attention(q, k, v, STAGES, **smooth), exact):.2e}"
         print(
-            f"  fp8 {rel(attention(q, k, v, stages), exact):.2e}, k's mean subtracted "
-            f"{rel(attention(q, k, v, stages, smooth_k=True), exact):.2e}; alone: "
+            f"  fp8 {fp8()}, k's mean subtracted {fp8(smooth_k=True)}, k's and v's "
+            f"{fp8(smooth_k=True, smooth_v=True)}; alone: "
             + ", ".join(f"{st} {e:.2e}" for st, e in parts.items())
         )
 
