@@ -661,9 +661,10 @@ pub const LADDER_PASS_FRAMES: [usize; 2] = [0, 2];
 
 /// A video this tall (673 to 704 px, e.g. 1280x704) needs two rows of 672 px tiles but fits one
 /// row of 704 px strips: 480x704 strips with 2-frame passes sit between 672 px tiles with whole
-/// chunks and with 2-frame passes in memory, and beat both in time. Measured on the H100 (bf16,
-/// Wan2.2 at 1280x704x121, one call): 6.17 s at 3.69 GiB, against 6.40 s at 3.15 GiB for 672 px
-/// tiles with 2-frame passes and 6.31 s at 11.89 GiB for diffusers' whole-frame decode.
+/// chunks and with 2-frame passes in memory, and beat the latter in time. Measured on the H100
+/// (bf16, Wan2.2 at 1280x704x121, one call): 6.17 s at 3.69 GiB, against 6.40 s at 3.15 GiB for
+/// 672 px tiles with 2-frame passes and 6.31 s at 11.89 GiB for diffusers' whole-frame decode
+/// (672 px tiles with whole chunks: 6.09 s at 4.47 GiB in an earlier call).
 const STRIP: crate::vae::TileConfig = crate::vae::TileConfig {
     tile_size: 704,
     tile_overlap: 64,
