@@ -895,7 +895,7 @@ mod gpu {
             let (out, po) = alloc(&dev, DType::BF16, o8.dims())?;
             let n4 = (o8.elem_count() / 4) as i64;
             let (p8, ps) = (address(o8)?, address(&self.scales)?);
-            let pm = self.v_mean.as_ref().map(address).transpose()?.unwrap_or(0);
+            let pm = address_or_null(self.v_mean.as_ref())?;
             let (per_batch, width) = (lq as i64, (h * d) as i32);
             let func = dev.get_or_load_custom_func("attention_output_bf16", MODULE, PTX)?;
             let mut b = func.builder();
@@ -906,17 +906,18 @@ mod gpu {
                 .arg(&width)
                 .arg(&po)
                 .arg(&n4);
-            let config = LaunchConfig {
-                grid_dim: ((n4 as usize).div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let config = crate::weights::fp8::gpu::config(n4 as usize);
             // SAFETY: matches `attention_output_bf16` in kernels/fp8.cu: o8 and out hold
             // B·Lq·H·128 values (a multiple of 4, 4-byte aligned), the mean null or [B, H·128]
             // f32, the scales buffer holds every slot.
             launched(unsafe { b.launch(config) }.map(|_| ()))?;
             Ok(out)
         }
+    }
+
+    /// A tensor's device address, or null (0) for none: the kernels' optional pointers.
+    fn address_or_null(t: Option<&Tensor>) -> Result<u64> {
+        Ok(t.map(address).transpose()?.unwrap_or(0))
     }
 
     /// Rows summed per CTA by `attention_column_partials_bf16`.
@@ -1010,10 +1011,11 @@ mod gpu {
         let [smooth_k, smooth_v] = smoothed();
         let k_mean = smooth_k.then(|| token_mean(dev, inputs[1])).transpose()?;
         let v_mean = smooth_v.then(|| token_mean(dev, inputs[2])).transpose()?;
-        let mean_address = |m: &Option<Tensor>| -> Result<u64> {
-            Ok(m.as_ref().map(address).transpose()?.unwrap_or(0))
-        };
-        let means = [0u64, mean_address(&k_mean)?, mean_address(&v_mean)?];
+        let means = [
+            0u64,
+            address_or_null(k_mean.as_ref())?,
+            address_or_null(v_mean.as_ref())?,
+        ];
         // One CTA per token row of `t`: (x, per_batch, batch_stride, row_stride, width, mean,
         // slots, slot), then the e4m3 output for the quantising kernel.
         let per_row = |name: &str, t: &Tensor, slot: Slot, i: usize, q8: Option<u64>| {

@@ -173,8 +173,9 @@ pub(crate) mod gpu {
     pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8.ptx"));
     pub(crate) const MODULE: &str = "vidgen_fp8";
 
-    /// Enough CTAs to fill an H100 several times over; the kernels loop over the rest.
-    fn config(items: usize) -> LaunchConfig {
+    /// Enough CTAs to fill an H100 several times over; the kernels loop over the rest (the
+    /// grid-stride kernels of kernels/fp8.cu, the FP8 attention's output pass included).
+    pub(crate) fn config(items: usize) -> LaunchConfig {
         let threads = 256u32;
         let blocks = items.div_ceil(threads as usize).clamp(1, 132 * 16) as u32;
         LaunchConfig {
